@@ -1,0 +1,3 @@
+from xdpturn.cli import main
+
+raise SystemExit(main())

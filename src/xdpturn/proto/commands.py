@@ -1,0 +1,83 @@
+"""What the TURN state machine asks its runtime to do. Each command is a frozen dataclass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from xdpturn.proto.addr import ClientAddr, ClientFlow, Family, PeerAddr
+
+
+@dataclass(frozen=True, slots=True)
+class SendToClient:
+    """Send `data` (a STUN message or ChannelData) to the client of `flow`."""
+
+    flow: ClientFlow
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SendToPeer:
+    """Send `data` as a UDP datagram from allocation port `relay_port` to `peer`.
+
+    The source address is the relay's address in the peer's family.
+    """
+
+    relay_port: int
+    peer: PeerAddr
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelRoute:
+    """One channel binding as the kernel fast path needs it, both directions in one record.
+
+    client -> relay:3478, ChannelData on `channel`  <=>  relay:`relay_port` -> `peer`, plain UDP.
+    When `peer` is the relay's own public address, the fast path finds the other allocation's
+    route by (peer, relay_port) and loops the packet back itself (packets to itself).
+    Only clients on UDP get routes.
+    """
+
+    client: ClientAddr
+    channel: int
+    relay_port: int
+    peer: PeerAddr
+
+
+@dataclass(frozen=True, slots=True)
+class InstallChannel:
+    route: ChannelRoute
+
+
+@dataclass(frozen=True, slots=True)
+class RemoveChannel:
+    route: ChannelRoute
+
+
+@dataclass(frozen=True, slots=True)
+class AllocationOpened:
+    """An allocation was created (for logs and metrics)."""
+
+    flow: ClientFlow
+    relay_port: int
+    families: frozenset[Family]
+    username: str
+    lifetime: int
+
+
+@dataclass(frozen=True, slots=True)
+class AllocationClosed:
+    """An allocation was deleted: `reason` is "refresh", "expired" or "shutdown"."""
+
+    flow: ClientFlow
+    relay_port: int
+    reason: str
+
+
+Command = (
+    SendToClient
+    | SendToPeer
+    | InstallChannel
+    | RemoveChannel
+    | AllocationOpened
+    | AllocationClosed
+)
