@@ -1,0 +1,32 @@
+"""Shared test configuration.
+
+Tests marked `kernel` need root, BPF, XDP and network namespaces. Off CI they skip when the
+machine cannot run them; under CI=true they fail instead, so a kernel test never silently skips.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def kernel_unavailable_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (BPF, XDP and network namespaces)"
+    if not os.path.exists("/sys/fs/bpf") and not os.path.exists("/proc/sys/net/core/bpf_jit_enable"):
+        return "kernel has no BPF support"
+    return None
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("kernel") is None:
+        return
+    reason = kernel_unavailable_reason()
+    if reason is None:
+        return
+    if IN_CI:
+        pytest.fail(f"kernel test cannot run in CI: {reason}", pytrace=False)
+    pytest.skip(reason)
