@@ -1,15 +1,20 @@
 """ChannelData messages (RFC 8656 section 12.4).
 
-CONTRACT STUB: signatures fixed, bodies to be written.
+A 4-byte header (channel number, payload length) and the payload: the compact framing for data
+on a bound channel. Over UDP the datagram may carry padding past the payload; over TCP/TLS it must
+be padded to a multiple of 4, and `stream_frame_length` finds frame boundaries on a byte stream.
 """
 
 from __future__ import annotations
 
+import struct
 from typing import NamedTuple
 
 CHANNEL_MIN = 0x4000
 CHANNEL_MAX = 0x4FFF  # RFC 8656 narrowed the range from 0x7FFF
 HEADER_LENGTH = 4
+
+_STUN_HEADER_LENGTH = 20  # kept local: this module must not depend on the STUN codec
 
 
 class ChannelDataError(ValueError):
@@ -23,22 +28,46 @@ class ChannelData(NamedTuple):
 
 def is_channel_data(data: bytes) -> bool:
     """First two bits 0b01: a ChannelData message, not STUN (whose first two bits are 0b00)."""
-    raise NotImplementedError
+    return len(data) >= HEADER_LENGTH and data[0] & 0xC0 == 0x40
 
 
 def decode_channel_data(data: bytes) -> ChannelData:
     """The length field, not the datagram size, decides the payload: trailing bytes (padding)
     are ignored; a length longer than what is there is an error, as is a channel number outside
     0x4000-0x4FFF."""
-    raise NotImplementedError
+    if len(data) < HEADER_LENGTH:
+        raise ChannelDataError(f"shorter than a ChannelData header ({len(data)} bytes)")
+    channel, length = struct.unpack_from("!HH", data)
+    if not CHANNEL_MIN <= channel <= CHANNEL_MAX:
+        raise ChannelDataError(f"channel number 0x{channel:04x} outside 0x4000-0x4FFF")
+    if HEADER_LENGTH + length > len(data):
+        raise ChannelDataError(
+            f"length {length} exceeds the {len(data) - HEADER_LENGTH} bytes after the header"
+        )
+    return ChannelData(channel, bytes(data[HEADER_LENGTH : HEADER_LENGTH + length]))
 
 
 def encode_channel_data(channel: int, payload: bytes, *, pad: bool = False) -> bytes:
     """With `pad`, round up to a multiple of 4 bytes (required over TCP/TLS)."""
-    raise NotImplementedError
+    if not CHANNEL_MIN <= channel <= CHANNEL_MAX:
+        raise ValueError(f"channel number 0x{channel:04x} outside 0x4000-0x4FFF")
+    if len(payload) > 0xFFFF:
+        raise ValueError(f"payload too long for ChannelData ({len(payload)} bytes)")
+    padding = (-len(payload)) % 4 if pad else 0
+    return struct.pack("!HH", channel, len(payload)) + payload + bytes(padding)
 
 
 def stream_frame_length(header: bytes) -> int:
     """For stream transports: from the first 4 bytes of a ChannelData or the first 4 of a STUN
     header, the length of the whole frame including padding. ChannelData is padded to 4."""
-    raise NotImplementedError
+    if len(header) < 4:
+        raise ChannelDataError(f"need 4 bytes to frame, got {len(header)}")
+    kind = header[0] >> 6
+    length = int.from_bytes(header[2:4], "big")
+    if kind == 0b01:
+        return HEADER_LENGTH + length + (-length) % 4
+    if kind == 0b00:
+        if length % 4:
+            raise ChannelDataError(f"STUN length {length} is not a multiple of 4")
+        return _STUN_HEADER_LENGTH + length
+    raise ChannelDataError(f"first two bits 0b{kind:02b}: neither STUN nor ChannelData")

@@ -1,18 +1,96 @@
-"""The TURN server state machine (RFC 8656, UDP relaying). CONTRACT STUB: API only."""
+"""The TURN server state machine (RFC 8656, UDP relaying), sans-IO.
+
+Inputs: datagrams from clients and from peers, each with `now` (unix time, seconds), and timer
+ticks. Outputs: commands, pulled with `next_command()`. Allocation ports come from an injected
+`RelayPorts`, randomness (nonce key, transaction ids) from an injected `random.Random`.
+
+Packets to itself: when a client sends to one of the relay's own public addresses and the port
+is a live allocation, the datagram is handed to that allocation here, as if it had arrived from
+the network, and never becomes a `SendToPeer`.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import heapq
+import hmac
 import ipaddress
+import itertools
 import random
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from enum import Enum
+from typing import ParamSpec, Protocol, TypeVar
 
-from xdpturn.proto.addr import ClientFlow, Family, PeerAddr
+from xdpturn.proto import stun
+from xdpturn.proto.addr import (
+    ClientFlow,
+    Family,
+    IPAddress,
+    PeerAddr,
+    Transport,
+    TransportAddr,
+)
 from xdpturn.proto.auth import Authenticator
-from xdpturn.proto.commands import Command
+from xdpturn.proto.channel_data import (
+    CHANNEL_MAX,
+    CHANNEL_MIN,
+    ChannelDataError,
+    decode_channel_data,
+    encode_channel_data,
+    is_channel_data,
+)
+from xdpturn.proto.commands import (
+    AllocationClosed,
+    AllocationOpened,
+    ChannelRoute,
+    Command,
+    InstallChannel,
+    RemoveChannel,
+    SendToClient,
+    SendToPeer,
+)
+from xdpturn.proto.policy import PeerPolicy
+from xdpturn.proto.stun import AttrType, Message, MessageClass, Method
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# Lifetimes in seconds (RFC 8656 sections 3.2, 9, 12).
+DEFAULT_ALLOCATION_LIFETIME = 600
+MAX_ALLOCATION_LIFETIME = 3600
+PERMISSION_LIFETIME = 300
+CHANNEL_LIFETIME = 600
+# A channel number and peer stay reserved this long after the binding expires (section 12).
+CHANNEL_COOLDOWN = 300
+NONCE_LIFETIME = 600
+
+UDP_PROTOCOL = 17
+
+
+class Drop(Enum):
+    """Why a datagram was dropped. Counted in `TurnServer.stats` as "drop:<value>"."""
+
+    NOT_TURN = "not_turn"  # neither STUN nor ChannelData
+    MALFORMED_STUN = "malformed_stun"
+    MALFORMED_CHANNEL_DATA = "malformed_channel_data"
+    UNEXPECTED_MESSAGE = "unexpected_message"  # a response or unknown indication from a client
+    NO_ALLOCATION = "no_allocation"
+    NO_CHANNEL = "no_channel"
+    NO_PERMISSION = "no_permission"
+    BAD_INDICATION = "bad_indication"
+    FAMILY_MISMATCH = "family_mismatch"
+    SELF_NOT_ALLOCATION = "self_not_allocation"  # to the relay's own address, not a live port
+
+
+class TurnError(Exception):
+    """A request fails with a STUN error code; turned into an error response in one place."""
+
+    def __init__(self, code: int, reason: str | None = None) -> None:
+        super().__init__(code, reason)
+        self.code = code
+        self.reason = reason if reason is not None else stun.REASONS.get(code, "Error")
+        self.attributes: list[tuple[int, bytes]] = []
 
 
 class RelayPorts(Protocol):
@@ -50,36 +128,659 @@ class AllocationInfo:
     channels: int
 
 
+@dataclass
+class _Channel:
+    number: int
+    peer: PeerAddr
+    expires: float
+    routed: bool = False  # installed in the fast path
+
+
+@dataclass
+class _Allocation:
+    flow: ClientFlow
+    username: str
+    key: bytes  # long-term key that authenticated the Allocate
+    relay_port: int
+    families: frozenset[Family]
+    expires: float
+    allocate_transaction: bytes
+    allocate_response: bytes  # resent for a retransmitted Allocate
+    permissions: dict[IPAddress, float] = field(default_factory=dict)
+    channels: dict[int, _Channel] = field(default_factory=dict)
+    channel_by_peer: dict[PeerAddr, int] = field(default_factory=dict)
+    wakeup: float | None = None  # earliest pending timer entry for this allocation
+
+    def has_permission(self, ip: IPAddress, now: float) -> bool:
+        expires = self.permissions.get(ip)
+        return expires is not None and expires > now
+
+
+@dataclass
+class _Request:
+    """An authenticated request being handled."""
+
+    message: Message
+    flow: ClientFlow
+    username: str
+    key: bytes
+    sha256: bool
+
+
 class TurnServer:
     def __init__(
         self, config: ServerConfig, ports: RelayPorts, rng: random.Random | None = None
     ) -> None:
+        self.config = config
         self.stats: Counter[str] = Counter()
-        raise NotImplementedError
+        self._ports = ports
+        self._rng = rng if rng is not None else random.Random()
+        self._nonce_key = self._rng.randbytes(16)
+        self._policy = PeerPolicy(config.allow_peers)
+        self._public: dict[Family, IPAddress] = {}
+        if config.public_ipv4 is not None:
+            self._public[Family.IPV4] = config.public_ipv4
+        if config.public_ipv6 is not None:
+            self._public[Family.IPV6] = config.public_ipv6
+        self._by_flow: dict[ClientFlow, _Allocation] = {}
+        self._by_port: dict[int, _Allocation] = {}
+        self._per_user: Counter[str] = Counter()
+        self._per_ip: Counter[IPAddress] = Counter()
+        self._timers: list[tuple[float, int, int]] = []  # (when, seq, relay_port)
+        self._seq = itertools.count()
+        self._commands: list[Command] = []
+        self._next_command = 0
+
+    # Inputs
 
     def handle_client_datagram(self, data: bytes, flow: ClientFlow, now: float) -> None:
-        """A STUN message or ChannelData from a client. `now` is unix time in seconds."""
-        raise NotImplementedError
+        """A STUN message or ChannelData from a client."""
+        if is_channel_data(data):
+            self._client_channel_data(data, flow, now)
+        elif stun.is_stun(data):
+            self._client_stun(data, flow, now)
+        else:
+            self._drop(Drop.NOT_TURN)
 
     def handle_peer_datagram(
         self, data: bytes, relay_port: int, peer: PeerAddr, now: float
     ) -> None:
         """A UDP datagram that arrived on allocation port `relay_port` from `peer`."""
-        raise NotImplementedError
+        alloc = self._by_port.get(relay_port)
+        if alloc is None or alloc.expires <= now:
+            self._drop(Drop.NO_ALLOCATION)
+            return
+        self._deliver_to_client(alloc, peer, data, now)
 
     def get_timer(self) -> float | None:
-        """When handle_timer wants to run next (unix time), or None."""
-        raise NotImplementedError
+        return self._timers[0][0] if self._timers else None
 
     def handle_timer(self, now: float) -> None:
-        raise NotImplementedError
+        while self._timers and self._timers[0][0] <= now:
+            when, _, port = heapq.heappop(self._timers)
+            alloc = self._by_port.get(port)
+            # Entries superseded by an earlier one that already ran are skipped.
+            if alloc is None or alloc.wakeup != when:
+                continue
+            alloc.wakeup = None
+            self._sweep(alloc, now)
 
     def next_command(self) -> Command | None:
-        raise NotImplementedError
+        if self._next_command >= len(self._commands):
+            if self._commands:
+                self._commands.clear()
+                self._next_command = 0
+            return None
+        command = self._commands[self._next_command]
+        self._next_command += 1
+        return command
 
     def close(self, now: float) -> None:
-        """Delete every allocation (shutdown): routes removed, ports released."""
-        raise NotImplementedError
+        for alloc in list(self._by_port.values()):
+            self._delete_allocation(alloc, "shutdown")
 
     def allocations(self) -> list[AllocationInfo]:
-        raise NotImplementedError
+        return [
+            AllocationInfo(
+                flow=a.flow,
+                username=a.username,
+                relay_port=a.relay_port,
+                families=a.families,
+                expires=a.expires,
+                permissions=len(a.permissions),
+                channels=len(a.channels),
+            )
+            for a in self._by_port.values()
+        ]
+
+    # ChannelData and indications from clients
+
+    def _client_channel_data(self, data: bytes, flow: ClientFlow, now: float) -> None:
+        try:
+            channel_data = decode_channel_data(data)
+        except ChannelDataError:
+            self._drop(Drop.MALFORMED_CHANNEL_DATA)
+            return
+        alloc = self._live_allocation(flow, now)
+        if alloc is None:
+            self._drop(Drop.NO_ALLOCATION)
+            return
+        channel = alloc.channels.get(channel_data.channel)
+        if channel is None or channel.expires <= now:
+            self._drop(Drop.NO_CHANNEL)
+            return
+        if not alloc.has_permission(channel.peer.ip, now):
+            self._drop(Drop.NO_PERMISSION)
+            return
+        self._send_to_peer(alloc, channel.peer, channel_data.payload, now)
+
+    def _client_stun(self, data: bytes, flow: ClientFlow, now: float) -> None:
+        try:
+            message = stun.decode(data)
+        except stun.StunDecodeError:
+            self._drop(Drop.MALFORMED_STUN)
+            return
+        if message.cls == MessageClass.INDICATION:
+            if message.method == Method.SEND:
+                self._send_indication(message, flow, now)
+            elif message.method != Method.BINDING:  # Binding indications are keepalives
+                self._drop(Drop.UNEXPECTED_MESSAGE)
+            return
+        if message.cls != MessageClass.REQUEST:
+            self._drop(Drop.UNEXPECTED_MESSAGE)
+            return
+        self.stats[f"request:{_method_name(message.method)}"] += 1
+        if message.method == Method.BINDING:
+            self._binding(message, flow)
+            return
+        self._authenticated_request(message, data, flow, now)
+
+    def _send_indication(self, message: Message, flow: ClientFlow, now: float) -> None:
+        alloc = self._live_allocation(flow, now)
+        if alloc is None:
+            self._drop(Drop.NO_ALLOCATION)
+            return
+        peer_value = message.get(AttrType.XOR_PEER_ADDRESS)
+        payload = message.get(AttrType.DATA)
+        if peer_value is None or payload is None:
+            self._drop(Drop.BAD_INDICATION)
+            return
+        try:
+            peer = PeerAddr(stun.decode_xor_address(peer_value, message.transaction_id))
+        except stun.StunDecodeError:
+            self._drop(Drop.BAD_INDICATION)
+            return
+        if peer.family not in alloc.families:
+            self._drop(Drop.FAMILY_MISMATCH)
+            return
+        if not alloc.has_permission(peer.ip, now):
+            self._drop(Drop.NO_PERMISSION)
+            return
+        self._send_to_peer(alloc, peer, payload, now)
+
+    # Relaying
+
+    def _send_to_peer(self, alloc: _Allocation, peer: PeerAddr, data: bytes, now: float) -> None:
+        if self._public.get(peer.family) != peer.ip:
+            self.stats["relayed:client_to_peer:packets"] += 1
+            self.stats["relayed:client_to_peer:bytes"] += len(data)
+            self._push(SendToPeer(alloc.relay_port, peer, data))
+            return
+        # Packets to itself: deliver to the allocation on that port, never through a socket.
+        target = self._by_port.get(peer.port)
+        if target is None or target.expires <= now or peer.family not in target.families:
+            self._drop(Drop.SELF_NOT_ALLOCATION)
+            return
+        self.stats["relayed:loopback:packets"] += 1
+        self.stats["relayed:loopback:bytes"] += len(data)
+        source = PeerAddr(TransportAddr(peer.ip, alloc.relay_port))
+        self._deliver_to_client(target, source, data, now)
+
+    def _deliver_to_client(
+        self, alloc: _Allocation, peer: PeerAddr, data: bytes, now: float
+    ) -> None:
+        if peer.family not in alloc.families:
+            self._drop(Drop.FAMILY_MISMATCH)
+            return
+        if not alloc.has_permission(peer.ip, now):
+            self._drop(Drop.NO_PERMISSION)
+            return
+        self.stats["relayed:peer_to_client:packets"] += 1
+        self.stats["relayed:peer_to_client:bytes"] += len(data)
+        number = alloc.channel_by_peer.get(peer)
+        if number is not None and alloc.channels[number].expires > now:
+            stream = alloc.flow.transport != Transport.UDP
+            self._push(SendToClient(alloc.flow, encode_channel_data(number, data, pad=stream)))
+            return
+        indication = Message(Method.DATA, MessageClass.INDICATION, self._rng.randbytes(12))
+        indication.add(
+            AttrType.XOR_PEER_ADDRESS, stun.encode_xor_address(peer, indication.transaction_id)
+        )
+        indication.add(AttrType.DATA, data)
+        self._push(SendToClient(alloc.flow, stun.encode(indication)))
+
+    # Requests
+
+    def _binding(self, message: Message, flow: ClientFlow) -> None:
+        response = stun.response(message)
+        response.add(
+            AttrType.XOR_MAPPED_ADDRESS,
+            stun.encode_xor_address(flow.client, message.transaction_id),
+        )
+        self._respond(flow, response, None, message)
+
+    def _authenticated_request(
+        self, message: Message, data: bytes, flow: ClientFlow, now: float
+    ) -> None:
+        try:
+            request = self._authenticate(message, data, flow, now)
+        except TurnError as error:
+            self.stats["auth_failure"] += 1
+            self._respond_error(flow, message, error, None)
+            return
+        try:
+            unknown = stun.unknown_required_attributes(message)
+            if unknown:
+                unknown_error = TurnError(420)
+                unknown_error.attributes.append(
+                    (AttrType.UNKNOWN_ATTRIBUTES, stun.encode_unknown_attributes(unknown))
+                )
+                raise unknown_error
+            response = self._dispatch(request, now)
+        except TurnError as error:
+            self._respond_error(flow, message, error, request)
+            return
+        self._respond(flow, response, request, message)
+
+    def _dispatch(self, request: _Request, now: float) -> Message | bytes:
+        """The response: a message to encode, or bytes already encoded (Allocate's, which is
+        kept to answer a retransmission identically)."""
+        method = request.message.method
+        if method == Method.ALLOCATE:
+            return self._allocate(request, now)
+        if method == Method.REFRESH:
+            return self._refresh(request, now)
+        if method == Method.CREATE_PERMISSION:
+            return self._create_permission(request, now)
+        if method == Method.CHANNEL_BIND:
+            return self._channel_bind(request, now)
+        raise TurnError(400, "Unknown method")
+
+    def _authenticate(
+        self, message: Message, data: bytes, flow: ClientFlow, now: float
+    ) -> _Request:
+        """Long-term credentials (RFC 8489 section 9.2.4)."""
+        algorithm = stun.integrity_algorithm(message)
+        if algorithm is None:
+            raise self._challenge(401, flow, now)
+        username_value = message.get(AttrType.USERNAME)
+        realm_value = message.get(AttrType.REALM)
+        nonce_value = message.get(AttrType.NONCE)
+        if username_value is None or realm_value is None or nonce_value is None:
+            raise TurnError(400, "Missing USERNAME, REALM or NONCE")
+        try:
+            username = stun.decode_text(username_value)
+            nonce = stun.decode_text(nonce_value)
+        except stun.StunDecodeError as exc:
+            raise TurnError(400, "Malformed USERNAME or NONCE") from exc
+        if not self._nonce_valid(nonce, flow, now):
+            raise self._challenge(438, flow, now)
+        for password in self.config.auth.passwords(username, now):
+            key = stun.long_term_key(username, self.config.realm, password)
+            if stun.verify_integrity(data, key):
+                return _Request(message, flow, username, key, algorithm == "sha256")
+        raise self._challenge(401, flow, now)
+
+    def _challenge(self, code: int, flow: ClientFlow, now: float) -> TurnError:
+        error = TurnError(code)
+        error.attributes.append((AttrType.REALM, self.config.realm.encode()))
+        error.attributes.append((AttrType.NONCE, self._make_nonce(flow, now).encode()))
+        return error
+
+    def _make_nonce(self, flow: ClientFlow, now: float) -> str:
+        # Stateless: expiry and a MAC over it and the client's IP; no table to fill up.
+        expiry = f"{int(now) + NONCE_LIFETIME:x}"
+        return f"{expiry}.{self._nonce_mac(expiry, flow)}"
+
+    def _nonce_mac(self, expiry: str, flow: ClientFlow) -> str:
+        message = f"{expiry}|{flow.client.ip}".encode()
+        return hmac.new(self._nonce_key, message, hashlib.sha256).hexdigest()[:24]
+
+    def _nonce_valid(self, nonce: str, flow: ClientFlow, now: float) -> bool:
+        expiry, _, mac = nonce.partition(".")
+        try:
+            expires = int(expiry, 16)
+        except ValueError:
+            return False
+        return expires >= now and hmac.compare_digest(mac, self._nonce_mac(expiry, flow))
+
+    def _allocate(self, request: _Request, now: float) -> bytes:
+        message, flow = request.message, request.flow
+        existing = self._by_flow.get(flow)
+        if existing is not None:
+            if existing.expires <= now:  # expired, its timer has not run yet
+                self._delete_allocation(existing, "expired")
+            elif existing.allocate_transaction == message.transaction_id:
+                return existing.allocate_response
+            else:
+                raise TurnError(437)
+        transport = message.get(AttrType.REQUESTED_TRANSPORT)
+        if transport is None:
+            raise TurnError(400, "Missing REQUESTED-TRANSPORT")
+        if _decode(stun.decode_requested_transport, transport) != UDP_PROTOCOL:
+            raise TurnError(442)
+        if message.get(AttrType.RESERVATION_TOKEN) is not None:
+            raise TurnError(508, "Reservations not supported")
+        families, address_errors = self._requested_families(message)
+        self._check_quotas(request.username, flow)
+        lifetime = _granted_lifetime(message, default=DEFAULT_ALLOCATION_LIFETIME)
+        port = self._ports.acquire(families)
+        if port is None:
+            raise TurnError(508, "No relay port free")
+        response = stun.response(message)
+        for family in sorted(families):
+            relayed = TransportAddr(self._public[family], port)
+            response.add(
+                AttrType.XOR_RELAYED_ADDRESS,
+                stun.encode_xor_address(relayed, message.transaction_id),
+            )
+        for family, code in address_errors:
+            response.add(
+                AttrType.ADDRESS_ERROR_CODE,
+                stun.encode_address_error_code(family, code, stun.REASONS[code]),
+            )
+        response.add(AttrType.LIFETIME, stun.encode_u32(lifetime))
+        response.add(
+            AttrType.XOR_MAPPED_ADDRESS,
+            stun.encode_xor_address(flow.client, message.transaction_id),
+        )
+        alloc = _Allocation(
+            flow=flow,
+            username=request.username,
+            key=request.key,
+            relay_port=port,
+            families=families,
+            expires=now + lifetime,
+            allocate_transaction=message.transaction_id,
+            allocate_response=self._encode_response(response, request, message),
+        )
+        self._by_flow[flow] = alloc
+        self._by_port[port] = alloc
+        self._per_user[request.username] += 1
+        self._per_ip[flow.client.ip] += 1
+        self._schedule(alloc, alloc.expires)
+        self._push(AllocationOpened(flow, port, families, request.username, lifetime))
+        return alloc.allocate_response
+
+    def _requested_families(
+        self, message: Message
+    ) -> tuple[frozenset[Family], list[tuple[Family, int]]]:
+        """The families to allocate, and ADDRESS-ERROR-CODEs for ones that could not be."""
+        requested = message.get(AttrType.REQUESTED_ADDRESS_FAMILY)
+        additional = message.get(AttrType.ADDITIONAL_ADDRESS_FAMILY)
+        if requested is not None and additional is not None:
+            raise TurnError(400, "REQUESTED- and ADDITIONAL-ADDRESS-FAMILY together")
+        if additional is not None:
+            # Dual stack: IPv4 plus IPv6 (RFC 8656 section 7.2).
+            if _decode(stun.decode_address_family, additional) != Family.IPV6:
+                raise TurnError(400, "ADDITIONAL-ADDRESS-FAMILY must be IPv6")
+            if Family.IPV4 not in self._public:
+                raise TurnError(440)
+            if Family.IPV6 not in self._public:
+                return frozenset({Family.IPV4}), [(Family.IPV6, 440)]
+            return frozenset({Family.IPV4, Family.IPV6}), []
+        family = Family.IPV4
+        if requested is not None:
+            value = _decode(stun.decode_address_family, requested)
+            if value not in (Family.IPV4, Family.IPV6):
+                raise TurnError(440)
+            family = Family(value)
+        if family not in self._public:
+            raise TurnError(440)
+        return frozenset({family}), []
+
+    def _check_quotas(self, username: str, flow: ClientFlow) -> None:
+        config = self.config
+        if config.max_allocations is not None and len(self._by_port) >= config.max_allocations:
+            raise TurnError(508, "Relay is full")
+        limit = config.max_allocations_per_user
+        if limit is not None and self._per_user[username] >= limit:
+            raise TurnError(486)
+        limit = config.max_allocations_per_ip
+        if limit is not None and self._per_ip[flow.client.ip] >= limit:
+            raise TurnError(486)
+
+    def _refresh(self, request: _Request, now: float) -> Message:
+        alloc = self._owned_allocation(request, now)
+        message = request.message
+        family_value = message.get(AttrType.REQUESTED_ADDRESS_FAMILY)
+        if (
+            family_value is not None
+            and _decode(stun.decode_address_family, family_value) not in alloc.families
+        ):
+            raise TurnError(443)
+        lifetime_value = message.get(AttrType.LIFETIME)
+        if lifetime_value is not None and _decode(stun.decode_u32, lifetime_value) == 0:
+            self._delete_allocation(alloc, "refresh")
+            lifetime = 0
+        else:
+            lifetime = _granted_lifetime(message, default=DEFAULT_ALLOCATION_LIFETIME)
+            alloc.expires = now + lifetime
+            self._schedule(alloc, alloc.expires)
+        response = stun.response(message)
+        response.add(AttrType.LIFETIME, stun.encode_u32(lifetime))
+        return response
+
+    def _create_permission(self, request: _Request, now: float) -> Message:
+        alloc = self._owned_allocation(request, now)
+        message = request.message
+        peers = [
+            self._checked_peer(alloc, value, message.transaction_id)
+            for attr, value in message.attributes
+            if attr == AttrType.XOR_PEER_ADDRESS
+        ]
+        if not peers:
+            raise TurnError(400, "Missing XOR-PEER-ADDRESS")
+        # All or nothing: every peer was checked before any permission is installed.
+        for peer in peers:
+            self._permit(alloc, peer.ip, now)
+        self._sync_routes(alloc, now)
+        return stun.response(message)
+
+    def _channel_bind(self, request: _Request, now: float) -> Message:
+        alloc = self._owned_allocation(request, now)
+        message = request.message
+        number_value = message.get(AttrType.CHANNEL_NUMBER)
+        peer_value = message.get(AttrType.XOR_PEER_ADDRESS)
+        if number_value is None or peer_value is None:
+            raise TurnError(400, "Missing CHANNEL-NUMBER or XOR-PEER-ADDRESS")
+        number = _decode(stun.decode_channel_number, number_value)
+        if not CHANNEL_MIN <= number <= CHANNEL_MAX:
+            raise TurnError(400, "Channel number out of range")
+        peer = self._checked_peer(alloc, peer_value, message.transaction_id)
+        if self._public.get(peer.family) == peer.ip and peer.port not in self._by_port:
+            raise TurnError(403, "Relay address that is not an allocation")
+        # Rebinding rules (section 11.2): a number keeps its peer and a peer its number,
+        # also during the cool-down after expiry.
+        bound = alloc.channels.get(number)
+        if bound is not None and bound.peer != peer:
+            raise TurnError(400, "Channel already bound to another peer")
+        other = alloc.channel_by_peer.get(peer)
+        if other is not None and other != number:
+            raise TurnError(400, "Peer already bound to another channel")
+        if bound is None:
+            bound = _Channel(number, peer, now + CHANNEL_LIFETIME)
+            alloc.channels[number] = bound
+            alloc.channel_by_peer[peer] = number
+        else:
+            bound.expires = now + CHANNEL_LIFETIME
+        self._schedule(alloc, bound.expires)
+        self._permit(alloc, peer.ip, now)
+        self._sync_routes(alloc, now)
+        return stun.response(message)
+
+    def _checked_peer(self, alloc: _Allocation, value: bytes, transaction_id: bytes) -> PeerAddr:
+        peer = PeerAddr(_decode(stun.decode_xor_address, value, transaction_id))
+        if peer.family not in alloc.families:
+            raise TurnError(443)
+        # The relay's own addresses are always allowed: packets to them stay inside.
+        if self._public.get(peer.family) != peer.ip and not self._policy.permits(peer.ip):
+            raise TurnError(403)
+        return peer
+
+    def _permit(self, alloc: _Allocation, ip: IPAddress, now: float) -> None:
+        alloc.permissions[ip] = now + PERMISSION_LIFETIME
+        self._schedule(alloc, now + PERMISSION_LIFETIME)
+
+    def _owned_allocation(self, request: _Request, now: float) -> _Allocation:
+        alloc = self._live_allocation(request.flow, now)
+        if alloc is None:
+            raise TurnError(437)
+        if alloc.username != request.username:
+            raise TurnError(441)
+        return alloc
+
+    def _live_allocation(self, flow: ClientFlow, now: float) -> _Allocation | None:
+        alloc = self._by_flow.get(flow)
+        return alloc if alloc is not None and alloc.expires > now else None
+
+    # Responses
+
+    def _respond(
+        self,
+        flow: ClientFlow,
+        response: Message | bytes,
+        request: _Request | None,
+        message: Message,
+    ) -> None:
+        if isinstance(response, Message):
+            response = self._encode_response(response, request, message)
+        self._push(SendToClient(flow, response))
+
+    def _respond_error(
+        self, flow: ClientFlow, message: Message, error: TurnError, request: _Request | None
+    ) -> None:
+        self.stats[f"error:{_method_name(message.method)}:{error.code}"] += 1
+        response = stun.error_response(message, error.code, error.reason)
+        for attr, value in error.attributes:
+            response.add(attr, value)
+        self._respond(flow, response, request, message)
+
+    def _encode_response(
+        self, response: Message, request: _Request | None, message: Message
+    ) -> bytes:
+        fingerprint = message.get(AttrType.FINGERPRINT) is not None
+        if request is None:
+            return stun.encode(response, fingerprint=fingerprint)
+        return stun.encode(
+            response, integrity_key=request.key, sha256=request.sha256, fingerprint=fingerprint
+        )
+
+    # Lifecycle
+
+    def _schedule(self, alloc: _Allocation, when: float) -> None:
+        if alloc.wakeup is None or when < alloc.wakeup:
+            alloc.wakeup = when
+            heapq.heappush(self._timers, (when, next(self._seq), alloc.relay_port))
+
+    def _sweep(self, alloc: _Allocation, now: float) -> None:
+        """Expire what is due in one allocation, then schedule its next deadline."""
+        if alloc.expires <= now:
+            self._delete_allocation(alloc, "expired")
+            return
+        for ip in [ip for ip, expires in alloc.permissions.items() if expires <= now]:
+            del alloc.permissions[ip]
+        for channel in list(alloc.channels.values()):
+            if channel.expires + CHANNEL_COOLDOWN <= now:
+                del alloc.channels[channel.number]
+                del alloc.channel_by_peer[channel.peer]
+        self._sync_routes(alloc, now)
+        deadlines = [alloc.expires, *alloc.permissions.values()]
+        for channel in alloc.channels.values():
+            deadlines.append(
+                channel.expires if channel.expires > now else channel.expires + CHANNEL_COOLDOWN
+            )
+        self._schedule(alloc, min(deadlines))
+
+    def _sync_routes(self, alloc: _Allocation, now: float) -> None:
+        """A channel is in the fast path iff it is bound, its peer has a permission and the
+        client uses UDP. Every change of those goes through here."""
+        for channel in alloc.channels.values():
+            wanted = (
+                alloc.flow.transport == Transport.UDP
+                and channel.expires > now
+                and alloc.has_permission(channel.peer.ip, now)
+            )
+            if wanted != channel.routed:
+                channel.routed = wanted
+                route = ChannelRoute(
+                    alloc.flow.client, channel.number, alloc.relay_port, channel.peer
+                )
+                self._push(InstallChannel(route) if wanted else RemoveChannel(route))
+
+    def _delete_allocation(self, alloc: _Allocation, reason: str) -> None:
+        for channel in alloc.channels.values():
+            if channel.routed:
+                channel.routed = False
+                route = ChannelRoute(
+                    alloc.flow.client, channel.number, alloc.relay_port, channel.peer
+                )
+                self._push(RemoveChannel(route))
+        del self._by_flow[alloc.flow]
+        del self._by_port[alloc.relay_port]
+        _decrement(self._per_user, alloc.username)
+        _decrement(self._per_ip, alloc.flow.client.ip)
+        self._ports.release(alloc.relay_port)
+        self._push(AllocationClosed(alloc.flow, alloc.relay_port, reason))
+
+    # Plumbing
+
+    def _push(self, command: Command) -> None:
+        self._commands.append(command)
+
+    def _drop(self, reason: Drop) -> None:
+        self.stats[f"drop:{reason.value}"] += 1
+
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+_K = TypeVar("_K")
+
+
+def _decode(decoder: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
+    """An attribute decoder whose StunDecodeError becomes 400 Bad Request."""
+    try:
+        return decoder(*args, **kwargs)
+    except stun.StunDecodeError as exc:
+        raise TurnError(400, str(exc)[:100] or "Malformed attribute") from exc
+
+
+def _granted_lifetime(message: Message, *, default: int) -> int:
+    value = message.get(AttrType.LIFETIME)
+    if value is None:
+        return default
+    requested = _decode(stun.decode_u32, value)
+    return max(default, min(requested, MAX_ALLOCATION_LIFETIME))
+
+
+def _method_name(method: int) -> str:
+    try:
+        return Method(method).name.lower()
+    except ValueError:
+        return f"0x{method:03x}"
+
+
+def _decrement(counter: Counter[_K], key: _K) -> None:
+    counter[key] -= 1
+    if counter[key] <= 0:
+        del counter[key]
+
+
+__all__ = [
+    "AllocationInfo",
+    "Drop",
+    "RelayPorts",
+    "ServerConfig",
+    "TurnError",
+    "TurnServer",
+]

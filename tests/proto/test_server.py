@@ -1,0 +1,846 @@
+"""State-machine tests for the TURN server: every method and error path, time stepped by hand."""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+from dataclasses import dataclass, field
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from xdpturn.proto import stun
+from xdpturn.proto.addr import ClientAddr, ClientFlow, Family, PeerAddr, Transport, TransportAddr
+from xdpturn.proto.auth import Authenticator, mint_rest_credentials
+from xdpturn.proto.channel_data import decode_channel_data, encode_channel_data
+from xdpturn.proto.commands import (
+    AllocationClosed,
+    AllocationOpened,
+    ChannelRoute,
+    Command,
+    InstallChannel,
+    RemoveChannel,
+    SendToClient,
+    SendToPeer,
+)
+from xdpturn.proto.server import (
+    CHANNEL_COOLDOWN,
+    CHANNEL_LIFETIME,
+    DEFAULT_ALLOCATION_LIFETIME,
+    MAX_ALLOCATION_LIFETIME,
+    PERMISSION_LIFETIME,
+    ServerConfig,
+    TurnServer,
+)
+from xdpturn.proto.stun import AttrType, Message, MessageClass, Method
+
+PUBLIC_V4 = ipaddress.IPv4Address("203.0.113.1")
+PUBLIC_V6 = ipaddress.IPv6Address("2001:db8::1")
+REALM = "example.org"
+SECRET = "s3cret"
+T0 = 1_700_000_000.0
+
+
+def addr(text: str) -> TransportAddr:
+    return TransportAddr.parse(text)
+
+
+def flow_of(text: str, transport: Transport = Transport.UDP) -> ClientFlow:
+    return ClientFlow(ClientAddr(addr(text)), 0, transport)
+
+
+PEER = PeerAddr(addr("198.51.100.7:4000"))
+PEER_V6 = PeerAddr(addr("[2001:db8:2::7]:4000"))
+
+
+class FakePorts:
+    """Ports handed out in order from a small range; tests check release."""
+
+    def __init__(self, low: int = 50000, high: int = 50999) -> None:
+        self.free = list(range(low, high + 1))
+        self.open: dict[int, frozenset[Family]] = {}
+
+    def acquire(self, families: frozenset[Family]) -> int | None:
+        if not self.free:
+            return None
+        port = self.free.pop(0)
+        self.open[port] = families
+        return port
+
+    def release(self, port: int) -> None:
+        del self.open[port]
+        self.free.append(port)
+
+
+@dataclass
+class Client:
+    """One client of the server under test, speaking STUN through the sans-IO core."""
+
+    harness: Harness
+    flow: ClientFlow
+    username: str
+    password: str
+    nonce: bytes = b""
+    sha256: bool = False
+    relay_port: int = 0
+
+    @property
+    def key(self) -> bytes:
+        return stun.long_term_key(self.username, REALM, self.password)
+
+    def message(self, method: Method, *attrs: tuple[int, bytes]) -> Message:
+        msg = Message(method, MessageClass.REQUEST, self.harness.rng.randbytes(12))
+        for attr, value in attrs:
+            msg.add(attr, value)
+        return msg
+
+    def request(self, method: Method, *attrs: tuple[int, bytes]) -> Message:
+        """An authenticated request, doing the 401 dance for the nonce once."""
+        if not self.nonce:
+            challenge = self.harness.exchange(self.flow, self.message(method, *attrs))
+            assert challenge.cls == MessageClass.ERROR
+            nonce = challenge.get(AttrType.NONCE)
+            assert nonce is not None
+            self.nonce = nonce
+        return self.send(self.message(method, *attrs))
+
+    def send(self, msg: Message, *, renew_nonce: bool = True) -> Message:
+        """Sign and send; on 438 take the fresh nonce and try once more, as clients do.
+        Integrity of authenticated responses is checked with the client's key."""
+        unsigned = list(msg.attributes)
+        response = self.harness.exchange(self.flow, self.signed(msg), key=self.key)
+        if renew_nonce and response.cls == MessageClass.ERROR and error_code(response) == 438:
+            nonce = response.get(AttrType.NONCE)
+            assert nonce is not None
+            self.nonce = nonce
+            retry = Message(msg.method, msg.cls, self.harness.rng.randbytes(12), unsigned)
+            return self.send(retry, renew_nonce=False)
+        return response
+
+    def signed(self, msg: Message, *, fingerprint: bool = True) -> bytes:
+        msg.add(AttrType.USERNAME, self.username.encode())
+        msg.add(AttrType.REALM, REALM.encode())
+        msg.add(AttrType.NONCE, self.nonce)
+        return stun.encode(msg, integrity_key=self.key, sha256=self.sha256, fingerprint=fingerprint)
+
+    def allocate(self, *attrs: tuple[int, bytes]) -> Message:
+        response = self.request(
+            Method.ALLOCATE,
+            (AttrType.REQUESTED_TRANSPORT, stun.encode_requested_transport(17)),
+            *attrs,
+        )
+        relayed = response.get(AttrType.XOR_RELAYED_ADDRESS)
+        if relayed is not None:
+            self.relay_port = stun.decode_xor_address(relayed, response.transaction_id).port
+        return response
+
+    def permit(self, *peers: TransportAddr) -> Message:
+        txid = self.harness.rng.randbytes(12)
+        msg = Message(Method.CREATE_PERMISSION, MessageClass.REQUEST, txid)
+        for peer in peers:
+            msg.add(AttrType.XOR_PEER_ADDRESS, stun.encode_xor_address(peer, txid))
+        return self.send(msg)
+
+    def bind(self, channel: int, peer: TransportAddr) -> Message:
+        txid = self.harness.rng.randbytes(12)
+        msg = Message(Method.CHANNEL_BIND, MessageClass.REQUEST, txid)
+        msg.add(AttrType.CHANNEL_NUMBER, stun.encode_channel_number(channel))
+        msg.add(AttrType.XOR_PEER_ADDRESS, stun.encode_xor_address(peer, txid))
+        return self.send(msg)
+
+    def refresh(self, lifetime: int | None = None) -> Message:
+        attrs = [] if lifetime is None else [(AttrType.LIFETIME, stun.encode_u32(lifetime))]
+        return self.request(Method.REFRESH, *attrs)
+
+    def send_indication(self, peer: TransportAddr, data: bytes) -> None:
+        txid = self.harness.rng.randbytes(12)
+        msg = Message(Method.SEND, MessageClass.INDICATION, txid)
+        msg.add(AttrType.XOR_PEER_ADDRESS, stun.encode_xor_address(peer, txid))
+        msg.add(AttrType.DATA, data)
+        self.harness.server.handle_client_datagram(stun.encode(msg), self.flow, self.harness.now)
+
+    @property
+    def relayed_v4(self) -> PeerAddr:
+        return PeerAddr(TransportAddr(PUBLIC_V4, self.relay_port))
+
+    @property
+    def relayed_v6(self) -> PeerAddr:
+        return PeerAddr(TransportAddr(PUBLIC_V6, self.relay_port))
+
+
+@dataclass
+class Harness:
+    config: ServerConfig = field(
+        default_factory=lambda: ServerConfig(
+            realm=REALM,
+            public_ipv4=PUBLIC_V4,
+            public_ipv6=PUBLIC_V6,
+            auth=Authenticator(secrets=[SECRET], users={"alice": "wonderland"}),
+        )
+    )
+    now: float = T0
+    ports: FakePorts = field(default_factory=FakePorts)
+    rng: random.Random = field(default_factory=lambda: random.Random(7))
+    server: TurnServer = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.server = TurnServer(self.config, self.ports, random.Random(1))
+
+    def client(self, where: str = "192.0.2.10:5000", user: str = "alice", **kw: object) -> Client:
+        password = {"alice": "wonderland"}.get(user, "")
+        if ":" in user:  # a REST username: the password is the HMAC
+            password = Authenticator(secrets=[SECRET]).passwords(user, self.now)[0]
+        transport = kw.get("transport", Transport.UDP)
+        assert isinstance(transport, Transport)
+        return Client(self, flow_of(where, transport), user, password)
+
+    def commands(self) -> list[Command]:
+        out = []
+        while (command := self.server.next_command()) is not None:
+            out.append(command)
+        return out
+
+    def exchange(self, flow: ClientFlow, msg: Message | bytes, key: bytes | None = None) -> Message:
+        data = msg if isinstance(msg, bytes) else stun.encode(msg)
+        self.server.handle_client_datagram(data, flow, self.now)
+        replies = [c for c in self.commands_kept() if isinstance(c, SendToClient)]
+        assert len(replies) == 1, replies
+        response = stun.decode(replies[0].data)
+        if key is not None and response.get(AttrType.MESSAGE_INTEGRITY) is not None:
+            assert stun.verify_integrity(replies[0].data, key)
+        return response
+
+    kept: list[Command] = field(default_factory=list)
+
+    def commands_kept(self) -> list[Command]:
+        """Drain commands, keeping the non-send ones for assertions via `take`."""
+        fresh = self.commands()
+        self.kept.extend(c for c in fresh if not isinstance(c, SendToClient))
+        return fresh
+
+    def take(self) -> list[Command]:
+        out = self.kept + self.commands()
+        self.kept = []
+        return out
+
+    def advance(self, seconds: float) -> list[Command]:
+        """Step the clock, firing timers as a runtime would."""
+        target = self.now + seconds
+        while (deadline := self.server.get_timer()) is not None and deadline <= target:
+            self.now = max(self.now, deadline)
+            self.server.handle_timer(self.now)
+        self.now = target
+        return self.take()
+
+
+def error_code(response: Message) -> int:
+    assert response.cls == MessageClass.ERROR, response
+    value = response.get(AttrType.ERROR_CODE)
+    assert value is not None
+    return stun.decode_error_code(value)[0]
+
+
+def routes(
+    commands: list[Command], kind: type[InstallChannel] | type[RemoveChannel]
+) -> set[ChannelRoute]:
+    return {c.route for c in commands if isinstance(c, kind)}
+
+
+@pytest.fixture
+def h() -> Harness:
+    return Harness()
+
+
+# Binding and authentication
+
+
+def test_binding_reports_the_client_address(h: Harness) -> None:
+    flow = flow_of("192.0.2.10:5000")
+    request = Message(Method.BINDING, MessageClass.REQUEST, b"\x01" * 12)
+    response = h.exchange(flow, request)
+    assert response.cls == MessageClass.SUCCESS
+    mapped = response.get(AttrType.XOR_MAPPED_ADDRESS)
+    assert mapped is not None
+    assert stun.decode_xor_address(mapped, response.transaction_id) == flow.client
+
+
+def test_unauthenticated_allocate_is_challenged_with_realm_and_nonce(h: Harness) -> None:
+    client = h.client()
+    msg = client.message(
+        Method.ALLOCATE, (AttrType.REQUESTED_TRANSPORT, stun.encode_requested_transport(17))
+    )
+    response = h.exchange(client.flow, msg)
+    assert error_code(response) == 401
+    assert response.get(AttrType.REALM) == REALM.encode()
+    assert response.get(AttrType.NONCE)
+    assert h.server.stats["auth_failure"] == 1
+    assert h.ports.open == {}
+
+
+def test_wrong_password_is_401_and_allocates_nothing(h: Harness) -> None:
+    client = h.client()
+    client.password = "not-it"
+    assert error_code(client.allocate()) == 401
+    assert h.ports.open == {}
+
+
+def test_stale_nonce_is_438_with_a_fresh_nonce_that_works(h: Harness) -> None:
+    client = h.client()
+    allocated = client.allocate((AttrType.LIFETIME, stun.encode_u32(3600)))
+    assert allocated.cls == MessageClass.SUCCESS
+    h.advance(700)  # nonces last 600 s
+    response = client.send(client.message(Method.REFRESH), renew_nonce=False)
+    assert error_code(response) == 438
+    fresh = response.get(AttrType.NONCE)
+    assert fresh and fresh != client.nonce
+    client.nonce = fresh
+    assert client.refresh().cls == MessageClass.SUCCESS
+
+
+def test_nonce_is_bound_to_the_client_ip(h: Harness) -> None:
+    first = h.client("192.0.2.10:5000")
+    first.allocate()
+    second = h.client("192.0.2.11:5000")
+    second.nonce = first.nonce
+    msg = second.message(
+        Method.ALLOCATE, (AttrType.REQUESTED_TRANSPORT, stun.encode_requested_transport(17))
+    )
+    assert error_code(second.send(msg, renew_nonce=False)) == 438
+
+
+def test_rest_api_credentials_and_secret_rotation() -> None:
+    config = ServerConfig(
+        realm=REALM,
+        public_ipv4=PUBLIC_V4,
+        auth=Authenticator(secrets=["old", "new"]),
+    )
+    h = Harness(config=config)
+    for i, secret in enumerate(["old", "new"]):
+        creds = mint_rest_credentials(secret, now=h.now, ttl=600, user_id="bob")
+        client = Client(h, flow_of(f"192.0.2.{20 + i}:5000"), creds.username, creds.password)
+        assert client.allocate().cls == MessageClass.SUCCESS
+    expired = mint_rest_credentials("new", now=h.now - 1000, ttl=600, user_id="bob")
+    client = Client(h, flow_of("192.0.2.30:5000"), expired.username, expired.password)
+    assert error_code(client.allocate()) == 401
+
+
+def test_sha256_integrity_is_answered_in_kind(h: Harness) -> None:
+    client = h.client()
+    client.sha256 = True
+    client.allocate()
+    response = client.refresh()  # exchange() checks the integrity with the client's key
+    assert response.get(AttrType.MESSAGE_INTEGRITY_SHA256) is not None
+    assert response.get(AttrType.MESSAGE_INTEGRITY) is None
+
+
+# Allocate
+
+
+def test_allocate_grants_a_relayed_address_and_default_lifetime(h: Harness) -> None:
+    client = h.client()
+    response = client.allocate()
+    assert response.cls == MessageClass.SUCCESS
+    relayed = response.get(AttrType.XOR_RELAYED_ADDRESS)
+    assert relayed is not None
+    address = stun.decode_xor_address(relayed, response.transaction_id)
+    assert address.ip == PUBLIC_V4
+    assert h.ports.open == {address.port: frozenset({Family.IPV4})}
+    lifetime = response.get(AttrType.LIFETIME)
+    assert lifetime is not None and stun.decode_u32(lifetime) == DEFAULT_ALLOCATION_LIFETIME
+    mapped = response.get(AttrType.XOR_MAPPED_ADDRESS)
+    assert mapped is not None
+    assert stun.decode_xor_address(mapped, response.transaction_id) == client.flow.client
+    opened = [c for c in h.take() if isinstance(c, AllocationOpened)]
+    assert [(o.relay_port, o.username) for o in opened] == [(address.port, "alice")]
+
+
+@pytest.mark.parametrize(
+    ("requested", "granted"),
+    [(100, DEFAULT_ALLOCATION_LIFETIME), (1200, 1200), (100_000, MAX_ALLOCATION_LIFETIME)],
+)
+def test_allocate_lifetime_is_clamped(h: Harness, requested: int, granted: int) -> None:
+    response = h.client().allocate((AttrType.LIFETIME, stun.encode_u32(requested)))
+    lifetime = response.get(AttrType.LIFETIME)
+    assert lifetime is not None and stun.decode_u32(lifetime) == granted
+
+
+def test_retransmitted_allocate_gets_the_same_answer_and_a_new_one_437(h: Harness) -> None:
+    client = h.client()
+    client.allocate()
+    msg = client.message(
+        Method.ALLOCATE, (AttrType.REQUESTED_TRANSPORT, stun.encode_requested_transport(17))
+    )
+    first = client.signed(msg)
+    h.server.handle_client_datagram(first, client.flow, h.now)
+    answer = [c for c in h.commands() if isinstance(c, SendToClient)]
+    assert error_code(stun.decode(answer[0].data)) == 437
+
+    client2 = h.client("192.0.2.99:1")
+    client2.allocate()  # learn nonce
+    client2.flow = flow_of("192.0.2.99:2")
+    msg = client2.message(
+        Method.ALLOCATE, (AttrType.REQUESTED_TRANSPORT, stun.encode_requested_transport(17))
+    )
+    data = client2.signed(msg)
+    h.server.handle_client_datagram(data, client2.flow, h.now)
+    original = [c.data for c in h.commands() if isinstance(c, SendToClient)]
+    h.server.handle_client_datagram(data, client2.flow, h.now + 0.5)
+    again = [c.data for c in h.commands() if isinstance(c, SendToClient)]
+    assert original == again
+    assert stun.decode(original[0]).cls == MessageClass.SUCCESS
+    assert len(h.server.allocations()) == 3
+
+
+def test_allocate_without_requested_transport_is_400_and_tcp_is_442(h: Harness) -> None:
+    client = h.client()
+    assert error_code(client.request(Method.ALLOCATE)) == 400
+    response = client.request(
+        Method.ALLOCATE, (AttrType.REQUESTED_TRANSPORT, stun.encode_requested_transport(6))
+    )
+    assert error_code(response) == 442
+    assert h.ports.open == {}
+
+
+def test_allocate_ipv6_and_dual_stack(h: Harness) -> None:
+    v6 = h.client("192.0.2.10:5000").allocate(
+        (AttrType.REQUESTED_ADDRESS_FAMILY, stun.encode_address_family(Family.IPV6))
+    )
+    relayed = [
+        stun.decode_xor_address(v, v6.transaction_id)
+        for a, v in v6.attributes
+        if a == AttrType.XOR_RELAYED_ADDRESS
+    ]
+    assert [r.ip for r in relayed] == [PUBLIC_V6]
+    dual = h.client("192.0.2.11:5000").allocate(
+        (AttrType.ADDITIONAL_ADDRESS_FAMILY, stun.encode_address_family(Family.IPV6))
+    )
+    relayed = [
+        stun.decode_xor_address(v, dual.transaction_id)
+        for a, v in dual.attributes
+        if a == AttrType.XOR_RELAYED_ADDRESS
+    ]
+    assert {r.ip for r in relayed} == {PUBLIC_V4, PUBLIC_V6}
+    assert len({r.port for r in relayed}) == 1
+
+
+def test_address_family_errors() -> None:
+    h = Harness(
+        config=ServerConfig(
+            realm=REALM, public_ipv4=PUBLIC_V4, auth=Authenticator(users={"alice": "wonderland"})
+        )
+    )
+    client = h.client()
+    both = client.allocate(
+        (AttrType.REQUESTED_ADDRESS_FAMILY, stun.encode_address_family(Family.IPV4)),
+        (AttrType.ADDITIONAL_ADDRESS_FAMILY, stun.encode_address_family(Family.IPV6)),
+    )
+    assert error_code(both) == 400
+    unsupported = client.allocate(
+        (AttrType.REQUESTED_ADDRESS_FAMILY, stun.encode_address_family(Family.IPV6))
+    )
+    assert error_code(unsupported) == 440
+    bogus = client.allocate((AttrType.REQUESTED_ADDRESS_FAMILY, stun.encode_address_family(3)))
+    assert error_code(bogus) == 440
+    # Dual stack on an IPv4-only relay: IPv4 granted, IPv6 refused in ADDRESS-ERROR-CODE.
+    dual = client.allocate(
+        (AttrType.ADDITIONAL_ADDRESS_FAMILY, stun.encode_address_family(Family.IPV6))
+    )
+    assert dual.cls == MessageClass.SUCCESS
+    assert dual.get(AttrType.ADDRESS_ERROR_CODE) is not None
+
+
+def test_dont_fragment_is_accepted(h: Harness) -> None:
+    assert h.client().allocate((AttrType.DONT_FRAGMENT, b"")).cls == MessageClass.SUCCESS
+
+
+def test_unknown_comprehension_required_attribute_is_420(h: Harness) -> None:
+    response = h.client().allocate((0x0077, b"\x00\x00\x00\x00"))
+    assert error_code(response) == 420
+    unknown = response.get(AttrType.UNKNOWN_ATTRIBUTES)
+    assert unknown is not None and stun.decode_unknown_attributes(unknown) == [0x0077]
+    # Comprehension-optional ones are ignored.
+    assert h.client().allocate((0x8077, b"\x00\x00")).cls == MessageClass.SUCCESS
+
+
+def test_quotas_per_user_per_ip_and_total() -> None:
+    config = ServerConfig(
+        realm=REALM,
+        public_ipv4=PUBLIC_V4,
+        auth=Authenticator(users={"alice": "wonderland", "bob": "builder"}),
+        max_allocations=3,
+        max_allocations_per_user=2,
+        max_allocations_per_ip=2,
+    )
+    h = Harness(config=config)
+    assert h.client("192.0.2.1:1").allocate().cls == MessageClass.SUCCESS
+    assert h.client("192.0.2.2:1").allocate().cls == MessageClass.SUCCESS
+    assert error_code(h.client("192.0.2.3:1").allocate()) == 486  # alice has 2
+    bob = h.client("192.0.2.1:2", user="alice")
+    bob.username, bob.password = "bob", "builder"
+    assert bob.allocate().cls == MessageClass.SUCCESS  # 192.0.2.1 now has 2
+    bob2 = h.client("192.0.2.1:3")
+    bob2.username, bob2.password = "bob", "builder"
+    assert error_code(bob2.allocate()) == 508  # total 3 reached before the IP check
+    h.config.max_allocations = None
+    assert error_code(bob2.allocate()) == 486  # 192.0.2.1 has 2
+
+
+def test_port_exhaustion_is_508() -> None:
+    h = Harness(ports=FakePorts(50000, 50000))
+    assert h.client("192.0.2.1:1").allocate().cls == MessageClass.SUCCESS
+    assert error_code(h.client("192.0.2.2:1").allocate()) == 508
+
+
+# Refresh and expiry
+
+
+def test_refresh_lifetime_zero_deletes_and_releases(h: Harness) -> None:
+    client = h.client()
+    client.allocate()
+    client.permit(PEER)
+    client.bind(0x4000, PEER)
+    h.take()
+    response = client.refresh(0)
+    lifetime = response.get(AttrType.LIFETIME)
+    assert lifetime is not None and stun.decode_u32(lifetime) == 0
+    commands = h.take()
+    assert routes(commands, RemoveChannel) == {
+        ChannelRoute(client.flow.client, 0x4000, client.relay_port, PEER)
+    }
+    assert any(isinstance(c, AllocationClosed) and c.reason == "refresh" for c in commands)
+    assert h.ports.open == {}
+    assert error_code(client.refresh()) == 437
+
+
+def test_refresh_extends_and_expiry_deletes(h: Harness) -> None:
+    client = h.client()
+    client.allocate()
+    assert h.server.get_timer() == T0 + DEFAULT_ALLOCATION_LIFETIME
+    h.advance(500)
+    client.refresh(1200)
+    commands = h.advance(1199)
+    assert not any(isinstance(c, AllocationClosed) for c in commands)
+    commands = h.advance(2)
+    assert [c.reason for c in commands if isinstance(c, AllocationClosed)] == ["expired"]
+    assert h.ports.open == {}
+    assert h.server.get_timer() is None
+
+
+def test_refresh_by_another_user_is_441(h: Harness) -> None:
+    client = h.client()
+    client.allocate()
+    intruder = h.client()
+    intruder.username = f"{int(h.now) + 100}:mallory"
+    intruder.password = Authenticator(secrets=[SECRET]).passwords(intruder.username, h.now)[0]
+    assert error_code(intruder.refresh()) == 441
+
+
+def test_refresh_with_other_family_is_443(h: Harness) -> None:
+    client = h.client()
+    client.allocate()
+    response = client.request(
+        Method.REFRESH,
+        (AttrType.REQUESTED_ADDRESS_FAMILY, stun.encode_address_family(Family.IPV6)),
+    )
+    assert error_code(response) == 443
+
+
+def test_requests_without_allocation_are_437(h: Harness) -> None:
+    client = h.client()
+    assert error_code(client.refresh()) == 437
+    assert error_code(client.permit(PEER)) == 437
+    assert error_code(client.bind(0x4000, PEER)) == 437
+
+
+# Permissions
+
+
+def test_create_permission_policy_and_family(h: Harness) -> None:
+    client = h.client()
+    client.allocate()
+    assert client.permit(PEER).cls == MessageClass.SUCCESS
+    assert error_code(client.permit(PeerAddr(addr("10.1.2.3:80")))) == 403
+    assert error_code(client.permit(PeerAddr(addr("127.0.0.1:80")))) == 403
+    assert error_code(client.permit(PEER_V6)) == 443
+    # All or nothing: one forbidden peer fails the whole request.
+    other = PeerAddr(addr("198.51.100.8:1"))
+    assert error_code(client.permit(other, PeerAddr(addr("192.168.1.1:1")))) == 403
+    h.server.handle_peer_datagram(b"x", client.relay_port, other, h.now)
+    assert h.server.stats["drop:no_permission"] == 1
+
+
+def test_allow_peer_opens_a_private_range() -> None:
+    config = ServerConfig(
+        realm=REALM,
+        public_ipv4=PUBLIC_V4,
+        auth=Authenticator(users={"alice": "wonderland"}),
+        allow_peers=[ipaddress.IPv4Network("10.0.0.0/8")],
+    )
+    h = Harness(config=config)
+    client = h.client()
+    client.allocate()
+    assert client.permit(PeerAddr(addr("10.1.2.3:80"))).cls == MessageClass.SUCCESS
+
+
+def test_permission_expires_after_300s_unless_refreshed(h: Harness) -> None:
+    client = h.client()
+    client.allocate((AttrType.LIFETIME, stun.encode_u32(3600)))
+    client.permit(PEER)
+    h.advance(PERMISSION_LIFETIME - 10)
+    h.server.handle_peer_datagram(b"hi", client.relay_port, PEER, h.now)
+    assert any(isinstance(c, SendToClient) for c in h.take())
+    client.permit(PEER)  # refresh
+    h.advance(PERMISSION_LIFETIME - 10)
+    h.server.handle_peer_datagram(b"hi", client.relay_port, PEER, h.now)
+    assert any(isinstance(c, SendToClient) for c in h.take())
+    h.advance(20)
+    h.server.handle_peer_datagram(b"hi", client.relay_port, PEER, h.now)
+    assert not any(isinstance(c, SendToClient) for c in h.take())
+    assert h.server.stats["drop:no_permission"] == 1
+
+
+# Channels
+
+
+def test_channel_bind_installs_a_route_and_relays_both_ways(h: Harness) -> None:
+    client = h.client()
+    client.allocate()
+    h.take()
+    assert client.bind(0x4001, PEER).cls == MessageClass.SUCCESS
+    route = ChannelRoute(client.flow.client, 0x4001, client.relay_port, PEER)
+    assert routes(h.take(), InstallChannel) == {route}
+    # Client -> peer: the length field decides the payload; padding is ignored.
+    data = encode_channel_data(0x4001, b"hello") + b"\x00\x00\x00"
+    h.server.handle_client_datagram(data, client.flow, h.now)
+    assert h.take() == [SendToPeer(client.relay_port, PEER, b"hello")]
+    # Peer -> client: ChannelData on the bound channel.
+    h.server.handle_peer_datagram(b"world", client.relay_port, PEER, h.now)
+    (sent,) = h.take()
+    assert isinstance(sent, SendToClient) and sent.flow == client.flow
+    assert decode_channel_data(sent.data) == (0x4001, b"world")
+
+
+@pytest.mark.parametrize("number", [0x3FFF, 0x5000, 0xFFFF])
+def test_channel_number_out_of_range_is_400(h: Harness, number: int) -> None:
+    client = h.client()
+    client.allocate()
+    assert error_code(client.bind(number, PEER)) == 400
+
+
+def test_channel_rebinding_rules(h: Harness) -> None:
+    client = h.client()
+    client.allocate()
+    other = PeerAddr(addr("198.51.100.8:4000"))
+    assert client.bind(0x4000, PEER).cls == MessageClass.SUCCESS
+    assert error_code(client.bind(0x4000, other)) == 400  # number taken by another peer
+    assert error_code(client.bind(0x4001, PEER)) == 400  # peer has another number
+    assert client.bind(0x4000, PEER).cls == MessageClass.SUCCESS  # same pair refreshes
+
+
+def test_channel_reservation_cooldown() -> None:
+    h = Harness()
+    client = h.client()
+    client.allocate((AttrType.LIFETIME, stun.encode_u32(3600)))
+    other = PeerAddr(addr("198.51.100.8:4000"))
+    client.bind(0x4000, PEER)
+    h.take()
+    commands = h.advance(CHANNEL_LIFETIME + 1)
+    assert routes(commands, RemoveChannel) == {
+        ChannelRoute(client.flow.client, 0x4000, client.relay_port, PEER)
+    }
+    client.refresh(3600)
+    assert error_code(client.bind(0x4000, other)) == 400
+    h.advance(CHANNEL_COOLDOWN)
+    assert client.bind(0x4000, other).cls == MessageClass.SUCCESS
+
+
+def test_channel_route_follows_the_permission(h: Harness) -> None:
+    client = h.client()
+    client.allocate()
+    client.bind(0x4000, PEER)
+    route = ChannelRoute(client.flow.client, 0x4000, client.relay_port, PEER)
+    assert routes(h.take(), InstallChannel) == {route}
+    # The permission (300 s) lapses before the channel (600 s): the route goes.
+    commands = h.advance(PERMISSION_LIFETIME + 1)
+    assert routes(commands, RemoveChannel) == {route}
+    h.server.handle_client_datagram(encode_channel_data(0x4000, b"x"), client.flow, h.now)
+    assert h.take() == []
+    assert h.server.stats["drop:no_permission"] == 1
+    # A new permission brings it back.
+    client.permit(PEER)
+    assert routes(h.take(), InstallChannel) == {route}
+
+
+def test_tcp_clients_get_padded_channel_data_and_no_fast_path_route(h: Harness) -> None:
+    client = h.client(transport=Transport.TCP)
+    client.allocate()
+    client.bind(0x4000, PEER)
+    commands = h.take()
+    assert routes(commands, InstallChannel) == set()
+    h.server.handle_peer_datagram(b"abcde", client.relay_port, PEER, h.now)
+    (sent,) = h.take()
+    assert isinstance(sent, SendToClient)
+    assert len(sent.data) == 12 and decode_channel_data(sent.data) == (0x4000, b"abcde")
+
+
+def test_unbound_channel_data_is_dropped_and_counted(h: Harness) -> None:
+    client = h.client()
+    client.allocate()
+    h.take()
+    h.server.handle_client_datagram(encode_channel_data(0x4005, b"x"), client.flow, h.now)
+    assert h.take() == []
+    assert h.server.stats["drop:no_channel"] == 1
+    stranger = flow_of("192.0.2.77:1")
+    h.server.handle_client_datagram(encode_channel_data(0x4005, b"x"), stranger, h.now)
+    assert h.server.stats["drop:no_allocation"] == 1
+
+
+# Indications
+
+
+def test_send_and_data_indications(h: Harness) -> None:
+    client = h.client()
+    client.allocate()
+    h.take()
+    client.send_indication(PEER, b"before permission")
+    assert h.take() == []
+    assert h.server.stats["drop:no_permission"] == 1
+    client.permit(PEER)
+    h.take()
+    client.send_indication(PEER, b"ping")
+    assert h.take() == [SendToPeer(client.relay_port, PEER, b"ping")]
+    h.server.handle_peer_datagram(b"pong", client.relay_port, PEER, h.now)
+    (sent,) = h.take()
+    assert isinstance(sent, SendToClient)
+    indication = stun.decode(sent.data)
+    assert (indication.method, indication.cls) == (Method.DATA, MessageClass.INDICATION)
+    peer = indication.get(AttrType.XOR_PEER_ADDRESS)
+    assert peer is not None
+    assert stun.decode_xor_address(peer, indication.transaction_id) == PEER
+    assert indication.get(AttrType.DATA) == b"pong"
+
+
+def test_ipv6_client_relays_to_ipv4_peer(h: Harness) -> None:
+    client = h.client("[2001:db8:1::10]:5000")
+    client.allocate()
+    client.bind(0x4000, PEER)
+    h.take()
+    h.server.handle_client_datagram(encode_channel_data(0x4000, b"x"), client.flow, h.now)
+    assert h.take() == [SendToPeer(client.relay_port, PEER, b"x")]
+
+
+# Packets to itself
+
+
+def two_clients(h: Harness, extra: tuple[tuple[int, bytes], ...] = ()) -> tuple[Client, Client]:
+    a = h.client("192.0.2.10:5000")
+    b = h.client("[2001:db8:3::20]:6000")
+    a.allocate(*extra)
+    b.allocate(*extra)
+    h.take()
+    return a, b
+
+
+def test_packets_to_itself_through_channels(h: Harness) -> None:
+    a, b = two_clients(h)
+    a.bind(0x4000, b.relayed_v4)
+    b.bind(0x4001, a.relayed_v4)
+    commands = h.take()
+    # Both halves of the hairpin are in the fast path.
+    assert routes(commands, InstallChannel) == {
+        ChannelRoute(a.flow.client, 0x4000, a.relay_port, b.relayed_v4),
+        ChannelRoute(b.flow.client, 0x4001, b.relay_port, a.relayed_v4),
+    }
+    h.server.handle_client_datagram(encode_channel_data(0x4000, b"to b"), a.flow, h.now)
+    (sent,) = h.take()  # never a SendToPeer
+    assert isinstance(sent, SendToClient) and sent.flow == b.flow
+    assert decode_channel_data(sent.data) == (0x4001, b"to b")
+    h.server.handle_client_datagram(encode_channel_data(0x4001, b"to a"), b.flow, h.now)
+    (sent,) = h.take()
+    assert isinstance(sent, SendToClient) and sent.flow == a.flow
+    assert decode_channel_data(sent.data) == (0x4000, b"to a")
+    assert h.server.stats["relayed:loopback:packets"] == 2
+
+
+def test_packets_to_itself_through_indications(h: Harness) -> None:
+    a, b = two_clients(h)
+    a.permit(b.relayed_v4)
+    b.permit(a.relayed_v4)
+    h.take()
+    a.send_indication(b.relayed_v4, b"hello b")
+    (sent,) = h.take()
+    assert isinstance(sent, SendToClient) and sent.flow == b.flow
+    indication = stun.decode(sent.data)
+    peer = indication.get(AttrType.XOR_PEER_ADDRESS)
+    assert peer is not None
+    assert stun.decode_xor_address(peer, indication.transaction_id) == a.relayed_v4
+    assert indication.get(AttrType.DATA) == b"hello b"
+
+
+def test_packets_to_itself_across_families(h: Harness) -> None:
+    dual = ((AttrType.ADDITIONAL_ADDRESS_FAMILY, stun.encode_address_family(Family.IPV6)),)
+    a, b = two_clients(h, dual)
+    a.bind(0x4000, b.relayed_v6)
+    b.bind(0x4002, a.relayed_v6)
+    h.take()
+    h.server.handle_client_datagram(encode_channel_data(0x4000, b"v6 hop"), a.flow, h.now)
+    (sent,) = h.take()
+    assert isinstance(sent, SendToClient) and sent.flow == b.flow
+    assert decode_channel_data(sent.data) == (0x4002, b"v6 hop")
+
+
+def test_packets_to_own_address_but_no_allocation_are_refused(h: Harness) -> None:
+    a, _ = two_clients(h)
+    sshd = PeerAddr(TransportAddr(PUBLIC_V4, 22))
+    assert error_code(a.bind(0x4000, sshd)) == 403
+    a.permit(sshd)  # permissions are per IP; the port is checked when sending
+    h.take()
+    a.send_indication(sshd, b"SSH-2.0")
+    assert h.take() == []
+    assert h.server.stats["drop:self_not_allocation"] == 1
+
+
+# Robustness
+
+
+def test_malformed_input_is_dropped_and_counted(h: Harness) -> None:
+    client = h.client()
+    client.allocate()
+    h.take()
+    valid = stun.encode(Message(Method.BINDING, MessageClass.REQUEST, b"\x02" * 12))
+    bad_cookie = valid[:4] + b"\xde\xad\xbe\xef" + valid[8:]
+    for junk in (b"", b"\x00", valid[:19], valid + b"\x00", bad_cookie, b"\xff" * 40):
+        h.server.handle_client_datagram(junk, client.flow, h.now)
+    assert h.take() == []
+    assert sum(v for k, v in h.server.stats.items() if k.startswith("drop:")) == 6
+    # Still serving.
+    assert client.refresh().cls == MessageClass.SUCCESS
+
+
+def test_wrong_integrity_is_401(h: Harness) -> None:
+    client = h.client()
+    client.allocate()
+    data = bytearray(client.signed(client.message(Method.REFRESH), fingerprint=False))
+    data[-1] ^= 0xFF  # the last byte of the MESSAGE-INTEGRITY value
+    assert error_code(h.exchange(client.flow, bytes(data))) == 401
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200), st.sampled_from([b"", b"\x00\x01", b"\x40\x00", b"\x00\x03"]))
+def test_arbitrary_bytes_never_raise(junk: bytes, prefix: bytes) -> None:
+    h = Harness()
+    h.server.handle_client_datagram(prefix + junk, flow_of("192.0.2.1:1"), h.now)
+    h.server.handle_peer_datagram(prefix + junk, 50000, PEER, h.now)
+
+
+def test_close_releases_everything(h: Harness) -> None:
+    a, b = two_clients(h)
+    a.bind(0x4000, b.relayed_v4)
+    h.take()
+    h.server.close(h.now)
+    commands = h.take()
+    assert len(routes(commands, RemoveChannel)) == 1
+    assert len([c for c in commands if isinstance(c, AllocationClosed)]) == 2
+    assert h.ports.open == {}
+    assert h.server.allocations() == []
