@@ -1,18 +1,13 @@
-# Entry points named in the README. Each runs the idempotent set-up first.
-.PHONY: setup test lint serve demo bench clean
+# Shortcuts for the scripts the README names; each script runs the idempotent set-up itself.
+.PHONY: setup test serve demo bench
 
 setup:
-	@scripts/setup.sh
+	scripts/setup.sh
 
-lint: setup
-	.venv/bin/ruff check src tests
-	.venv/bin/ruff format --check src tests
-	.venv/bin/mypy
-
-test: setup
+test:
 	scripts/test.sh
 
-serve: setup
+serve:
 	scripts/serve-local.sh
 
 demo: setup
@@ -20,6 +15,3 @@ demo: setup
 
 bench: setup
 	.venv/bin/xdpturn bench
-
-clean:
-	$(MAKE) -C src/xdpturn/fastpath/bpf clean
