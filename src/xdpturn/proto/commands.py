@@ -74,10 +74,5 @@ class AllocationClosed:
 
 
 Command = (
-    SendToClient
-    | SendToPeer
-    | InstallChannel
-    | RemoveChannel
-    | AllocationOpened
-    | AllocationClosed
+    SendToClient | SendToPeer | InstallChannel | RemoveChannel | AllocationOpened | AllocationClosed
 )
