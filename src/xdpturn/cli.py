@@ -1,0 +1,203 @@
+"""The `xdpturn` command: serve, credentials, probe.
+
+Usage errors exit with status 2 and a one-line message that names the option, e.g.
+`xdpturn serve: --ports: expected LOW-HIGH with 1 <= LOW <= HIGH <= 65535, got '9-1'`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+from xdpturn import __version__
+from xdpturn.config import (
+    SERVE_OPTIONS,
+    ConfigError,
+    RawValue,
+    load_serve_config,
+    parse_nonempty,
+    parse_positive,
+)
+from xdpturn.proto.addr import TransportAddr
+
+T = TypeVar("T")
+USAGE_ERROR = 2
+
+
+class UsageError(Exception):
+    def __init__(self, command: str, message: str) -> None:
+        super().__init__(f"xdpturn {command}: {message}")
+
+
+def _value(command: str, flag: str, parse: Callable[[str], T], text: str) -> T:
+    try:
+        return parse(text)
+    except ValueError as e:
+        raise UsageError(command, f"{flag}: {e}") from None
+
+
+# serve
+
+
+def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="run the TURN relay",
+        description="Run the TURN relay until SIGINT or SIGTERM. Every option can also be set "
+        "with the environment variable shown (repeatable options: comma-separated values); "
+        "the command line wins.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    for option in SERVE_OPTIONS:
+        details = [f"env {option.env}"]
+        if option.default and option.name != "log_format":
+            details.append(f"default {' '.join(option.default)}")
+        p.add_argument(
+            option.flag,
+            dest=option.name,
+            metavar=option.metavar,
+            action="append" if option.repeatable else "store",
+            default=None,
+            help=f"{option.help} [{'; '.join(details)}]",
+        )
+    p.set_defaults(run=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    given: dict[str, RawValue] = {o.name: getattr(args, o.name) for o in SERVE_OPTIONS}
+    try:
+        config = load_serve_config(given, os.environ)
+    except ConfigError as e:
+        raise UsageError("serve", str(e)) from None
+
+    from xdpturn.log import setup_logging
+    from xdpturn.server import StartError, run
+
+    setup_logging(config.log_format, config.log_level)
+    try:
+        run(config)
+    except StartError as e:
+        print(f"xdpturn serve: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# credentials
+
+
+def _add_credentials(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "credentials",
+        help="mint TURN REST API credentials",
+        description="Print a TURN REST API username and password minted with a shared secret "
+        "(the relay must know the secret: --auth-secret).",
+    )
+    p.add_argument("--secret", required=True, help="the shared secret")
+    p.add_argument("--ttl", default="86400", metavar="SECONDS", help="validity (default 86400)")
+    p.add_argument("--user", default="xdpturn", metavar="ID", help="user id (default xdpturn)")
+    p.add_argument("--json", action="store_true", help="print a JSON object")
+    p.set_defaults(run=_credentials)
+
+
+def _credentials(args: argparse.Namespace) -> int:
+    from xdpturn.proto.auth import mint_rest_credentials
+
+    secret = _value("credentials", "--secret", parse_nonempty, args.secret)
+    ttl = _value("credentials", "--ttl", parse_positive, args.ttl)
+    user = _value("credentials", "--user", parse_nonempty, args.user)
+    now = time.time()
+    creds = mint_rest_credentials(secret, now=now, ttl=ttl, user_id=user)
+    if args.json:
+        out = {"username": creds.username, "password": creds.password, "ttl": ttl}
+        print(json.dumps(out))
+    else:
+        print(f"username: {creds.username}")
+        print(f"password: {creds.password}")
+    return 0
+
+
+# probe
+
+
+def parse_server(text: str) -> TransportAddr:
+    """`HOST:PORT`, `[V6]:PORT`, a bare address (port 3478) or a `turn:` URI."""
+    rest = text.removeprefix("turn:").partition("?")[0]
+    try:
+        return TransportAddr.parse(rest)
+    except ValueError:
+        pass
+    try:
+        return TransportAddr.parse(f"[{rest.strip('[]')}]:3478" if ":" in rest else f"{rest}:3478")
+    except ValueError:
+        raise ValueError(f"expected ADDRESS[:PORT] or turn:ADDRESS[:PORT], got {text!r}") from None
+
+
+def _add_probe(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "probe",
+        help="check a TURN relay end to end",
+        description="Allocate on SERVER, relay datagrams through it and report loss and "
+        "round-trip times. Exits non-zero on any loss or failure.",
+    )
+    p.add_argument("server", metavar="SERVER", help="ADDRESS[:PORT] or turn:ADDRESS[:PORT]")
+    p.add_argument("--username", help="TURN username (not needed with --secret)")
+    p.add_argument("--password", help="TURN password (not needed with --secret)")
+    p.add_argument("--secret", help="mint REST API credentials with this shared secret")
+    p.add_argument("--count", default="10", metavar="N", help="datagrams to send (default 10)")
+    p.set_defaults(run=_probe)
+
+
+def _probe(args: argparse.Namespace) -> int:
+    server = _value("probe", "SERVER", parse_server, args.server)
+    count = _value("probe", "--count", parse_positive, args.count)
+    username, password = args.username, args.password
+    if args.secret is not None:
+        from xdpturn.proto.auth import mint_rest_credentials
+
+        secret = _value("probe", "--secret", parse_nonempty, args.secret)
+        if username is None:
+            creds = mint_rest_credentials(secret, now=time.time(), ttl=3600)
+            username, password = creds.username, creds.password
+        elif password is None:
+            from xdpturn.proto.auth import rest_password
+
+            password = rest_password(secret, username)
+    if username is None or password is None:
+        raise UsageError("probe", "--username and --password are needed (or --secret)")
+    import asyncio
+
+    from xdpturn.client.probe import format_probe, probe
+    from xdpturn.server.relay import event_loop_factory
+
+    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+        result = runner.run(probe(server, username, password, count=count))
+    print(format_probe(result))
+    return 0 if result.ok else 1
+
+
+# main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="xdpturn", description="TURN relay (RFC 8656).")
+    parser.add_argument("--version", action="version", version=f"xdpturn {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_serve(sub)
+    _add_credentials(sub)
+    _add_probe(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.run(args)
+    except UsageError as e:
+        print(e, file=sys.stderr)
+        return USAGE_ERROR
+    return code

@@ -1,0 +1,447 @@
+"""The asyncio runtime: real sockets and one timer around the sans-IO `TurnServer`.
+
+Thin on purpose (as aioquic's asyncio layer): every input is fed to the core with the time, the
+core's commands are drained at once, and the single timer is re-armed after every state change.
+Order of work per readiness event, as in Firezone's relay: feed one datagram, execute all of the
+commands it caused, repeat for a bounded batch, then re-arm the timer; the timer fires from the
+loop like any other event. Protocol decisions live in the core; this module only moves bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import random
+import signal
+import socket
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Protocol
+
+from xdpturn.config import ConfigError, ServeConfig
+from xdpturn.fastpath import FastPath, FastPathMode, NullFastPath, open_fastpath
+from xdpturn.proto.addr import ClientAddr, ClientFlow, Family, PeerAddr, Transport, TransportAddr
+from xdpturn.proto.commands import (
+    AllocationClosed,
+    AllocationOpened,
+    Command,
+    InstallChannel,
+    RemoveChannel,
+    SendToClient,
+    SendToPeer,
+)
+from xdpturn.proto.server import AllocationInfo, RelayPorts, ServerConfig
+from xdpturn.server.sockets import (
+    MAX_DATAGRAM,
+    RelayPortPool,
+    bound_address,
+    from_sockaddr,
+    open_udp_socket,
+    to_sockaddr,
+)
+
+log = logging.getLogger("xdpturn.server")
+
+# Datagrams read per readiness callback before yielding to the loop, so one busy socket cannot
+# starve the others or the timer.
+BATCH = 64
+
+
+class Core(Protocol):
+    """What the runtime needs of the protocol core; `TurnServer` is the real one."""
+
+    stats: Counter[str]
+
+    def handle_client_datagram(self, data: bytes, flow: ClientFlow, now: float) -> None: ...
+    def handle_peer_datagram(
+        self, data: bytes, relay_port: int, peer: PeerAddr, now: float
+    ) -> None: ...
+    def get_timer(self) -> float | None: ...
+    def handle_timer(self, now: float) -> None: ...
+    def next_command(self) -> Command | None: ...
+    def close(self, now: float) -> None: ...
+    def allocations(self) -> list[AllocationInfo]: ...
+
+
+CoreFactory = Callable[[ServerConfig, RelayPorts, "random.Random | None"], Core]
+
+
+def turn_server(config: ServerConfig, ports: RelayPorts, rng: random.Random | None) -> Core:
+    from xdpturn.proto.server import TurnServer
+
+    return TurnServer(config, ports, rng)
+
+
+class StartError(Exception):
+    """The relay could not start (e.g. a --listen address cannot be bound)."""
+
+
+class RelayServer:
+    """Runs one TURN relay on the running event loop.
+
+    `await start()` binds the listeners (raising StartError or ConfigError), `await stop()` closes
+    every allocation, tells the fast path, and closes all sockets. `listen_addresses` are the
+    addresses actually bound (port 0 in the config becomes the port the kernel chose).
+    """
+
+    def __init__(
+        self,
+        config: ServeConfig,
+        *,
+        core_factory: CoreFactory = turn_server,
+        fastpath: FastPath | None = None,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.stats: Counter[str] = Counter()  # the runtime's own: send errors, drops
+        self._core_factory = core_factory
+        self._fastpath = fastpath
+        self._rng = rng
+        self._clock = clock
+        self._listeners: list[socket.socket] = []
+        self._core: Core | None = None
+        self._ports: RelayPortPool | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._state = "new"
+
+    # Life cycle
+
+    async def start(self) -> None:
+        if self._state != "new":
+            raise RuntimeError(f"RelayServer.start() called when {self._state}")
+        self.config.check()
+        self._loop = loop = asyncio.get_running_loop()
+        self._state = "starting"
+        try:
+            self._listeners = self._bind_listeners()
+            bind = {
+                family: self.config.relay_bind_address(family)
+                for family in Family
+                if self.config.relay_address(family) is not None
+            }
+            self._ports = RelayPortPool(
+                loop, self.config.ports, bind, self._on_peer_readable, self._rng
+            )
+            self._core = self._core_factory(self.config.server_config(), self._ports, self._rng)
+            if self._fastpath is None:
+                self._fastpath = self._open_fastpath()
+        except BaseException:
+            self._close_sockets()
+            self._state = "stopped"
+            raise
+        for index, sock in enumerate(self._listeners):
+            loop.add_reader(sock.fileno(), self._on_client_readable, sock, index)
+        self._state = "running"
+        server = self.config.server_config()
+        log.info(
+            "listening",
+            extra={
+                "listen": [str(a) for a in self.listen_addresses],
+                "public_ipv4": server.public_ipv4,
+                "public_ipv6": server.public_ipv6,
+                "relay_ports": str(self.config.ports),
+                "realm": self.config.realm,
+                "fastpath": self._fastpath.mode,
+                "event_loop": type(loop).__module__.split(".")[0],
+            },
+        )
+        self._arm_timer()
+
+    def _bind_listeners(self) -> list[socket.socket]:
+        socks: list[socket.socket] = []
+        skipped: list[str] = []
+        for addr in self.config.listen:
+            try:
+                socks.append(open_udp_socket(addr))
+            except OSError as e:
+                # A wildcard listener of a family the host lacks (IPv6 disabled, as in many
+                # containers) is skipped, so the default `--listen` works there.
+                no_family = e.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL)
+                if addr.ip.is_unspecified and no_family:
+                    skipped.append(str(addr))
+                    continue
+                for sock in socks:
+                    sock.close()
+                raise StartError(f"--listen: cannot bind {addr}: {e.strerror or e}") from e
+        if not socks:
+            raise StartError(f"--listen: cannot bind any of {', '.join(skipped)}")
+        for addr_text in skipped:
+            log.warning("address family not available, not listening", extra={"listen": addr_text})
+        return socks
+
+    def _open_fastpath(self) -> FastPath:
+        if self.config.fastpath is FastPathMode.OFF:
+            return NullFastPath()
+        turn_port = bound_address(self._listeners[0]).port
+        try:
+            return open_fastpath(self.config.fastpath_config(turn_port))
+        except Exception:
+            # open_fastpath reports its own failures by returning NullFastPath; this is a bug
+            # there, and Python still relays everything correctly.
+            log.exception("fast path failed to open; relaying in Python only")
+            return NullFastPath()
+
+    async def stop(self) -> None:
+        if self._state != "running":
+            self._state = "stopped"
+            return
+        self._state = "stopping"
+        assert self._core is not None
+        try:
+            self._core.close(self._clock())
+        except Exception:
+            log.exception("core failed to close")
+        self._drain()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._fastpath is not None:
+            try:
+                self._fastpath.close()
+            except Exception:
+                log.exception("fast path failed to close")
+        self._close_sockets()
+        self._state = "stopped"
+        log.info("stopped", extra={"stats": dict(self.stats)})
+
+    def _close_sockets(self) -> None:
+        for sock in self._listeners:
+            if self._loop is not None and sock.fileno() >= 0:
+                self._loop.remove_reader(sock.fileno())
+            sock.close()
+        if self._ports is not None:
+            self._ports.close()
+
+    async def __aenter__(self) -> RelayServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # What callers may look at
+
+    @property
+    def listen_addresses(self) -> list[TransportAddr]:
+        return [bound_address(s) for s in self._listeners if s.fileno() >= 0]
+
+    @property
+    def core(self) -> Core:
+        if self._core is None:
+            raise RuntimeError("RelayServer not started")
+        return self._core
+
+    @property
+    def fastpath(self) -> FastPath:
+        return self._fastpath if self._fastpath is not None else NullFastPath()
+
+    @property
+    def running(self) -> bool:
+        return self._state == "running"
+
+    def allocations(self) -> list[AllocationInfo]:
+        return self.core.allocations()
+
+    @property
+    def relay_port_count(self) -> int:
+        """Allocation ports currently bound (a leak shows here after allocations close)."""
+        return len(self._ports) if self._ports is not None else 0
+
+    # Inputs
+
+    def _on_client_readable(self, sock: socket.socket, listener: int) -> None:
+        core = self.core
+        for _ in range(BATCH):
+            try:
+                data, addr = sock.recvfrom(MAX_DATAGRAM)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:
+                self._count_error("client_receive_errors", e)
+                break
+            flow = ClientFlow(ClientAddr(from_sockaddr(addr[0], addr[1])), listener)
+            try:
+                core.handle_client_datagram(data, flow, self._clock())
+            except Exception:
+                self._core_failed("client datagram", client=str(flow.client))
+            self._drain()
+        self._arm_timer()
+
+    def _on_peer_readable(self, sock: socket.socket, relay_port: int, family: Family) -> None:
+        core = self.core
+        for _ in range(BATCH):
+            try:
+                data, addr = sock.recvfrom(MAX_DATAGRAM)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:
+                self._count_error("peer_receive_errors", e)
+                break
+            peer = PeerAddr(from_sockaddr(addr[0], addr[1]))
+            try:
+                core.handle_peer_datagram(data, relay_port, peer, self._clock())
+            except Exception:
+                self._core_failed("peer datagram", peer=str(peer), relay_port=relay_port)
+            self._drain()
+            if sock.fileno() < 0:  # the core released this port while handling the datagram
+                break
+        self._arm_timer()
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        try:
+            self.core.handle_timer(self._clock())
+        except Exception:
+            self._core_failed("timer")
+        self._drain()
+        self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        if self._state != "running":
+            return
+        deadline = self.core.get_timer()
+        if deadline == self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = deadline
+        self._timer = None
+        if deadline is not None and self._loop is not None:
+            self._timer = self._loop.call_later(max(0.0, deadline - self._clock()), self._on_timer)
+
+    def _core_failed(self, what: str, **fields: object) -> None:
+        # A bug in the core must not take every other allocation down with it.
+        self.stats["core_errors"] += 1
+        log.exception("core failed on %s", what, extra=fields)
+
+    # Outputs
+
+    def _drain(self) -> None:
+        core = self.core
+        while (command := core.next_command()) is not None:
+            self._execute(command)
+
+    def _execute(self, command: Command) -> None:
+        match command:
+            case SendToClient(flow, data):
+                if flow.transport is not Transport.UDP or flow.listener >= len(self._listeners):
+                    self.stats["client_send_unroutable"] += 1
+                    return
+                self._send(self._listeners[flow.listener], data, flow.client, "client")
+            case SendToPeer(relay_port, peer, data):
+                assert self._ports is not None
+                sock = self._ports.socket(relay_port, peer.family)
+                if sock is None:
+                    self.stats["peer_send_unroutable"] += 1
+                    return
+                self._send(sock, data, peer, "peer")
+            case InstallChannel(route) | RemoveChannel(route):
+                install = isinstance(command, InstallChannel)
+                try:
+                    (self.fastpath.install if install else self.fastpath.remove)(route)
+                except Exception:
+                    # The kernel only speeds things up; Python still relays this channel.
+                    self.stats["fastpath_errors"] += 1
+                    log.exception(
+                        "fast path %s failed",
+                        "install" if install else "remove",
+                        extra={"client": str(route.client), "channel": route.channel},
+                    )
+            case AllocationOpened(flow, relay_port, families, username, lifetime):
+                log.info(
+                    "allocation opened",
+                    extra={
+                        "allocation": allocation_id(flow),
+                        "client": str(flow.client),
+                        "relay_port": relay_port,
+                        "families": sorted(f.name.lower() for f in families),
+                        "username": username,
+                        "lifetime": lifetime,
+                    },
+                )
+            case AllocationClosed(flow, relay_port, reason):
+                log.info(
+                    "allocation closed",
+                    extra={
+                        "allocation": allocation_id(flow),
+                        "client": str(flow.client),
+                        "relay_port": relay_port,
+                        "reason": reason,
+                    },
+                )
+
+    def _send(self, sock: socket.socket, data: bytes, to: TransportAddr, side: str) -> None:
+        try:
+            sock.sendto(data, to_sockaddr(to))
+        except (BlockingIOError, InterruptedError):
+            # The socket's send queue is full: drop, as a router would.
+            self.stats[f"{side}_send_dropped"] += 1
+        except OSError as e:
+            self._count_error(f"{side}_send_errors", e, to=str(to))
+
+    def _count_error(self, counter: str, error: OSError, **fields: object) -> None:
+        self.stats[counter] += 1
+        log.debug(counter.replace("_", " "), extra={"error": str(error), **fields})
+
+
+def allocation_id(flow: ClientFlow) -> str:
+    """A log-friendly name for an allocation: its 5-tuple, as the client sees it."""
+    return f"{flow.transport.value}:{flow.client}#{flow.listener}"
+
+
+async def serve(config: ServeConfig, server: RelayServer | None = None) -> None:
+    """Run until SIGINT or SIGTERM, then stop gracefully."""
+    server = server if server is not None else RelayServer(config)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    received: list[str] = []
+
+    def on_signal(sig: signal.Signals) -> None:
+        received.append(sig.name)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        await server.start()
+        await stop.wait()
+        log.info("stopping", extra={"signal": received[0] if received else None})
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        await server.stop()
+
+
+def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's when it is installed (about twice the datagram rate), else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
+def run(config: ServeConfig) -> None:
+    """Blocking entry point for `xdpturn serve`; raises StartError/ConfigError if it cannot."""
+    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+        runner.run(serve(config))
+
+
+__all__ = [
+    "ConfigError",
+    "Core",
+    "CoreFactory",
+    "RelayServer",
+    "StartError",
+    "allocation_id",
+    "run",
+    "serve",
+    "turn_server",
+]

@@ -1,0 +1,149 @@
+"""UDP sockets for listeners and allocations, and the pool that hands out allocation ports."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import functools
+import ipaddress
+import logging
+import random
+import socket
+from collections.abc import Callable, Iterable, Mapping
+
+from xdpturn.config import PortRange
+from xdpturn.proto.addr import Family, IPAddress, TransportAddr
+
+log = logging.getLogger("xdpturn.server")
+
+# Asked of every socket. Relayed media comes in bursts and Python drains it between other work,
+# so the kernel queue must absorb a burst; the kernel caps SO_RCVBUF at net.core.rmem_max.
+RECEIVE_BUFFER = 4 * 1024 * 1024
+MAX_DATAGRAM = 65535
+
+SockAddr = tuple[str, int] | tuple[str, int, int, int]
+
+
+def open_udp_socket(addr: TransportAddr) -> socket.socket:
+    """A bound, non-blocking UDP socket. IPv6 sockets are IPv6-only, so that 0.0.0.0:P and
+    [::]:P can both be bound. Raises OSError when the address cannot be bound."""
+    family = socket.AF_INET if addr.family is Family.IPV4 else socket.AF_INET6
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        set_receive_buffer(sock, RECEIVE_BUFFER)
+        sock.setblocking(False)
+        sock.bind(to_sockaddr(addr))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def set_receive_buffer(sock: socket.socket, size: int) -> None:
+    # SO_RCVBUFFORCE passes rmem_max when we hold CAP_NET_ADMIN (a relay run as root); without
+    # it, SO_RCVBUF gets what the sysctl allows.
+    force = getattr(socket, "SO_RCVBUFFORCE", None)
+    if force is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, force, size)
+            return
+        except OSError:
+            pass
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+    except OSError as e:
+        log.debug("cannot set the receive buffer", extra={"error": str(e)})
+
+
+def to_sockaddr(addr: TransportAddr) -> SockAddr:
+    if addr.ip.version == 6:
+        return (str(addr.ip), addr.port, 0, 0)
+    return (str(addr.ip), addr.port)
+
+
+@functools.lru_cache(maxsize=65536)
+def from_sockaddr(host: str, port: int) -> TransportAddr:
+    """The sender of a datagram. Cached: the same few peers send most datagrams, and parsing
+    the address text is a noticeable share of the per-datagram cost in Python."""
+    return TransportAddr(ipaddress.ip_address(host), port)
+
+
+def bound_address(sock: socket.socket) -> TransportAddr:
+    host, port = sock.getsockname()[:2]
+    return TransportAddr(ipaddress.ip_address(host), port)
+
+
+Reader = Callable[[socket.socket, int, Family], None]
+
+
+class RelayPortPool:
+    """The runtime's `RelayPorts`: an allocation port is one UDP socket per family, all bound
+    to the same port number in `ports`. Ports that cannot be bound (taken by another program)
+    are skipped. The search starts at a random port (RFC 8656 section 7.2 recommends
+    unpredictable relay ports) and walks the range once."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        ports: PortRange,
+        bind: Mapping[Family, IPAddress],
+        reader: Reader,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._loop = loop
+        self._ports = ports
+        self._bind = bind
+        self._reader = reader
+        self._rng = rng if rng is not None else random.SystemRandom()
+        self._sockets: dict[int, dict[Family, socket.socket]] = {}
+
+    def acquire(self, families: frozenset[Family]) -> int | None:
+        if not families or not families <= self._bind.keys():
+            return None
+        span = len(self._ports)
+        start = self._rng.randrange(span)
+        for i in range(span):
+            port = self._ports.low + (start + i) % span
+            if port in self._sockets:
+                continue
+            socks = self._bind_all(port, families)
+            if socks is None:
+                continue
+            self._sockets[port] = socks
+            for family, sock in socks.items():
+                self._loop.add_reader(sock.fileno(), self._reader, sock, port, family)
+            return port
+        log.warning("no free relay port", extra={"ports": str(self._ports)})
+        return None
+
+    def _bind_all(
+        self, port: int, families: Iterable[Family]
+    ) -> dict[Family, socket.socket] | None:
+        socks: dict[Family, socket.socket] = {}
+        for family in sorted(families):
+            try:
+                socks[family] = open_udp_socket(TransportAddr(self._bind[family], port))
+            except OSError as e:
+                if e.errno not in (errno.EADDRINUSE, errno.EACCES):
+                    log.warning("cannot bind a relay port", extra={"port": port, "error": str(e)})
+                for sock in socks.values():
+                    sock.close()
+                return None
+        return socks
+
+    def release(self, port: int) -> None:
+        for sock in self._sockets.pop(port, {}).values():
+            self._loop.remove_reader(sock.fileno())
+            sock.close()
+
+    def socket(self, port: int, family: Family) -> socket.socket | None:
+        return self._sockets.get(port, {}).get(family)
+
+    def __len__(self) -> int:
+        return len(self._sockets)
+
+    def close(self) -> None:
+        for port in list(self._sockets):
+            self.release(port)

@@ -1,0 +1,81 @@
+"""Loopback helpers for runtime tests: UDP sockets awaited with bounded timeouts."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+import uvloop
+
+from xdpturn.config import PortRange, ServeConfig
+from xdpturn.proto.addr import TransportAddr
+
+T = TypeVar("T")
+TIMEOUT = 5.0
+# Outside the kernel's ephemeral range (32768-60999 here), so test sockets never take them.
+TEST_PORTS = PortRange(20000, 29999)
+
+LOOP_FACTORIES: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+    "asyncio": asyncio.new_event_loop,
+    "uvloop": uvloop.new_event_loop,
+}
+
+
+def run(coro: Coroutine[Any, Any, T], loop_factory: str = "asyncio") -> T:
+    with asyncio.Runner(loop_factory=LOOP_FACTORIES[loop_factory]) as runner:
+        return runner.run(coro)
+
+
+def loopback_config(**overrides: Any) -> ServeConfig:
+    values: dict[str, Any] = {
+        "listen": [TransportAddr.parse("127.0.0.1:0"), TransportAddr.parse("[::1]:0")],
+        "ports": TEST_PORTS,
+        "auth_secrets": ["s3cret"],
+        "realm": "test.example",
+        "allow_peers": [ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")],
+    }
+    values.update(overrides)
+    return ServeConfig(**values)
+
+
+def udp(host: str = "127.0.0.1") -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    sock.setblocking(False)
+    sock.bind((host, 0))
+    return sock
+
+
+def sockaddr(addr: TransportAddr) -> tuple[str, int]:
+    return (str(addr.ip), addr.port)
+
+
+def local(sock: socket.socket) -> TransportAddr:
+    host, port = sock.getsockname()[:2]
+    return TransportAddr(ipaddress.ip_address(host), port)
+
+
+async def recv(sock: socket.socket, timeout: float = TIMEOUT) -> tuple[bytes, TransportAddr]:
+    """The next datagram on `sock`, waiting at most `timeout` seconds."""
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(timeout):
+        while True:
+            try:
+                data, (host, port, *_) = sock.recvfrom(65535)
+                return data, TransportAddr(ipaddress.ip_address(host), port)
+            except BlockingIOError:
+                pass
+            ready: asyncio.Future[None] = loop.create_future()
+            loop.add_reader(sock.fileno(), _wake, ready)
+            try:
+                await ready
+            finally:
+                loop.remove_reader(sock.fileno())
+
+
+def _wake(ready: asyncio.Future[None]) -> None:
+    if not ready.done():
+        ready.set_result(None)
