@@ -5,26 +5,22 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import queue
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from tests.support import BOUNDED, Serve, binding
 from xdpturn.cli import main
 from xdpturn.config import SERVE_OPTIONS, PortRange, load_serve_config
 from xdpturn.fastpath import FastPathMode
-from xdpturn.proto import stun
 from xdpturn.proto.addr import TransportAddr
 from xdpturn.proto.auth import Authenticator
-from xdpturn.proto.stun import AttrType, Message, MessageClass, Method
 
-BOUNDED = 10.0  # seconds any subprocess step may take before the test fails
 GOOD = ["--listen", "127.0.0.1:0", "--auth-secret", "s3cret"]
 
 
@@ -165,50 +161,6 @@ def test_credentials_reject_a_bad_ttl(capsys: pytest.CaptureFixture[str]) -> Non
 def test_probe_needs_credentials(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run_cli(["probe", "127.0.0.1:3478", "--username", "u"], capsys)
     assert code == 2 and err.startswith("xdpturn probe: --username and --password")
-
-
-class Serve:
-    """`xdpturn serve` as a subprocess, its JSON log lines read by a thread into a queue."""
-
-    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "xdpturn", "serve", *args],
-            stderr=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            text=True,
-            env={**os.environ, **(env or {})},
-        )
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.put(line)
-        self.lines.put(None)
-
-    def wait_for(self, message: str) -> dict[str, object]:
-        deadline = time.monotonic() + BOUNDED
-        while (left := deadline - time.monotonic()) > 0:
-            line = self.lines.get(timeout=left)
-            if line is None:
-                raise AssertionError(f"serve exited ({self.proc.wait()}) before {message!r}")
-            record: dict[str, object] = json.loads(line)
-            if record["message"] == message:
-                return record
-        raise AssertionError(f"no {message!r} log line within {BOUNDED} s")
-
-
-def binding(server: TransportAddr) -> bool:
-    """A STUN Binding request answered by `server`."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.settimeout(BOUNDED)
-        request = Message(Method.BINDING, MessageClass.REQUEST, os.urandom(12))
-        sock.sendto(stun.encode(request), (str(server.ip), server.port))
-        reply = stun.decode(sock.recv(2048))
-        return (
-            reply.cls is MessageClass.SUCCESS and reply.get(AttrType.XOR_MAPPED_ADDRESS) is not None
-        )
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

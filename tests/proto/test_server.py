@@ -621,11 +621,20 @@ def test_channel_bind_installs_a_route_and_relays_both_ways(h: Harness) -> None:
     assert decode_channel_data(sent.data) == (0x4001, b"world")
 
 
-@pytest.mark.parametrize("number", [0x3FFF, 0x5000, 0xFFFF])
+@pytest.mark.parametrize("number", [0x3FFF, 0x8000, 0xFFFF])
 def test_channel_number_out_of_range_is_400(h: Harness, number: int) -> None:
     client = h.client()
     client.allocate()
     assert error_code(client.bind(number, PEER)) == 400
+
+
+def test_rfc5766_channel_numbers_are_accepted(h: Harness) -> None:
+    client = h.client()
+    client.allocate()
+    assert client.bind(0x7FFF, PEER).cls == MessageClass.SUCCESS
+    h.take()
+    h.server.handle_client_datagram(encode_channel_data(0x7FFF, b"legacy"), client.flow, h.now)
+    assert h.take() == [SendToPeer(client.relay_port, PEER, b"legacy")]
 
 
 def test_channel_rebinding_rules(h: Harness) -> None:

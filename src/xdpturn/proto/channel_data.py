@@ -11,7 +11,11 @@ import struct
 from typing import NamedTuple
 
 CHANNEL_MIN = 0x4000
-CHANNEL_MAX = 0x4FFF  # RFC 8656 narrowed the range from 0x7FFF
+CHANNEL_MAX = 0x4FFF  # what RFC 8656 lets a client pick; our client stays in it
+# What the relay accepts: RFC 5766's range. RFC 8656 narrowed it to 0x4FFF, but clients of that
+# era (coturn's turnutils_uclient among them) still pick 0x5000-0x7FFF, and the first two bits
+# (0b01) still tell ChannelData from STUN, so accepting them costs nothing.
+ACCEPTED_CHANNEL_MAX = 0x7FFF
 HEADER_LENGTH = 4
 
 _STUN_HEADER_LENGTH = 20  # kept local: this module must not depend on the STUN codec
@@ -34,12 +38,12 @@ def is_channel_data(data: bytes) -> bool:
 def decode_channel_data(data: bytes) -> ChannelData:
     """The length field, not the datagram size, decides the payload: trailing bytes (padding)
     are ignored; a length longer than what is there is an error, as is a channel number outside
-    0x4000-0x4FFF."""
+    0x4000-0x7FFF."""
     if len(data) < HEADER_LENGTH:
         raise ChannelDataError(f"shorter than a ChannelData header ({len(data)} bytes)")
     channel, length = struct.unpack_from("!HH", data)
-    if not CHANNEL_MIN <= channel <= CHANNEL_MAX:
-        raise ChannelDataError(f"channel number 0x{channel:04x} outside 0x4000-0x4FFF")
+    if not CHANNEL_MIN <= channel <= ACCEPTED_CHANNEL_MAX:
+        raise ChannelDataError(f"channel number 0x{channel:04x} outside 0x4000-0x7FFF")
     if HEADER_LENGTH + length > len(data):
         raise ChannelDataError(
             f"length {length} exceeds the {len(data) - HEADER_LENGTH} bytes after the header"
@@ -49,8 +53,8 @@ def decode_channel_data(data: bytes) -> ChannelData:
 
 def encode_channel_data(channel: int, payload: bytes, *, pad: bool = False) -> bytes:
     """With `pad`, round up to a multiple of 4 bytes (required over TCP/TLS)."""
-    if not CHANNEL_MIN <= channel <= CHANNEL_MAX:
-        raise ValueError(f"channel number 0x{channel:04x} outside 0x4000-0x4FFF")
+    if not CHANNEL_MIN <= channel <= ACCEPTED_CHANNEL_MAX:
+        raise ValueError(f"channel number 0x{channel:04x} outside 0x4000-0x7FFF")
     if len(payload) > 0xFFFF:
         raise ValueError(f"payload too long for ChannelData ({len(payload)} bytes)")
     padding = (-len(payload)) % 4 if pad else 0

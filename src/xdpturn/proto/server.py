@@ -34,7 +34,7 @@ from xdpturn.proto.addr import (
 )
 from xdpturn.proto.auth import Authenticator
 from xdpturn.proto.channel_data import (
-    CHANNEL_MAX,
+    ACCEPTED_CHANNEL_MAX,
     CHANNEL_MIN,
     ChannelDataError,
     decode_channel_data,
@@ -190,6 +190,8 @@ class TurnServer:
         self._seq = itertools.count()
         self._commands: list[Command] = []
         self._next_command = 0
+        self._draining = False
+        self._alternate: TransportAddr | None = None
 
     # Inputs
 
@@ -238,6 +240,17 @@ class TurnServer:
     def close(self, now: float) -> None:
         for alloc in list(self._by_port.values()):
             self._delete_allocation(alloc, "shutdown")
+
+    def drain(self, alternate: TransportAddr | None = None) -> None:
+        """Accept no new allocations: a new Allocate is answered 300 Try Alternate with
+        ALTERNATE-SERVER `alternate`, or 508 without one. Existing allocations keep working
+        (refresh, permissions, channels, relaying) until they expire or are deleted."""
+        self._draining = True
+        self._alternate = alternate
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
 
     def allocations(self) -> list[AllocationInfo]:
         return [
@@ -464,6 +477,10 @@ class TurnServer:
                 return existing.allocate_response
             else:
                 raise TurnError(437)
+        if self._draining:
+            # After authentication, so the redirect carries MESSAGE-INTEGRITY and cannot be
+            # forged; after the retransmission check, so a lost response is still resent.
+            raise self._redirect()
         transport = message.get(AttrType.REQUESTED_TRANSPORT)
         if transport is None:
             raise TurnError(400, "Missing REQUESTED-TRANSPORT")
@@ -511,6 +528,13 @@ class TurnServer:
         self._schedule(alloc, alloc.expires)
         self._push(AllocationOpened(flow, port, families, request.username, lifetime))
         return alloc.allocate_response
+
+    def _redirect(self) -> TurnError:
+        if self._alternate is None:
+            return TurnError(508, "Draining")
+        error = TurnError(300)
+        error.attributes.append((AttrType.ALTERNATE_SERVER, stun.encode_address(self._alternate)))
+        return error
 
     def _requested_families(
         self, message: Message
@@ -595,7 +619,7 @@ class TurnServer:
         if number_value is None or peer_value is None:
             raise TurnError(400, "Missing CHANNEL-NUMBER or XOR-PEER-ADDRESS")
         number = _decode(stun.decode_channel_number, number_value)
-        if not CHANNEL_MIN <= number <= CHANNEL_MAX:
+        if not CHANNEL_MIN <= number <= ACCEPTED_CHANNEL_MAX:
             raise TurnError(400, "Channel number out of range")
         peer = self._checked_peer(alloc, peer_value, message.transaction_id)
         if self._public.get(peer.family) == peer.ip and peer.port not in self._by_port:

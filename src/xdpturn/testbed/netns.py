@@ -5,8 +5,13 @@ from __future__ import annotations
 import ctypes
 import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import ParamSpec, TypeVar
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+_NETNS_DIR = "/run/netns"
 
 _CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -30,7 +35,40 @@ def delete(name: str) -> None:
 
 
 def exists(name: str) -> bool:
-    return os.path.exists(f"/run/netns/{name}")
+    return os.path.exists(f"{_NETNS_DIR}/{name}")
+
+
+def names() -> list[str]:
+    """Names of all named namespaces (`ip netns list`, without spawning `ip`)."""
+    try:
+        return sorted(os.listdir(_NETNS_DIR))
+    except FileNotFoundError:
+        return []
+
+
+def pids(name: str) -> list[int]:
+    """Processes whose network namespace is `name` (`ip netns pids`)."""
+    out = subprocess.run(
+        ["ip", "netns", "pids", name], capture_output=True, text=True, check=False
+    ).stdout
+    return [int(word) for word in out.split()]
+
+
+def sysctl(name: str, settings: dict[str, str]) -> None:
+    """Write sysctls (dotted keys) inside namespace `name`.
+
+    /proc/sys/net resolves against the writing thread's namespace, so no `ip netns exec` is needed.
+    """
+    with entered(name):
+        for key, value in settings.items():
+            with open("/proc/sys/" + key.replace(".", "/"), "w") as f:
+                f.write(value)
+
+
+def call(name: str, fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
+    """Run `fn(*args, **kwargs)` in this thread, moved into namespace `name` for the call."""
+    with entered(name):
+        return fn(*args, **kwargs)
 
 
 @contextmanager
@@ -40,7 +78,7 @@ def entered(name: str) -> Iterator[None]:
     Sockets opened inside stay in that namespace after the block ends.
     """
     home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(f"/run/netns/{name}", os.O_RDONLY)
+    target = os.open(f"{_NETNS_DIR}/{name}", os.O_RDONLY)
     try:
         _setns(target)
         try:
