@@ -11,6 +11,7 @@ uses; the XDP implementation lives in `xdp.py`.
 from __future__ import annotations
 
 import ipaddress
+import logging
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol
@@ -51,7 +52,7 @@ class FastPathCounters:
 class FastPath(Protocol):
     @property
     def mode(self) -> str:
-        """"native", "generic" or "off"."""
+        """One of "native", "generic" or "off"."""
 
     def install(self, route: ChannelRoute) -> None:
         """Add both directions of a channel. Failure is logged, never raised."""
@@ -86,4 +87,14 @@ class NullFastPath:
 
 def open_fastpath(config: FastPathConfig) -> FastPath:
     """Load and attach the XDP program per `config`; on failure log why and return NullFastPath."""
-    raise NotImplementedError
+    log = logging.getLogger("xdpturn.fastpath")
+    if config.mode is FastPathMode.OFF:
+        log.info("fast path off (configured)")
+        return NullFastPath()
+    from xdpturn.fastpath.xdp import XdpFastPath  # loads libbpf only when wanted
+
+    try:
+        return XdpFastPath(config)
+    except (OSError, ValueError) as e:
+        log.warning("fast path unavailable, Python relays everything: %s", e)
+        return NullFastPath()

@@ -1,0 +1,50 @@
+/* Packets to itself: ChannelData from a client over IPv4 whose peer is the relay's own
+ * address goes straight to the other allocation's client as ChannelData over IPv4
+ * (channel renumbered, payload and padding kept), never onto the wire to ourselves.
+ */
+#ifndef XDPTURN_FROM_IPV4_CHANNEL_TO_IPV4_CHANNEL_H
+#define XDPTURN_FROM_IPV4_CHANNEL_TO_IPV4_CHANNEL_H
+
+#include "../emit.h"
+
+static __always_inline int from_ipv4_channel_to_ipv4_channel(struct xdp_md *ctx, const struct packet *in,
+                                                           const struct xdpturn_udp_value *route,
+                                                           const struct xdpturn_config *cfg)
+{
+	struct egress eg = {};
+	struct ethhdr *eth;
+	struct iphdr *ip;
+	struct udphdr *udp;
+	struct channel_hdr *chd;
+	void *data, *data_end;
+	__u16 check = 0;
+	int reason;
+
+	egress_to_client(&eg, route, cfg, in->udp_len);
+	reason = egress_prepare(ctx, in, &eg);
+	if (reason >= 0)
+		return exit_pass(reason);
+	/* A zero IPv4 checksum stays zero (egress_prepare passed the IPv6 case). */
+	if (in->udp_check)
+		check = csum_udp_replace(in->udp_check, csum_in_fields(in) + in->channel,
+					 csum_out_fields(&eg) + route->channel);
+
+	/* Eth+IPv4+UDP+ChannelData (46) -> Eth+IPv4+UDP+ChannelData (46): same size, so no
+	 * bpf_xdp_adjust_head; the headers are rewritten in place. */
+	data = (void *)(long)ctx->data;
+	data_end = (void *)(long)ctx->data_end;
+	eth = data;
+	ip = (void *)(eth + 1);
+	udp = (void *)(ip + 1);
+	chd = (void *)(udp + 1);
+	if ((void *)(chd + 1) > data_end)
+		return exit_pass(XDPTURN_PASS_INTERNAL_DROP);
+
+	write_eth(eth, &eg);
+	write_ipv4(ip, in, &eg);
+	write_udp(udp, &eg, check);
+	chd->channel = route->channel; /* the length and payload stay where they are */
+	return egress_send(ctx, &eg, XDPTURN_ROUTE_IPV4_CHANNEL_TO_IPV4_CHANNEL);
+}
+
+#endif /* XDPTURN_FROM_IPV4_CHANNEL_TO_IPV4_CHANNEL_H */

@@ -1,0 +1,51 @@
+/* Packets to itself: ChannelData from a client over IPv4 whose peer is the relay's own
+ * address goes straight to the other allocation's client as ChannelData over IPv6
+ * (channel renumbered, payload and padding kept), never onto the wire to ourselves.
+ */
+#ifndef XDPTURN_FROM_IPV4_CHANNEL_TO_IPV6_CHANNEL_H
+#define XDPTURN_FROM_IPV4_CHANNEL_TO_IPV6_CHANNEL_H
+
+#include "../emit.h"
+
+static __always_inline int from_ipv4_channel_to_ipv6_channel(struct xdp_md *ctx, const struct packet *in,
+                                                           const struct xdpturn_udp_value *route,
+                                                           const struct xdpturn_config *cfg)
+{
+	struct egress eg = {};
+	struct ethhdr *eth;
+	struct ipv6hdr *ip6;
+	struct udphdr *udp;
+	struct channel_hdr *chd;
+	void *data, *data_end;
+	__u16 check = 0;
+	int reason;
+
+	egress_to_client(&eg, route, cfg, in->udp_len);
+	reason = egress_prepare(ctx, in, &eg);
+	if (reason >= 0)
+		return exit_pass(reason);
+	/* A zero IPv4 checksum stays zero (egress_prepare passed the IPv6 case). */
+	if (in->udp_check)
+		check = csum_udp_replace(in->udp_check, csum_in_fields(in) + in->channel,
+					 csum_out_fields(&eg) + route->channel);
+
+	/* Eth+IPv4+UDP+ChannelData (46) -> Eth+IPv6+UDP+ChannelData (66): grow the front by 20. */
+	if (bpf_xdp_adjust_head(ctx, -20))
+		return exit_pass(XDPTURN_PASS_ADJUST_FAILED);
+	data = (void *)(long)ctx->data;
+	data_end = (void *)(long)ctx->data_end;
+	eth = data;
+	ip6 = (void *)(eth + 1);
+	udp = (void *)(ip6 + 1);
+	chd = (void *)(udp + 1);
+	if ((void *)(chd + 1) > data_end)
+		return exit_pass(XDPTURN_PASS_INTERNAL_DROP);
+
+	write_eth(eth, &eg);
+	write_ipv6(ip6, in, &eg);
+	write_udp(udp, &eg, check);
+	chd->channel = route->channel; /* the length and payload stay where they are */
+	return egress_send(ctx, &eg, XDPTURN_ROUTE_IPV4_CHANNEL_TO_IPV6_CHANNEL);
+}
+
+#endif /* XDPTURN_FROM_IPV4_CHANNEL_TO_IPV6_CHANNEL_H */

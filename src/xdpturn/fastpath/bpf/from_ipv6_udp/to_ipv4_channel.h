@@ -1,0 +1,52 @@
+/* UDP from a peer over IPv6 to an allocation port -> ChannelData to the client over
+ * IPv4, sent from the TURN port. A 4-byte ChannelData header is added (no padding: over
+ * UDP it is optional, RFC 8656 section 12.5).
+ */
+#ifndef XDPTURN_FROM_IPV6_UDP_TO_IPV4_CHANNEL_H
+#define XDPTURN_FROM_IPV6_UDP_TO_IPV4_CHANNEL_H
+
+#include "../emit.h"
+
+static __always_inline int from_ipv6_udp_to_ipv4_channel(struct xdp_md *ctx, const struct packet *in,
+                                                       const struct xdpturn_udp_value *route,
+                                                       const struct xdpturn_config *cfg)
+{
+	struct egress eg = {};
+	struct ethhdr *eth;
+	struct iphdr *ip;
+	struct udphdr *udp;
+	struct channel_hdr *chd;
+	void *data, *data_end;
+	__u16 check = 0;
+	int reason;
+
+	egress_to_client(&eg, route, cfg, in->udp_len + XDPTURN_CHANNEL_HLEN);
+	reason = egress_prepare(ctx, in, &eg);
+	if (reason >= 0)
+		return exit_pass(reason);
+	/* A zero IPv4 checksum stays zero (egress_prepare passed the IPv6 case). */
+	if (in->udp_check)
+		check = csum_udp_replace(in->udp_check, csum_in_fields(in),
+					 csum_out_fields(&eg) + route->channel + bpf_htons(in->udp_len - XDPTURN_UDP_HLEN));
+
+	/* Eth+IPv6+UDP (62) -> Eth+IPv4+UDP+ChannelData (46): shrink the front by 16. */
+	if (bpf_xdp_adjust_head(ctx, 16))
+		return exit_pass(XDPTURN_PASS_ADJUST_FAILED);
+	data = (void *)(long)ctx->data;
+	data_end = (void *)(long)ctx->data_end;
+	eth = data;
+	ip = (void *)(eth + 1);
+	udp = (void *)(ip + 1);
+	chd = (void *)(udp + 1);
+	if ((void *)(chd + 1) > data_end)
+		return exit_pass(XDPTURN_PASS_INTERNAL_DROP);
+
+	write_eth(eth, &eg);
+	write_ipv4(ip, in, &eg);
+	write_udp(udp, &eg, check);
+	chd->channel = route->channel;
+	chd->len = bpf_htons(in->udp_len - XDPTURN_UDP_HLEN);
+	return egress_send(ctx, &eg, XDPTURN_ROUTE_IPV6_UDP_TO_IPV4_CHANNEL);
+}
+
+#endif /* XDPTURN_FROM_IPV6_UDP_TO_IPV4_CHANNEL_H */

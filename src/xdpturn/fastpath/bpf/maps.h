@@ -1,0 +1,91 @@
+/* Maps, and the single exit through which every verdict is counted (BPF only). */
+#ifndef XDPTURN_MAPS_H
+#define XDPTURN_MAPS_H
+
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+
+#include "shared.h"
+
+#define XDPTURN_MAX_ROUTES 65536
+
+/* Client (address, port, channel) -> peer and allocation port. Written by the server per channel
+ * binding (both directions at once), read for every ChannelData packet on the TURN port. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, XDPTURN_MAX_ROUTES);
+	__type(key, struct xdpturn_chan_key);
+	__type(value, struct xdpturn_chan_value);
+} chan_to_udp SEC(".maps");
+
+/* Peer (address, port) and allocation port -> client and channel. Also the hairpin lookup: a peer
+ * that is the relay itself is found as (relay address, sending allocation's port). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, XDPTURN_MAX_ROUTES);
+	__type(key, struct xdpturn_udp_key);
+	__type(value, struct xdpturn_udp_value);
+} udp_to_chan SEC(".maps");
+
+/* Allocation port -> number of routes using it. A UDP packet to a port at 0 is not ours to look at
+ * (not_turn), which keeps unrelated traffic from being counted as an unknown peer. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 65536);
+	__type(key, __u32);
+	__type(value, __u32);
+} relay_ports SEC(".maps");
+
+/* One entry: struct xdpturn_config. Written once by the loader before attaching. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct xdpturn_config);
+} config SEC(".maps");
+
+/* Per route (enum xdpturn_route): packets and bytes relayed. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, XDPTURN_ROUTE_COUNT);
+	__type(key, __u32);
+	__type(value, struct xdpturn_route_stats);
+} route_stats SEC(".maps");
+
+/* Per pass reason (enum xdpturn_reason): packets handed to the stack. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, XDPTURN_PASS_COUNT);
+	__type(key, __u32);
+	__type(value, __u64);
+} pass_stats SEC(".maps");
+
+/* Referenced so that both enums are in the object's BTF: the loader reads counter names there. */
+const volatile enum xdpturn_route xdpturn_route_names __attribute__((used));
+const volatile enum xdpturn_reason xdpturn_reason_names __attribute__((used));
+
+/* The exits. Every return of the program goes through one of these two. */
+static __always_inline int exit_pass(enum xdpturn_reason reason)
+{
+	__u32 key = reason;
+	__u64 *n = bpf_map_lookup_elem(&pass_stats, &key);
+
+	if (n)
+		*n += 1;
+	/* The only non-pass verdict here: a buffer already rewritten must not reach the stack. */
+	return reason == XDPTURN_PASS_INTERNAL_DROP ? XDP_DROP : XDP_PASS;
+}
+
+static __always_inline int exit_forward(enum xdpturn_route route, __u32 bytes, int action)
+{
+	__u32 key = route;
+	struct xdpturn_route_stats *s = bpf_map_lookup_elem(&route_stats, &key);
+
+	if (s) {
+		s->packets += 1;
+		s->bytes += bytes;
+	}
+	return action;
+}
+
+#endif /* XDPTURN_MAPS_H */

@@ -1,0 +1,116 @@
+/* Types shared by the XDP program and the Python loader (xdpturn/fastpath/maps.py).
+ *
+ * The only definition of map keys/values and of the route and pass-reason enums. Every address and
+ * port is in network byte order so packet bytes become keys as they are; IPv4 addresses in 16-byte
+ * fields are IPv4-mapped (::ffff:a.b.c.d). maps.py mirrors these structs with ctypes and a test
+ * compares both against this object's BTF, so keep all fields fixed-width with explicit padding.
+ */
+#ifndef XDPTURN_SHARED_H
+#define XDPTURN_SHARED_H
+
+#include <linux/types.h>
+
+#define XDPTURN_FAMILY_IPV4 4
+#define XDPTURN_FAMILY_IPV6 6
+
+/* What the program did with a packet it relayed: from_<family>_<kind>_to_<family>_<kind>.
+ * The loader names counters by lower-casing the part after XDPTURN_ROUTE_. */
+enum xdpturn_route {
+	XDPTURN_ROUTE_IPV4_CHANNEL_TO_IPV4_UDP = 0,
+	XDPTURN_ROUTE_IPV4_CHANNEL_TO_IPV6_UDP,
+	XDPTURN_ROUTE_IPV4_CHANNEL_TO_IPV4_CHANNEL,
+	XDPTURN_ROUTE_IPV4_CHANNEL_TO_IPV6_CHANNEL,
+	XDPTURN_ROUTE_IPV6_CHANNEL_TO_IPV4_UDP,
+	XDPTURN_ROUTE_IPV6_CHANNEL_TO_IPV6_UDP,
+	XDPTURN_ROUTE_IPV6_CHANNEL_TO_IPV4_CHANNEL,
+	XDPTURN_ROUTE_IPV6_CHANNEL_TO_IPV6_CHANNEL,
+	XDPTURN_ROUTE_IPV4_UDP_TO_IPV4_CHANNEL,
+	XDPTURN_ROUTE_IPV4_UDP_TO_IPV6_CHANNEL,
+	XDPTURN_ROUTE_IPV6_UDP_TO_IPV4_CHANNEL,
+	XDPTURN_ROUTE_IPV6_UDP_TO_IPV6_CHANNEL,
+	XDPTURN_ROUTE_COUNT,
+};
+
+/* Why a packet went to the kernel stack (XDP_PASS) and so to Python, which holds the truth. */
+enum xdpturn_reason {
+	XDPTURN_PASS_NOT_IP = 0,          /* not IPv4/IPv6 (ARP, VLAN-tagged, ...) */
+	XDPTURN_PASS_NOT_UDP,             /* IP, but not UDP */
+	XDPTURN_PASS_IPV4_OPTIONS,        /* IHL > 5 */
+	XDPTURN_PASS_IPV6_EXTENSION,      /* an extension header before UDP */
+	XDPTURN_PASS_FRAGMENT,            /* IPv4 MF/offset or IPv6 fragment header */
+	XDPTURN_PASS_TRUNCATED,           /* a header or the IP length runs past the frame */
+	XDPTURN_PASS_BAD_LENGTH,          /* IP and UDP lengths disagree, or too short for UDP */
+	XDPTURN_PASS_BAD_IPV4_CHECKSUM,   /* IPv4 header checksum wrong: never re-sign a corrupt header */
+	XDPTURN_PASS_NOT_TURN,            /* not to our address, or to a port without routes */
+	XDPTURN_PASS_STUN,                /* STUN (first two bits 00) on the TURN port */
+	XDPTURN_PASS_BAD_CHANNEL_NUMBER,  /* not STUN, channel outside 0x4000-0x7fff */
+	XDPTURN_PASS_BAD_CHANNEL_LENGTH,  /* ChannelData length beyond the datagram, or >3 bytes pad */
+	XDPTURN_PASS_NO_CHANNEL,          /* no route for (client, channel) */
+	XDPTURN_PASS_NO_PEER,             /* allocation port known, no route for the peer */
+	XDPTURN_PASS_HAIRPIN_NO_ROUTE,    /* peer is the relay itself, other allocation has no route */
+	XDPTURN_PASS_ZERO_CHECKSUM,       /* UDP checksum 0 where the output needs one (IPv6) */
+	XDPTURN_PASS_TTL_EXPIRED,         /* TTL/hop limit <= 1 */
+	XDPTURN_PASS_TOO_BIG,             /* the output exceeds the egress MTU */
+	XDPTURN_PASS_NO_NEIGHBOUR,        /* next hop has no resolved neighbour entry */
+	XDPTURN_PASS_FORWARDING_DISABLED, /* bpf_fib_lookup needs forwarding on the ingress device */
+	XDPTURN_PASS_FIB_FAILED,          /* no route, blackhole, unreachable, ... */
+	XDPTURN_PASS_ADJUST_FAILED,       /* bpf_xdp_adjust_head refused (no headroom); untouched */
+	XDPTURN_PASS_NO_CONFIG,           /* the config entry was never written */
+	/* Not a pass: the buffer was already rewritten and cannot go to the stack (XDP_DROP). The
+	 * bounds re-check after bpf_xdp_adjust_head that leads here cannot fail in practice. */
+	XDPTURN_PASS_INTERNAL_DROP,
+	XDPTURN_PASS_COUNT,
+};
+
+/* chan_to_udp: ChannelData from a client on a channel -> the peer and allocation port. */
+struct xdpturn_chan_key {
+	__u8 client_addr[16];
+	__be16 client_port;
+	__be16 channel;
+	__u8 family; /* of client_addr */
+	__u8 pad[3];
+};
+
+struct xdpturn_chan_value {
+	__u8 peer_addr[16];
+	__be16 peer_port;
+	__be16 relay_port; /* the allocation's port: source port of what goes to the peer */
+	__u8 peer_family;
+	__u8 pad[3];
+};
+
+/* udp_to_chan: UDP from a peer to an allocation port -> the client and channel. */
+struct xdpturn_udp_key {
+	__u8 peer_addr[16];
+	__be16 peer_port;
+	__be16 relay_port;
+	__u8 family; /* of peer_addr */
+	__u8 pad[3];
+};
+
+struct xdpturn_udp_value {
+	__u8 client_addr[16];
+	__be16 client_port;
+	__be16 channel;
+	__u8 client_family;
+	__u8 pad[3];
+};
+
+/* config[0]. public_*: what clients are told (a peer equal to one is the relay itself); local_*:
+ * interface addresses used as source (they differ from the public ones behind 1:1 NAT). An
+ * all-zero address is unset. turn_port 0: not configured, everything passes. */
+struct xdpturn_config {
+	__u8 public_ipv4[4];
+	__u8 local_ipv4[4];
+	__u8 public_ipv6[16];
+	__u8 local_ipv6[16];
+	__be16 turn_port;
+	__u8 pad[2];
+};
+
+struct xdpturn_route_stats {
+	__u64 packets;
+	__u64 bytes; /* frame bytes as sent */
+};
+
+#endif /* XDPTURN_SHARED_H */

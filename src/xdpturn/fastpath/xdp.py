@@ -1,0 +1,245 @@
+"""The XDP-backed fast path: loads bpf/xdpturn.bpf.o, attaches it, and keeps its maps.
+
+Only the server calls this (through `open_fastpath`). Map updates that fail are logged, never
+raised: Python relays whatever the kernel does not.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import socket
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from xdpturn.fastpath import FastPathConfig, FastPathCounters, FastPathMode, maps
+from xdpturn.fastpath import libbpf as bpf
+from xdpturn.proto.addr import ClientAddr, IPAddress
+from xdpturn.proto.commands import ChannelRoute
+
+log = logging.getLogger("xdpturn.fastpath")
+
+OBJECT_PATH = Path(__file__).parent / "bpf" / "xdpturn.bpf.o"
+PROGRAM_NAME = "xdpturn"
+
+
+@dataclass
+class _Attachment:
+    ifname: str
+    ifindex: int
+    flags: int  # the mode flag it was attached with
+    prog_id: int
+
+
+def interface_address(ifname: str, version: int) -> IPAddress | None:
+    """The first global address of `ifname` in IP `version` (4 or 6), or None."""
+    res = subprocess.run(
+        ["ip", "-j", f"-{version}", "addr", "show", "dev", ifname, "scope", "global"],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+    if res.returncode != 0:
+        return None  # no such interface: attaching reports it
+    out = res.stdout
+    for link in json.loads(out or "[]"):
+        for info in link.get("addr_info", []):
+            if "local" in info:
+                return ipaddress.ip_address(info["local"])
+    return None
+
+
+def _forwarding_enabled(ifname: str) -> bool:
+    # bpf_fib_lookup refuses to route for an ingress device without forwarding (FWD_DISABLED).
+    try:
+        v4 = Path(f"/proc/sys/net/ipv4/conf/{ifname}/forwarding").read_text().strip()
+        v6 = Path(f"/proc/sys/net/ipv6/conf/{ifname}/forwarding").read_text().strip()
+    except OSError:
+        return True
+    return v4 == "1" and v6 == "1"
+
+
+class XdpFastPath:
+    """Implements the FastPath protocol with the XDP program. Raises on load/attach failure."""
+
+    def __init__(self, config: FastPathConfig, object_path: Path = OBJECT_PATH) -> None:
+        if config.mode is FastPathMode.OFF:
+            raise ValueError("XdpFastPath with mode off")
+        self._config = config
+        self._attachments: list[_Attachment] = []
+        self._routes: dict[tuple[ClientAddr, int], ChannelRoute] = {}
+        self._port_users: dict[int, int] = {}
+        self._obj = bpf.BpfObject(object_path)
+        try:
+            btf = bpf.read_btf(object_path)
+            maps.check_layout(object_path, btf)
+            self._route_names = maps.route_names(btf)
+            self._reason_names = maps.reason_names(btf)
+            self.prog_fd = self._obj.program_fd(PROGRAM_NAME)
+            self.chan_to_udp = self._obj.map("chan_to_udp")
+            self.udp_to_chan = self._obj.map("udp_to_chan")
+            self.relay_ports = self._obj.map("relay_ports")
+            self.config_map = self._obj.map("config")
+            self.route_stats = self._obj.map("route_stats")
+            self.pass_stats = self._obj.map("pass_stats")
+            self._write_config()
+            for ifname in config.interfaces:
+                self._attach(ifname)
+        except BaseException:
+            self.close()
+            raise
+
+    def _write_config(self) -> None:
+        c = self._config
+        first = c.interfaces[0] if c.interfaces else None
+        local4 = c.local_ipv4
+        local6 = c.local_ipv6
+        if first is not None:
+            if local4 is None:
+                found4 = interface_address(first, 4)
+                local4 = found4 if isinstance(found4, ipaddress.IPv4Address) else None
+            if local6 is None:
+                found6 = interface_address(first, 6)
+                local6 = found6 if isinstance(found6, ipaddress.IPv6Address) else None
+        # Without NAT the public address is the local one.
+        public4 = c.public_ipv4 or local4
+        public6 = c.public_ipv6 or local6
+        cfg = maps.make_config(c.turn_port, public4, local4, public6, local6)
+        self.config_map.update(b"\x00" * 4, bytes(cfg))
+        log.info(
+            "fast path config: turn port %d, IPv4 public %s local %s, IPv6 public %s local %s",
+            c.turn_port,
+            public4,
+            local4,
+            public6,
+            local6,
+        )
+
+    def _attach(self, ifname: str) -> None:
+        ifindex = socket.if_nametoindex(ifname)
+        mode = self._config.mode
+        tries: list[int] = []
+        if mode in (FastPathMode.AUTO, FastPathMode.XDP):
+            tries.append(bpf.XDP_FLAGS_DRV_MODE)
+        if mode in (FastPathMode.AUTO, FastPathMode.GENERIC):
+            tries.append(bpf.XDP_FLAGS_SKB_MODE)
+        last: OSError | None = None
+        for flags in tries:
+            try:
+                # UPDATE_IF_NOEXIST: never replace someone else's program.
+                bpf.xdp_attach(ifindex, self.prog_fd, flags | bpf.XDP_FLAGS_UPDATE_IF_NOEXIST)
+            except OSError as e:
+                if flags == bpf.XDP_FLAGS_DRV_MODE and len(tries) > 1:
+                    log.info("native XDP on %s failed (%s), trying generic", ifname, e)
+                last = e
+                continue
+            prog_id = bpf.xdp_query(ifindex).prog_id
+            self._attachments.append(_Attachment(ifname, ifindex, flags, prog_id))
+            kind = "native" if flags == bpf.XDP_FLAGS_DRV_MODE else "generic"
+            log.info("XDP program attached to %s (%s mode)", ifname, kind)
+            if not _forwarding_enabled(ifname):
+                log.warning(
+                    "forwarding is off on %s: the fast path passes every packet "
+                    "(reason forwarding_disabled); enable net.ipv4/ipv6.conf.%s.forwarding",
+                    ifname,
+                    ifname,
+                )
+            return
+        assert last is not None
+        raise last
+
+    @property
+    def mode(self) -> str:
+        if not self._attachments:
+            return "off"
+        native = all(a.flags == bpf.XDP_FLAGS_DRV_MODE for a in self._attachments)
+        return "native" if native else "generic"
+
+    @property
+    def interfaces(self) -> dict[str, str]:
+        """Attached interfaces and their mode ("native"/"generic")."""
+        return {
+            a.ifname: "native" if a.flags == bpf.XDP_FLAGS_DRV_MODE else "generic"
+            for a in self._attachments
+        }
+
+    def install(self, route: ChannelRoute) -> None:
+        ident = (route.client, route.channel)
+        old = self._routes.get(ident)
+        if old == route:
+            return
+        if old is not None:
+            self.remove(old)
+        ck, cv = maps.chan_entry(route.client, route.channel, route.relay_port, route.peer)
+        uk, uv = maps.udp_entry(route.client, route.channel, route.relay_port, route.peer)
+        try:
+            # The reverse direction first: a ChannelData packet never finds half a route.
+            self.udp_to_chan.update(bytes(uk), bytes(uv))
+            self.chan_to_udp.update(bytes(ck), bytes(cv))
+            self._port_use(route.relay_port, +1)
+        except OSError as e:
+            log.warning("fast path: install %s failed: %s", route, e)
+            self._delete_quietly(bytes(ck), bytes(uk))
+            return
+        self._routes[ident] = route
+
+    def remove(self, route: ChannelRoute) -> None:
+        ident = (route.client, route.channel)
+        if self._routes.get(ident) != route:
+            return
+        del self._routes[ident]
+        ck, _ = maps.chan_entry(route.client, route.channel, route.relay_port, route.peer)
+        uk, _ = maps.udp_entry(route.client, route.channel, route.relay_port, route.peer)
+        self._delete_quietly(bytes(ck), bytes(uk))
+        try:
+            self._port_use(route.relay_port, -1)
+        except OSError as e:
+            log.warning("fast path: releasing port %d failed: %s", route.relay_port, e)
+
+    def _delete_quietly(self, chan_key: bytes, udp_key: bytes) -> None:
+        for m, key in ((self.chan_to_udp, chan_key), (self.udp_to_chan, udp_key)):
+            try:
+                m.delete(key)
+            except OSError as e:
+                log.warning("fast path: delete from %s failed: %s", m.name, e)
+
+    def _port_use(self, port: int, delta: int) -> None:
+        users = self._port_users.get(port, 0) + delta
+        self.relay_ports.update(port.to_bytes(4, "little"), users.to_bytes(4, "little"))
+        if users:
+            self._port_users[port] = users
+        else:
+            self._port_users.pop(port, None)
+
+    @property
+    def routes(self) -> int:
+        """Number of installed channel routes."""
+        return len(self._routes)
+
+    def counters(self) -> FastPathCounters:
+        out = FastPathCounters()
+        for i, name in enumerate(self._route_names):
+            packets = nbytes = 0
+            for raw in self.route_stats.lookup_percpu(i.to_bytes(4, "little")):
+                s = maps.RouteStats.from_buffer_copy(raw)
+                packets += s.packets
+                nbytes += s.bytes
+            out.routes[name] = (packets, nbytes)
+        for i, name in enumerate(self._reason_names):
+            raws = self.pass_stats.lookup_percpu(i.to_bytes(4, "little"))
+            out.passes[name] = sum(int.from_bytes(r, "little") for r in raws)
+        return out
+
+    def close(self) -> None:
+        """Detach from every interface (only if our program is still the one attached), free."""
+        while self._attachments:
+            a = self._attachments.pop()
+            try:
+                if bpf.xdp_query(a.ifindex).prog_id == a.prog_id:
+                    bpf.xdp_detach(a.ifindex, a.flags)
+                    log.info("XDP program detached from %s", a.ifname)
+            except OSError as e:
+                log.warning("detaching XDP from %s failed: %s", a.ifname, e)
+        self._obj.close()

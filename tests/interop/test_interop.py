@@ -1,0 +1,128 @@
+"""Clients no one here wrote, against `xdpturn serve`: aioice's TURN client and coturn's
+turnutils_uclient (REST API auth with -W, to a UDP echo peer and client-to-client)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shutil
+import socket
+import subprocess
+from collections.abc import Iterator
+
+import aioice.turn
+import pytest
+
+from tests.support import BOUNDED, Serve, unavailable
+from xdpturn.proto.addr import TransportAddr
+
+pytestmark = pytest.mark.interop
+
+SECRET = "interop-secret"
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+def relay() -> Iterator[TransportAddr]:
+    """The relay listens on loopback and tells clients a documentation address, as behind 1:1
+    NAT, so loopback peers are plain peers and its public address is itself."""
+    args = ["--listen", "127.0.0.1:0", "--public-ipv4", "203.0.113.1"]
+    args += ["--auth-secret", SECRET, "--allow-peer", "127.0.0.0/8", "--ports", "20000-29999"]
+    with Serve([*args, "--log-format", "json"]) as serve:
+        listen = serve.wait_for("listening")["listen"]
+        assert isinstance(listen, list)
+        yield TransportAddr.parse(str(listen[0]))
+
+
+class Collect(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.received: asyncio.Queue[tuple[bytes, tuple[str, int]]] = asyncio.Queue()
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.received.put_nowait((data, addr))
+
+
+def test_aioice_turn_client_relays_both_ways(relay: TransportAddr) -> None:
+    import time
+
+    from xdpturn.proto.auth import mint_rest_credentials
+
+    creds = mint_rest_credentials(SECRET, now=time.time(), ttl=600, user_id="aioice")
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        peer_transport, peer = await loop.create_datagram_endpoint(
+            Collect, local_addr=("127.0.0.1", 0)
+        )
+        turn, client = await aioice.turn.create_turn_endpoint(
+            Collect,
+            server_addr=(str(relay.ip), relay.port),
+            username=creds.username,
+            password=creds.password,
+        )
+        try:
+            relayed_host, relayed_port = turn.get_extra_info("sockname")
+            assert relayed_host == "203.0.113.1"
+            peer_addr = peer_transport.get_extra_info("sockname")
+            for i in range(20):
+                # aioice binds a channel for the peer on first use, then sends ChannelData.
+                turn.sendto(b"to peer %d" % i, peer_addr)
+                data, source = await asyncio.wait_for(peer.received.get(), BOUNDED)
+                assert data == b"to peer %d" % i
+                assert source == ("127.0.0.1", relayed_port)
+                peer_transport.sendto(b"to client %d" % i, source)
+                data, source = await asyncio.wait_for(client.received.get(), BOUNDED)
+                assert (data, source) == (b"to client %d" % i, peer_addr)
+        finally:
+            turn.close()
+            peer_transport.close()
+
+    asyncio.run(main())
+
+
+def uclient(relay: TransportAddr, *extra: str) -> str:
+    binary = shutil.which("turnutils_uclient")
+    if binary is None:
+        unavailable("coturn's turnutils_uclient is not installed")
+    args = [binary, "-W", SECRET, "-u", "uclient", "-p", str(relay.port)]
+    # 4 clients x 100 messages of 200 bytes, 5 ms apart; -c: no RTCP allocations.
+    args += ["-m", "4", "-n", "100", "-l", "200", "-z", "5", "-c", *extra, str(relay.ip)]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    return result.stdout + result.stderr
+
+
+def assert_no_loss(output: str, expected: int) -> None:
+    lost = re.search(r"Total lost packets (\d+)", output)
+    received = re.search(r"tot_recv_msgs=(\d+)", output.split("start_mclient: tot_send_msgs")[-1])
+    assert lost is not None and received is not None, output[-2000:]
+    assert int(lost.group(1)) == 0, output[-2000:]
+    assert int(received.group(1)) == expected, output[-2000:]
+
+
+def test_coturn_uclient_to_an_echo_peer_loses_nothing(relay: TransportAddr) -> None:
+    binary = shutil.which("turnutils_peer")
+    if binary is None:
+        unavailable("coturn's turnutils_peer is not installed")
+    port = free_udp_port()
+    peer = subprocess.Popen(
+        [binary, "-L", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        output = uclient(relay, "-e", "127.0.0.1", "-r", str(port))
+    finally:
+        peer.terminate()
+        peer.wait(timeout=BOUNDED)
+    assert_no_loss(output, 400)
+
+
+def test_coturn_uclient_client_to_client_through_the_relay_itself(relay: TransportAddr) -> None:
+    # -y: the clients send to each other's relayed addresses: packets to itself.
+    assert_no_loss(uclient(relay, "-y"), 400)
