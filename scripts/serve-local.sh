@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# `make serve`: the relay on loopback, with a shared secret generated once and kept in
+# The README's first command: set-up (idempotent), then the relay on loopback, with a shared secret generated once and kept in
 # .venv/xdpturn-local.secret (reruns reuse it, so minted credentials stay valid).
 # Extra arguments go to `xdpturn serve`, e.g. scripts/serve-local.sh --log-level DEBUG
 set -euo pipefail
 cd "$(dirname "$0")/.."
+scripts/setup.sh
 
 xdpturn=.venv/bin/xdpturn
 secret_file=.venv/xdpturn-local.secret
