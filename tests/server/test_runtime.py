@@ -120,6 +120,9 @@ class FakeCore:
     def allocations(self) -> list[AllocationInfo]:
         return []
 
+    def handle_flow_closed(self, flow: ClientFlow, now: float) -> None:
+        pass  # only stream (TCP/TLS) flows close, and these tests speak UDP
+
 
 class RecordingFastPath:
     def __init__(self, fail: bool = False) -> None:

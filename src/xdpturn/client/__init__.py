@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from xdpturn.client.probe import ProbeResult, format_probe, probe
+from xdpturn.client.streams import StreamTransport, open_tcp, open_tls
 from xdpturn.client.turn import (
     ClientOptions,
     MessageTransport,
@@ -17,11 +18,14 @@ __all__ = [
     "ClientOptions",
     "MessageTransport",
     "ProbeResult",
+    "StreamTransport",
     "TransportOpener",
     "TurnClient",
     "TurnClientError",
     "UdpTransport",
     "format_probe",
+    "open_tcp",
+    "open_tls",
     "open_udp",
     "probe",
 ]

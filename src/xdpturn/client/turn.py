@@ -6,7 +6,7 @@ long-term credential mechanism (RFC 8489 section 9.2): the first request goes wi
 the 401 answer supplies REALM and NONCE, and a 438 (stale nonce) is retried once with the new one.
 
 The transport only moves whole messages (STUN or ChannelData) to and from the server: UDP is
-`open_udp`; a TCP/TLS transport would frame the byte stream with `stream_frame_length` and say
+`open_udp`; `open_tcp` and `open_tls` (xdpturn.client.streams) frame a byte stream and say
 `reliable = True` (no retransmissions; ChannelData padded to 4 bytes).
 """
 

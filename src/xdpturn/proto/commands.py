@@ -66,7 +66,8 @@ class AllocationOpened:
 
 @dataclass(frozen=True, slots=True)
 class AllocationClosed:
-    """An allocation was deleted: `reason` is "refresh", "expired" or "shutdown"."""
+    """An allocation was deleted: `reason` is "refresh", "expired", "shutdown" or
+    "connection_closed" (its TCP/TLS connection went away)."""
 
     flow: ClientFlow
     relay_port: int

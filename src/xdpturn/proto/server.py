@@ -241,6 +241,14 @@ class TurnServer:
         for alloc in list(self._by_port.values()):
             self._delete_allocation(alloc, "shutdown")
 
+    def handle_flow_closed(self, flow: ClientFlow, now: float) -> None:
+        """The TCP/TLS connection of `flow` closed. Its allocation is deleted at once: no
+        request can reach it again (a new connection is a new 5-tuple), and leaving it to
+        expire would hold its port and quota for up to an hour."""
+        alloc = self._by_flow.get(flow)
+        if alloc is not None and flow.transport is not Transport.UDP:
+            self._delete_allocation(alloc, "connection_closed")
+
     def drain(self, alternate: TransportAddr | None = None) -> None:
         """Accept no new allocations: a new Allocate is answered 300 Try Alternate with
         ALTERNATE-SERVER `alternate`, or 508 without one. Existing allocations keep working
