@@ -48,10 +48,18 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p = sub.add_parser(
         "serve",
         help="run the TURN relay",
-        description="Run the TURN relay until SIGINT or SIGTERM. Every option can also be set "
-        "with the environment variable shown (repeatable options: comma-separated values); "
-        "the command line wins.",
+        description="Run the TURN relay until SIGINT (stop now) or SIGTERM (drain, then stop). "
+        "Every option can also be set with the environment variable shown (repeatable options: "
+        "comma-separated values) or as a key of the --config file; the command line wins, then "
+        "the environment, then the file.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--config",
+        metavar="PATH",
+        default=os.environ.get("XDPTURN_CONFIG"),
+        help='TOML file whose keys are the option names below, e.g. ports = "49152-65535" '
+        "[env XDPTURN_CONFIG]",
     )
     for option in SERVE_OPTIONS:
         details = [f"env {option.env}"]
@@ -71,7 +79,10 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 def _serve(args: argparse.Namespace) -> int:
     given: dict[str, RawValue] = {o.name: getattr(args, o.name) for o in SERVE_OPTIONS}
     try:
-        config = load_serve_config(given, os.environ)
+        from xdpturn.config_file import read_config_file
+
+        file = read_config_file(args.config) if args.config else {}
+        config = load_serve_config(given, os.environ, file, args.config or "")
     except ConfigError as e:
         raise UsageError("serve", str(e)) from None
 
@@ -190,6 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(sub)
     _add_credentials(sub)
     _add_probe(sub)
+    from xdpturn.server.status import add_drain_command, add_status_command
+
+    add_status_command(sub)
+    add_drain_command(sub)
     return parser
 
 

@@ -77,6 +77,13 @@ class ServeConfig:
     log_level: str = "INFO"
     fastpath: FastPathMode = FastPathMode.OFF
     interfaces: list[str] = field(default_factory=list)
+    listen_tcp: list[TransportAddr] = field(default_factory=list)  # TURN over TCP
+    listen_tls: list[TransportAddr] = field(default_factory=list)  # TURN over TLS
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    metrics: TransportAddr | None = None  # HTTP listener for /metrics, /status, /drain
+    alternate_server: TransportAddr | None = None  # where Allocate is sent while draining
+    drain_timeout: float = 300.0
 
     def relay_address(self, family: Family) -> IPAddress | None:
         """The address clients are told for relays of `family`: the --public-* option, else
@@ -117,6 +124,32 @@ class ServeConfig:
             )
         if self.fastpath is not FastPathMode.OFF and not self.interfaces:
             raise ConfigError("--interface", f"needed with --fastpath {self.fastpath.value}")
+        self._check_streams()
+
+    def _check_streams(self) -> None:
+        for flag, addrs in (("--listen-tcp", self.listen_tcp), ("--listen-tls", self.listen_tls)):
+            fixed = [a for a in addrs if a.port != 0]
+            if len(set(fixed)) != len(fixed):
+                raise ConfigError(flag, "the same address is given twice")
+        both = {a for a in self.listen_tcp if a.port} & {a for a in self.listen_tls if a.port}
+        if both:
+            raise ConfigError(
+                "--listen-tls", f"{min(both, key=str)} is also a --listen-tcp address"
+            )
+        if not self.listen_tls:
+            return
+        if self.tls_cert is None:
+            raise ConfigError("--tls-cert", "needed with --listen-tls")
+        if self.tls_key is None:
+            raise ConfigError("--tls-key", "needed with --listen-tls")
+        from xdpturn.tls import server_context  # ssl is only needed with TLS
+
+        try:
+            server_context(self.tls_cert, self.tls_key)
+        except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
+            raise ConfigError(
+                "--tls-cert", f"cannot use {self.tls_cert} with key {self.tls_key}: {e}"
+            ) from None
 
     def server_config(self) -> ServerConfig:
         v4 = self.relay_address(Family.IPV4)
@@ -245,6 +278,26 @@ def _choice(choices: Sequence[str], *, upper: bool = False) -> Callable[[str], s
     return parse
 
 
+def parse_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        raise ValueError(f"expected seconds > 0 such as 300 or 2.5, got {text!r}")
+    return value
+
+
+def parse_readable_file(text: str) -> Path:
+    path = Path(text)
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as e:
+        raise ValueError(f"cannot read {text!r}: {e.strerror or e}") from None
+    return path
+
+
 def parse_interface(text: str) -> str:
     if not text or "/" in text or len(text) > 15 or any(c.isspace() for c in text):
         raise ValueError(f"expected a network interface name such as eth0, got {text!r}")
@@ -360,22 +413,68 @@ SERVE_OPTIONS: tuple[Option, ...] = (
         parse_interface,
         repeatable=True,
     ),
+    Option(
+        "listen_tcp",
+        "ADDR:PORT",
+        "TCP address for TURN clients (TURN over TCP); repeatable; off unless given",
+        parse_listen,
+        repeatable=True,
+    ),
+    Option(
+        "listen_tls",
+        "ADDR:PORT",
+        "TCP address for TURN over TLS, e.g. 0.0.0.0:443 or 0.0.0.0:5349; repeatable; needs "
+        "--tls-cert and --tls-key; SIGHUP reloads them",
+        parse_listen,
+        repeatable=True,
+    ),
+    Option("tls_cert", "PATH", "PEM certificate chain for --listen-tls", parse_readable_file),
+    Option("tls_key", "PATH", "PEM private key for --listen-tls", parse_readable_file),
+    Option(
+        "metrics",
+        "ADDR:PORT",
+        "HTTP listener for /metrics (Prometheus), /healthz, /readyz, /status and /drain; "
+        "off unless given. Keep it on loopback or a management network",
+        parse_listen,
+    ),
+    Option(
+        "alternate_server",
+        "ADDR:PORT",
+        "while draining, answer Allocate with 300 Try Alternate and this ALTERNATE-SERVER "
+        "(default: 508)",
+        parse_listen,
+    ),
+    Option(
+        "drain_timeout",
+        "SECONDS",
+        "after SIGTERM or `xdpturn drain`, exit when allocations are gone or this has passed",
+        parse_seconds,
+        default=("300",),
+    ),
 )
 
 RawValue = str | Sequence[str] | None
 
 
 def _raw_values(
-    option: Option, given: Mapping[str, RawValue], env: Mapping[str, str]
+    option: Option,
+    given: Mapping[str, RawValue],
+    env: Mapping[str, str],
+    file: Mapping[str, RawValue],
+    file_name: str,
 ) -> tuple[str, list[str]]:
-    """(where the value came from, its text values): a given value wins over the variable."""
+    """(where the value came from, its text values): given, else variable, else file."""
     value = given.get(option.name)
+    file_value = file.get(option.name)
     if value is not None and value != []:
         source, texts = option.flag, [value] if isinstance(value, str) else list(value)
     elif option.env in env:
         source, texts = f"{option.flag} (from {option.env})", [env[option.env]]
         if option.repeatable:
             texts = [t.strip() for t in env[option.env].split(",") if t.strip()]
+    elif file_value is not None and file_value != []:
+        source = f"{option.name} (in {file_name})"
+        texts = [file_value] if isinstance(file_value, str) else list(file_value)
     else:
         return option.flag, list(option.default)
     if option.name == "interface":  # IF[,IF]: commas on the command line too
@@ -386,14 +485,19 @@ def _raw_values(
 
 
 def load_serve_config(
-    given: Mapping[str, RawValue], env: Mapping[str, str] | None = None
+    given: Mapping[str, RawValue],
+    env: Mapping[str, str] | None = None,
+    file: Mapping[str, RawValue] | None = None,
+    file_name: str = "config file",
 ) -> ServeConfig:
     """Build a checked ServeConfig from option texts keyed by option name (`given`, e.g. from the
-    command line or a file), falling back to XDPTURN_* variables in `env`, then defaults."""
+    command line), falling back to XDPTURN_* variables in `env`, then to `file` (a configuration
+    file's values, see xdpturn.config_file), then defaults."""
     env = {} if env is None else env
+    file = {} if file is None else file
     values: dict[str, list[object]] = {}
     for option in SERVE_OPTIONS:
-        source, texts = _raw_values(option, given, env)
+        source, texts = _raw_values(option, given, env, file, file_name)
         try:
             values[option.name] = [option.parse(t) for t in texts]
         except ValueError as e:
@@ -421,6 +525,13 @@ def load_serve_config(
         log_level=cast(str, one("log_level")),
         fastpath=FastPathMode(cast(str, one("fastpath"))),
         interfaces=cast(list[str], values["interface"]),
+        listen_tcp=cast(list[TransportAddr], values["listen_tcp"]),
+        listen_tls=cast(list[TransportAddr], values["listen_tls"]),
+        tls_cert=cast("Path | None", one("tls_cert")),
+        tls_key=cast("Path | None", one("tls_key")),
+        metrics=cast("TransportAddr | None", one("metrics")),
+        alternate_server=cast("TransportAddr | None", one("alternate_server")),
+        drain_timeout=cast(float, one("drain_timeout")),
     )
     config.check()
     return config

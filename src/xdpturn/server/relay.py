@@ -41,6 +41,8 @@ from xdpturn.server.sockets import (
     open_udp_socket,
     to_sockaddr,
 )
+from xdpturn.server.streams import StreamBindError, StreamListeners
+from xdpturn.server.traffic import AllocationTraffic
 
 log = logging.getLogger("xdpturn.server")
 
@@ -63,6 +65,7 @@ class Core(Protocol):
     def next_command(self) -> Command | None: ...
     def close(self, now: float) -> None: ...
     def allocations(self) -> list[AllocationInfo]: ...
+    def handle_flow_closed(self, flow: ClientFlow, now: float) -> None: ...
 
 
 CoreFactory = Callable[[ServerConfig, RelayPorts, "random.Random | None"], Core]
@@ -97,6 +100,9 @@ class RelayServer:
     ) -> None:
         self.config = config
         self.stats: Counter[str] = Counter()  # the runtime's own: send errors, drops
+        self.traffic = AllocationTraffic()  # Python-path bytes per allocation, for /status
+        # TURN over TCP/TLS (--listen-tcp, --listen-tls); flows of theirs are sent through it.
+        self.streams = StreamListeners(self.stats, self._on_stream_frames, self._on_stream_closed)
         self._core_factory = core_factory
         self._fastpath = fastpath
         self._rng = rng
@@ -128,6 +134,10 @@ class RelayServer:
                 loop, self.config.ports, bind, self._on_peer_readable, self._rng
             )
             self._core = self._core_factory(self.config.server_config(), self._ports, self._rng)
+            try:
+                await self.streams.start(self.config)
+            except StreamBindError as e:
+                raise StartError(str(e)) from e
             if self._fastpath is None:
                 self._fastpath = self._open_fastpath()
         except BaseException:
@@ -216,6 +226,7 @@ class RelayServer:
             sock.close()
         if self._ports is not None:
             self._ports.close()
+        self.streams.close()
 
     async def __aenter__(self) -> RelayServer:
         await self.start()
@@ -315,6 +326,29 @@ class RelayServer:
         if deadline is not None and self._loop is not None:
             self._timer = self._loop.call_later(max(0.0, deadline - self._clock()), self._on_timer)
 
+    def _on_stream_frames(self, flow: ClientFlow, frames: list[bytes]) -> None:
+        core = self.core
+        for frame in frames:
+            try:
+                core.handle_client_datagram(frame, flow, self._clock())
+            except Exception:
+                self._core_failed("client message", client=str(flow.client))
+            self._drain()
+        self._arm_timer()
+
+    def _on_stream_closed(self, flow: ClientFlow) -> None:
+        try:
+            self.core.handle_flow_closed(flow, self._clock())
+        except Exception:
+            self._core_failed("connection close", client=str(flow.client))
+        self._drain()
+        self._arm_timer()
+
+    def reload_tls(self) -> bool:
+        """Re-read --tls-cert/--tls-key (SIGHUP): new handshakes use them; allocations and
+        open connections are untouched. False when there is no TLS or the files are bad."""
+        return self.streams.reload_tls()
+
     def _core_failed(self, what: str, **fields: object) -> None:
         # A bug in the core must not take every other allocation down with it.
         self.stats["core_errors"] += 1
@@ -328,9 +362,13 @@ class RelayServer:
             self._execute(command)
 
     def _execute(self, command: Command) -> None:
+        self.traffic.count(command)
         match command:
             case SendToClient(flow, data):
-                if flow.transport is not Transport.UDP or flow.listener >= len(self._listeners):
+                if flow.transport is not Transport.UDP:
+                    self.streams.send(flow, data)
+                    return
+                if flow.listener >= len(self._listeners):
                     self.stats["client_send_unroutable"] += 1
                     return
                 self._send(self._listeners[flow.listener], data, flow.client, "client")
@@ -396,26 +434,17 @@ def allocation_id(flow: ClientFlow) -> str:
 
 
 async def serve(config: ServeConfig, server: RelayServer | None = None) -> None:
-    """Run until SIGINT or SIGTERM, then stop gracefully."""
+    """Run until SIGINT (stop now) or SIGTERM (drain, then stop); with the --metrics listener
+    when configured. The life cycle lives in xdpturn.server.drain."""
+    from xdpturn.server.drain import serve_until_stopped
+
     server = server if server is not None else RelayServer(config)
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    received: list[str] = []
-
-    def on_signal(sig: signal.Signals) -> None:
-        received.append(sig.name)
-        stop.set()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal, sig)
+    loop.add_signal_handler(signal.SIGHUP, server.reload_tls)  # new TLS certificate
     try:
-        await server.start()
-        await stop.wait()
-        log.info("stopping", extra={"signal": received[0] if received else None})
+        await serve_until_stopped(config, server)
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-        await server.stop()
+        loop.remove_signal_handler(signal.SIGHUP)
 
 
 def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:

@@ -1,0 +1,314 @@
+"""The --metrics listener: Prometheus counters after real traffic on loopback, fast-path counters
+from a fake FastPath, health and readiness, /status and `xdpturn status`."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import ipaddress
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from xdpturn.fastpath import FastPathCounters, FastPathMode
+from xdpturn.proto.addr import Family, TransportAddr
+from xdpturn.proto.channel_data import encode_channel_data
+from xdpturn.proto.commands import ChannelRoute
+from xdpturn.proto.stun import Method
+from xdpturn.server import RelayServer
+from xdpturn.server.drain import Drainer
+from xdpturn.server.metrics import OpsServer
+from xdpturn.server.status import render, watch
+
+from .helpers import TIMEOUT, local, loopback_config, recv, run, sockaddr, udp
+from .test_loopback import StunClient
+
+PUBLIC_V4 = ipaddress.IPv4Address("203.0.113.1")
+PUBLIC_V6 = ipaddress.IPv6Address("2001:db8::1")
+ANY_PORT = TransportAddr.parse("127.0.0.1:0")
+
+
+async def http(
+    address: TransportAddr, path: str, method: str = "GET"
+) -> tuple[int, dict[str, str], bytes]:
+    """(status, headers, body) of one HTTP/1.1 request, bounded in time."""
+    async with asyncio.timeout(TIMEOUT):
+        reader, writer = await asyncio.open_connection(str(address.ip), address.port)
+        writer.write(f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n".encode())
+        await writer.drain()
+        raw = await reader.read()  # the server closes after one response
+        writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode().split("\r\n")
+    headers = dict(line.split(": ", 1) for line in header_lines)
+    assert int(headers["Content-Length"]) == len(body)
+    return int(status_line.split(" ")[1]), headers, body
+
+
+def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+async def scrape(address: TransportAddr) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    status, headers, body = await http(address, "/metrics")
+    assert status == 200 and headers["Content-Type"].startswith("text/plain; version=")
+    return samples(body.decode())
+
+
+def value(
+    metrics: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str
+) -> float:
+    return metrics.get((name, frozenset(labels.items())), 0.0)
+
+
+@asynccontextmanager
+async def relay_with_ops(
+    server: RelayServer, *, timeout: float = 60.0, alternate: TransportAddr | None = None
+) -> AsyncIterator[tuple[OpsServer, Drainer]]:
+    async with server:
+        drainer = Drainer(server, alternate=alternate, timeout=timeout)
+        ops = OpsServer(server, drainer, ANY_PORT)
+        await ops.start()
+        try:
+            yield ops, drainer
+        finally:
+            drainer.cancel()
+            await ops.stop()
+
+
+class FakeFastPath:
+    """A FastPath whose counters are whatever the test says."""
+
+    def __init__(self, mode: str, counters: FastPathCounters) -> None:
+        self._mode = mode
+        self._counters = counters
+        self.installed: list[ChannelRoute] = []
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    def install(self, route: ChannelRoute) -> None:
+        self.installed.append(route)
+
+    def remove(self, route: ChannelRoute) -> None:
+        self.installed.remove(route)
+
+    def counters(self) -> FastPathCounters:
+        return self._counters
+
+    def close(self) -> None:
+        pass
+
+
+def test_python_relaying_moves_the_counters_by_what_was_sent() -> None:
+    config = loopback_config(public_ipv4=PUBLIC_V4, public_ipv6=PUBLIC_V6)
+    out_payloads = [b"a" * n for n in (1, 10, 100, 1000, 1200)]
+    in_payloads = [b"b" * n for n in (7, 70, 700)]
+
+    async def main() -> None:
+        async with relay_with_ops(RelayServer(config)) as (ops, _):
+            metrics_at = ops.bound_address
+            before = await scrape(metrics_at)
+            assert value(before, "xdpturn_ready") == 1
+            assert value(before, "xdpturn_fastpath_mode", mode="off") == 1
+            assert value(before, "xdpturn_allocations", family="ipv4") == 0
+            listen = ops.server.listen_addresses[0]
+            with udp() as sock, udp() as peer_sock:
+                client = StunClient(sock, listen)
+                relayed = await client.allocate(Family.IPV4)
+                inside = TransportAddr(ipaddress.ip_address("127.0.0.1"), relayed.port)
+                peer = local(peer_sock)
+                await client.permit(peer)
+                await client.bind(0x4001, peer)
+                mid = await scrape(metrics_at)
+                for payload in out_payloads[:2]:  # Send indications
+                    client.send_indication(peer, payload)
+                    assert (await recv(peer_sock))[0] == payload
+                for payload in out_payloads[2:]:  # ChannelData
+                    sock.sendto(encode_channel_data(0x4001, payload), sockaddr(listen))
+                    assert (await recv(peer_sock))[0] == payload
+                for payload in in_payloads:
+                    peer_sock.sendto(payload, sockaddr(inside))
+                    await recv(sock)
+                after = await scrape(metrics_at)
+                status, _, body = await http(metrics_at, "/status?top=5")
+                with udp() as other:  # a client that never allocates leaves no traffic entry
+                    await StunClient(other, listen).exchange(
+                        client.message(Method.BINDING), sign=False
+                    )
+                traffic = ops.server.traffic
+                assert len(traffic.to_client) == 1 and list(traffic.to_peers) == [relayed.port]
+        assert status == 200
+        assert traffic.to_client == {} and traffic.to_peers == {}  # forgotten when closed
+
+        def moved(name: str, route: str) -> float:
+            labels = {"path": "python", "route": route}
+            return value(after, name, **labels) - value(mid, name, **labels)
+
+        assert moved("xdpturn_relayed_packets_total", "client_to_peer") == len(out_payloads)
+        assert moved("xdpturn_relayed_bytes_total", "client_to_peer") == sum(map(len, out_payloads))
+        assert moved("xdpturn_relayed_packets_total", "peer_to_client") == len(in_payloads)
+        assert moved("xdpturn_relayed_bytes_total", "peer_to_client") == sum(map(len, in_payloads))
+        assert moved("xdpturn_relayed_packets_total", "loopback") == 0
+        assert value(after, "xdpturn_allocations", family="ipv4") == 1
+        assert value(after, "xdpturn_permissions", family="ipv4") == 1
+        assert value(after, "xdpturn_channels", family="ipv4") == 1
+        assert value(after, "xdpturn_relay_ports") == 1
+        # The first Allocate is challenged (401): a request, an error response, an auth failure.
+        assert value(after, "xdpturn_requests_total", method="allocate") == 2
+        assert value(after, "xdpturn_requests_total", method="channel_bind") == 1
+        assert value(after, "xdpturn_error_responses_total", method="allocate", code="401") == 1
+        assert value(after, "xdpturn_auth_failures_total") == 1
+        assert value(after, "process_resident_memory_bytes") > 0
+        assert value(after, "python_info", **_python_labels(after)) == 1
+
+        snapshot = json.loads(body)
+        assert snapshot["allocations"]["total"] == 1 and snapshot["ready"] is True
+        (top,) = snapshot["top"]
+        assert top["relay_port"] == relayed.port and top["channels"] == 1
+        # Python-path bytes: payloads out to the peer, plus everything sent to the client
+        # (responses, Data indications and ChannelData), so at least both payload sums.
+        assert top["python_bytes"] > sum(map(len, out_payloads)) + sum(map(len, in_payloads))
+
+    run(main())
+
+
+def _python_labels(
+    metrics: dict[tuple[str, frozenset[tuple[str, str]]], float],
+) -> dict[str, str]:
+    (labels,) = [dict(lab) for name, lab in metrics if name == "python_info"]
+    return labels
+
+
+def test_fast_path_counters_show_per_route_and_pass_reason() -> None:
+    counters = FastPathCounters(
+        routes={"ipv4_channel_to_ipv4_udp": (11, 1100), "ipv4_udp_to_ipv6_channel": (3, 333)},
+        passes={"not_turn": 5, "no_channel": 2},
+    )
+    config = loopback_config(fastpath=FastPathMode.AUTO, interfaces=["lo"])
+
+    async def main() -> None:
+        server = RelayServer(config, fastpath=FakeFastPath("native", counters))
+        async with relay_with_ops(server) as (ops, _):
+            metrics = await scrape(ops.bound_address)
+            status, _, body = await http(ops.bound_address, "/readyz")
+            assert (status, body) == (200, b"ready\n")
+            snapshot = json.loads((await http(ops.bound_address, "/status"))[2])
+        for route, (packets, nbytes) in counters.routes.items():
+            labels = {"path": "xdp", "route": route}
+            assert value(metrics, "xdpturn_relayed_packets_total", **labels) == packets
+            assert value(metrics, "xdpturn_relayed_bytes_total", **labels) == nbytes
+        for reason, n in counters.passes.items():
+            assert value(metrics, "xdpturn_fastpath_passes_total", reason=reason) == n
+        modes = {
+            m: value(metrics, "xdpturn_fastpath_mode", mode=m) for m in ("native", "generic", "off")
+        }
+        assert modes == {"native": 1, "generic": 0, "off": 0}
+        xdp_rows = [r for r in snapshot["relayed"] if r["path"] == "xdp"]
+        assert {r["route"]: (r["packets"], r["bytes"]) for r in xdp_rows} == counters.routes
+        assert snapshot["fastpath"] == {
+            "mode": "native",
+            "configured": "auto",
+            "passes": {"no_channel": 2, "not_turn": 5},
+        }
+
+    run(main())
+
+
+def test_readyz_is_503_when_the_fast_path_is_not_as_configured() -> None:
+    config = loopback_config(fastpath=FastPathMode.XDP, interfaces=["lo"])
+
+    async def main() -> None:
+        server = RelayServer(config, fastpath=FakeFastPath("generic", FastPathCounters()))
+        async with relay_with_ops(server) as (ops, _):
+            status, _, body = await http(ops.bound_address, "/readyz")
+            assert status == 503 and b"fast path is generic, configured xdp" in body
+            assert (await http(ops.bound_address, "/healthz"))[0] == 200
+            assert value(await scrape(ops.bound_address), "xdpturn_ready") == 0
+
+    run(main())
+
+
+def test_readyz_flips_to_503_while_draining_and_drain_is_post_only() -> None:
+    async def main() -> None:
+        async with relay_with_ops(RelayServer(loopback_config())) as (ops, drainer):
+            at = ops.bound_address
+            assert (await http(at, "/readyz"))[0] == 200
+            assert (await http(at, "/drain"))[0] == 405
+            status, _, body = await http(at, "/drain", "POST")
+            answer = json.loads(body)
+            assert status == 202 and answer["started"] is True and answer["draining"] is True
+            assert drainer.draining and ops.server.core.draining  # type: ignore[attr-defined]
+            status, _, body = await http(at, "/readyz")
+            assert status == 503 and b"draining" in body
+            assert (await http(at, "/healthz"))[0] == 200  # alive, only not taking new clients
+            metrics = await scrape(at)
+            assert value(metrics, "xdpturn_draining") == 1 and value(metrics, "xdpturn_ready") == 0
+            status, _, body = await http(at, "/drain", "POST")
+            assert status == 200 and json.loads(body)["started"] is False
+
+    run(main())
+
+
+def test_unknown_paths_and_methods() -> None:
+    async def main() -> None:
+        async with relay_with_ops(RelayServer(loopback_config())) as (ops, _):
+            at = ops.bound_address
+            assert (await http(at, "/nope"))[0] == 404
+            status, headers, _ = await http(at, "/metrics", "DELETE")
+            assert status == 405 and headers["Allow"] == "GET, HEAD"
+            # Garbage is closed without an answer and the listener keeps serving.
+            reader, writer = await asyncio.open_connection(str(at.ip), at.port)
+            writer.write(b"garbage\r\n\r\n")
+            assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""
+            writer.close()
+            assert (await http(at, "/healthz"))[0] == 200
+
+    run(main())
+
+
+def test_drain_is_refused_from_a_non_loopback_address() -> None:
+    async def main() -> None:
+        async with relay_with_ops(RelayServer(loopback_config())) as (ops, drainer):
+            status, *_ = ops.respond("POST", "/drain", ("192.0.2.1", 40000))
+            assert status == 403 and not drainer.draining
+            status, *_ = ops.respond("POST", "/drain", ("::ffff:127.0.0.1", 40000, 0, 0))
+            assert status == 202 and drainer.draining
+
+    run(main())
+
+
+def test_status_command_prints_json_once_and_a_table() -> None:
+    async def main() -> None:
+        async with relay_with_ops(RelayServer(loopback_config())) as (ops, _):
+            out = io.StringIO()
+            # `watch` blocks on urllib, as the command does: run it off the relay's loop.
+            code = await asyncio.to_thread(
+                watch, ops.bound_address, interval=1, top=3, once=True, as_json=True, out=out
+            )
+            assert code == 0
+            snapshot: dict[str, Any] = json.loads(out.getvalue())
+            assert snapshot["ready"] is True and snapshot["top"] == []
+            later = dict(snapshot, time=snapshot["time"] + 2.0)
+            later["relayed"] = [dict(r, packets=r["packets"] + 1000) for r in snapshot["relayed"]]
+            table = render(later, snapshot, "127.0.0.1:9478")
+            assert "ready" in table and "client_to_peer" in table and "500" in table
+
+    run(main())
+
+
+def test_status_command_reports_an_unreachable_relay(capsys: Any) -> None:
+    from xdpturn.cli import main
+
+    with udp() as sock:  # a port nothing listens on with TCP (bound for UDP only)
+        port = sock.getsockname()[1]
+        assert main(["status", "--metrics", f"127.0.0.1:{port}", "--once"]) == 1
+    assert "cannot reach" in capsys.readouterr().err
