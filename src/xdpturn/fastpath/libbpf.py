@@ -86,6 +86,9 @@ def _declare(b: ctypes.CDLL) -> None:
         "bpf_xdp_attach": ([c_int, c_int, u32, vp], c_int),
         "bpf_xdp_detach": ([c_int, u32, vp], c_int),
         "bpf_xdp_query": ([c_int, c_int, vp], c_int),
+        "bpf_prog_get_fd_by_id": ([u32], c_int),
+        "bpf_map_get_fd_by_id": ([u32], c_int),
+        "bpf_obj_get_info_by_fd": ([c_int, vp, ctypes.POINTER(u32)], c_int),
         "bpf_prog_test_run_opts": ([c_int, vp], c_int),
         "libbpf_num_possible_cpus": ([], c_int),
         "btf__parse": ([cp, vp], vp),
@@ -302,6 +305,72 @@ def xdp_query(ifindex: int) -> XdpAttachment:
     opts = _XdpQueryOpts(sz=ctypes.sizeof(_XdpQueryOpts))
     _check(lib().bpf_xdp_query(ifindex, 0, ctypes.byref(opts)), f"query XDP on ifindex {ifindex}")
     return XdpAttachment(opts.prog_id, opts.attach_mode)
+
+
+class _ProgInfo(ctypes.Structure):
+    """struct bpf_prog_info up to its map ids (the kernel accepts a shorter struct)."""
+
+    _fields_ = (
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("tag", ctypes.c_uint8 * 8),
+        ("jited_prog_len", ctypes.c_uint32),
+        ("xlated_prog_len", ctypes.c_uint32),
+        ("jited_prog_insns", ctypes.c_uint64),
+        ("xlated_prog_insns", ctypes.c_uint64),
+        ("load_time", ctypes.c_uint64),
+        ("created_by_uid", ctypes.c_uint32),
+        ("nr_map_ids", ctypes.c_uint32),
+        ("map_ids", ctypes.c_uint64),
+        ("name", ctypes.c_char * 16),
+    )
+
+
+class _MapInfo(ctypes.Structure):
+    """struct bpf_map_info up to its name."""
+
+    _fields_ = (
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("key_size", ctypes.c_uint32),
+        ("value_size", ctypes.c_uint32),
+        ("max_entries", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+        ("name", ctypes.c_char * 16),
+    )
+
+
+def _info_by_fd(fd: int, info: ctypes.Structure, what: str) -> None:
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    _check(lib().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)), what)
+
+
+def prog_map_ids(prog_id: int) -> list[int]:
+    """Ids of the maps a loaded program uses (any process's program; needs CAP_SYS_ADMIN)."""
+    fd = _check(lib().bpf_prog_get_fd_by_id(prog_id), f"fd of program id {prog_id}")
+    try:
+        info = _ProgInfo()
+        _info_by_fd(fd, info, f"info of program id {prog_id}")
+        ids = (ctypes.c_uint32 * info.nr_map_ids)()
+        # Second call: the kernel fills as many map ids as nr_map_ids says there is room for.
+        info = _ProgInfo(nr_map_ids=len(ids), map_ids=ctypes.addressof(ids))
+        _info_by_fd(fd, info, f"map ids of program id {prog_id}")
+        return list(ids[: min(info.nr_map_ids, len(ids))])
+    finally:
+        os.close(fd)
+
+
+def map_by_id(map_id: int) -> tuple[str, Map]:
+    """(kernel name, Map) for a map id; the caller closes `Map.fd`."""
+    fd = _check(lib().bpf_map_get_fd_by_id(map_id), f"fd of map id {map_id}")
+    try:
+        info = _MapInfo()
+        _info_by_fd(fd, info, f"info of map id {map_id}")
+        name = info.name.decode(errors="replace")
+        return name, Map(name, fd, info.key_size, info.value_size, info.type)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def prog_test_run(

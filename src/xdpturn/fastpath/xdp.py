@@ -6,9 +6,11 @@ raised: Python relays whatever the kernel does not.
 
 from __future__ import annotations
 
+import ctypes
 import ipaddress
 import json
 import logging
+import os
 import socket
 import subprocess
 from dataclasses import dataclass
@@ -243,3 +245,43 @@ class XdpFastPath:
             except OSError as e:
                 log.warning("detaching XDP from %s failed: %s", a.ifname, e)
         self._obj.close()
+
+
+def attached_counters(interface: str | int, object_path: Path = OBJECT_PATH) -> FastPathCounters:
+    """The counters of the xdpturn program attached to `interface` (a name or an ifindex), read
+    from outside the process that loaded it, e.g. by a test while `xdpturn serve` runs.
+
+    The interface is resolved in the calling thread's network namespace (from a testbed:
+    `tb.call(relay, attached_counters, "eth0")`); BPF ids are global. Counter names come from the
+    BTF of `object_path`, the object the server loads. Raises LookupError when no program is
+    attached or it has no xdpturn counter maps, OSError on BPF failures (root is needed).
+    """
+    ifindex = interface if isinstance(interface, int) else socket.if_nametoindex(interface)
+    prog_id = bpf.xdp_query(ifindex).prog_id
+    if prog_id == 0:
+        raise LookupError(f"no XDP program attached to {interface}")
+    found: dict[str, bpf.Map] = {}
+    try:
+        for map_id in bpf.prog_map_ids(prog_id):
+            name, m = bpf.map_by_id(map_id)
+            if name in ("route_stats", "pass_stats") and name not in found:
+                found[name] = m
+            else:
+                os.close(m.fd)
+        if set(found) != {"route_stats", "pass_stats"}:
+            raise LookupError(f"program {prog_id} on {interface} has no xdpturn counter maps")
+        if found["route_stats"].value_size != ctypes.sizeof(maps.RouteStats):
+            raise LookupError(f"program {prog_id} on {interface}: route_stats is not xdpturn's")
+        btf = bpf.read_btf(object_path)
+        out = FastPathCounters()
+        for i, route in enumerate(maps.route_names(btf)):
+            raws = found["route_stats"].lookup_percpu(i.to_bytes(4, "little"))
+            stats = [maps.RouteStats.from_buffer_copy(raw) for raw in raws]
+            out.routes[route] = (sum(s.packets for s in stats), sum(s.bytes for s in stats))
+        for i, reason in enumerate(maps.reason_names(btf)):
+            raws = found["pass_stats"].lookup_percpu(i.to_bytes(4, "little"))
+            out.passes[reason] = sum(int.from_bytes(r, "little") for r in raws)
+        return out
+    finally:
+        for m in found.values():
+            os.close(m.fd)
