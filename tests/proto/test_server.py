@@ -624,6 +624,11 @@ def test_malformed_input_is_dropped_and_counted(h: Harness) -> None:
         h.server.handle_client_datagram(junk, client.flow, h.now)
     assert h.take() == []
     assert sum(v for k, v in h.server.stats.items() if k.startswith("drop:")) == 6
+    # Oversized: a whole 64 KiB datagram of attributes no one knows is answered, not choked on.
+    oversized = bytearray(valid[:20] + bytes(65_000))
+    oversized[2:4] = (65_000).to_bytes(2, "big")
+    response = h.exchange(client.flow, bytes(oversized))
+    assert error_code(response) == 420
     # Still serving.
     assert client.refresh().cls == MessageClass.SUCCESS
 

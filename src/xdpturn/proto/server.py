@@ -383,6 +383,14 @@ class TurnServer:
     # Requests
 
     def _binding(self, message: Message, flow: ClientFlow) -> None:
+        unknown = stun.unknown_required_attributes(message)
+        if unknown:
+            error = TurnError(420)
+            error.attributes.append(
+                (AttrType.UNKNOWN_ATTRIBUTES, stun.encode_unknown_attributes(unknown))
+            )
+            self._respond_error(flow, message, error, None)
+            return
         response = stun.response(message)
         response.add(
             AttrType.XOR_MAPPED_ADDRESS,
