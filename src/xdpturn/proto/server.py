@@ -352,22 +352,27 @@ class TurnServer:
         if target is None or target.expires <= now or peer.family not in target.families:
             self._drop(Drop.SELF_NOT_ALLOCATION)
             return
-        self.stats["relayed:loopback:packets"] += 1
-        self.stats["relayed:loopback:bytes"] += len(data)
         source = PeerAddr(TransportAddr(peer.ip, alloc.relay_port))
-        self._deliver_to_client(target, source, data, now)
+        self._deliver_to_client(target, source, data, now, route="loopback")
 
     def _deliver_to_client(
-        self, alloc: _Allocation, peer: PeerAddr, data: bytes, now: float
+        self,
+        alloc: _Allocation,
+        peer: PeerAddr,
+        data: bytes,
+        now: float,
+        route: str = "peer_to_client",
     ) -> None:
+        """Relay `data` from `peer` to the allocation's client, counted under `route`: each
+        datagram is counted once, as peer_to_client, client_to_peer or loopback."""
         if peer.family not in alloc.families:
             self._drop(Drop.FAMILY_MISMATCH)
             return
         if not alloc.has_permission(peer.ip, now):
             self._drop(Drop.NO_PERMISSION)
             return
-        self.stats["relayed:peer_to_client:packets"] += 1
-        self.stats["relayed:peer_to_client:bytes"] += len(data)
+        self.stats[f"relayed:{route}:packets"] += 1
+        self.stats[f"relayed:{route}:bytes"] += len(data)
         number = alloc.channel_by_peer.get(peer)
         if number is not None and alloc.channels[number].expires > now:
             stream = alloc.flow.transport != Transport.UDP
