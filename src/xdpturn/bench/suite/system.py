@@ -1,0 +1,251 @@
+"""What the benchmark measures around a workload: the machine, CPU time, memory, and a cheap sink.
+
+CPU time comes from /proc: the relay process's utime+stime (/proc/PID/stat, all threads) and the
+machine's softirq time (/proc/stat). Namespaces do not isolate /proc/stat, so softirq time is
+system-wide: it holds the relay's XDP program, but also the generator's and the receiver's network
+stacks and the router hops in between. `CpuDelta` keeps both, and the report says which is which.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+_TICK = float(os.sysconf("SC_CLK_TCK"))
+SINK_TABLE = "xbsink"
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, cores, kernel and memory, for the JSON and the table's header."""
+    model = "unknown"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.partition(":")[2].strip()
+                break
+    mem_kib = 0
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                mem_kib = int(line.split()[1])
+                break
+    return {
+        "cpu_model": model,
+        "cores": os.cpu_count() or 0,
+        "kernel": platform.release(),
+        "memory_mib": mem_kib // 1024,
+        "python": platform.python_version(),
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class CpuSample:
+    wall: float
+    softirq: float  # seconds, all CPUs
+    system: float  # seconds, all CPUs (kernel outside irq)
+    user: float  # seconds, all CPUs
+    process: float  # seconds of utime+stime of the relay process (0 without one)
+    napi: float  # seconds of the relay interface's NAPI thread (receive path, XDP, XDP_TX)
+    relay_cpu: float  # busy seconds of the relay's core (user+system+irq+softirq+steal)
+
+    def __sub__(self, earlier: CpuSample) -> CpuDelta:
+        return CpuDelta(
+            wall=self.wall - earlier.wall,
+            relay_cpu=self.relay_cpu - earlier.relay_cpu,
+            napi=self.napi - earlier.napi,
+            softirq=self.softirq - earlier.softirq,
+            system=self.system - earlier.system,
+            user=self.user - earlier.user,
+            process=self.process - earlier.process,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class CpuDelta:
+    wall: float
+    relay_cpu: float
+    napi: float
+    softirq: float
+    system: float
+    user: float
+    process: float
+
+
+def process_cpu(pid: int | None) -> float:
+    """utime + stime of `pid` in seconds (all its threads); 0 for None."""
+    if pid is None:
+        return 0.0
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    # After the comm field: state is fields[0], utime is field 14 of stat, i.e. fields[11].
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def cpu_sample(pid: int | None, relay_cpu: str, napi: Sequence[int] = ()) -> CpuSample:
+    """Machine-wide times, the relay core's busy time, the relay process's time and that of the
+    NAPI threads `napi` (kernel threads: their work shows as their system time)."""
+    with open("/proc/stat") as f:
+        lines = f.read().splitlines()
+    # cpu user nice system idle iowait irq softirq steal ...
+    cpu = lines[0].split()
+    user, nice, system, softirq = (int(cpu[i]) for i in (1, 2, 3, 7))
+    busy = 0
+    for line in lines[1:]:
+        words = line.split()
+        if words and words[0] == f"cpu{relay_cpu}":
+            busy = sum(int(words[i]) for i in (1, 2, 3, 6, 7, 8))
+    return CpuSample(
+        relay_cpu=busy / _TICK,
+        napi=sum(process_cpu(t) for t in napi),
+        wall=time.monotonic(),
+        softirq=softirq / _TICK,
+        system=system / _TICK,
+        user=(user + nice) / _TICK,
+        process=process_cpu(pid),
+    )
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of `pid` (VmRSS)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise LookupError(f"no VmRSS for pid {pid}")
+
+
+# --- a sink on the receiving host --------------------------------------------------------------
+
+
+def sink_on(netns_name: str, port: int) -> None:
+    """Drop UDP datagrams to `port` at prerouting (raw priority) in `netns_name`, counting them.
+
+    No process reads them: a socket saturates around 1.4 M/s on this VM and would compete for the
+    cores, and a closed port would answer every datagram with ICMP. Everything else (TURN control,
+    ARP/ND) passes.
+    """
+    rules = (
+        f"table inet {SINK_TABLE} {{\n"
+        "  chain pre {\n"
+        "    type filter hook prerouting priority raw; policy accept;\n"
+        f"    udp dport {port} counter drop\n"
+        "  }\n"
+        "}\n"
+    )
+    subprocess.run(
+        ["ip", "netns", "exec", netns_name, "nft", "-f", "-"], input=rules, text=True, check=True
+    )
+
+
+def sink_count(netns_name: str) -> int:
+    """Datagrams the sink has dropped so far."""
+    out = subprocess.run(
+        ["ip", "netns", "exec", netns_name, "nft", "list", "table", "inet", SINK_TABLE],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    packets = 0
+    for line in out.splitlines():
+        words = line.split()
+        if "counter" in words and "packets" in words:
+            packets = int(words[words.index("packets") + 1])
+    return packets
+
+
+def sink_settled(netns_name: str, *, quiet: float = 0.1, timeout: float = 2.0) -> int:
+    """The sink's count once it stops rising for `quiet` seconds (datagrams still queued in the
+    relay drain after the sender stops), or after `timeout`, whichever comes first."""
+    deadline = time.monotonic() + timeout
+    last = sink_count(netns_name)
+    while time.monotonic() < deadline:
+        time.sleep(quiet)  # the poll interval of a bounded wait, not a guess at readiness
+        now = sink_count(netns_name)
+        if now == last:
+            break
+        last = now
+    return last
+
+
+def sink_off(netns_name: str) -> None:
+    """Remove the sink."""
+    subprocess.run(
+        ["ip", "netns", "exec", netns_name, "nft", "delete", "table", "inet", SINK_TABLE],
+        check=True,
+    )
+
+
+# --- where the relay host's packet work runs ----------------------------------------------------
+
+
+def _napi_threads() -> dict[int, str]:
+    """pid -> name of the kernel's threaded-NAPI pollers (`napi/IF-ID`), machine-wide."""
+    found: dict[int, str] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/comm") as f:
+                comm = f.read().strip()
+        except OSError:
+            continue  # gone meanwhile
+        if comm.startswith("napi/"):
+            found[int(entry)] = comm
+    return found
+
+
+def napi_mode(netns_name: str, ifname: str) -> None:
+    """GRO on: a veth then receives through NAPI (as with XDP attached), for every relay alike."""
+    subprocess.run(
+        ["ip", "netns", "exec", netns_name, "ethtool", "-K", ifname, "gro", "on"], check=True
+    )
+
+
+def pin_napi(netns_name: str, ifname: str, cpu: str, *, realtime: bool = False) -> list[int]:
+    """Give `ifname`'s receive path its own kernel thread (GRO on puts a veth in NAPI mode,
+    `threaded` moves the poller from softirq into a kthread) and pin it to `cpu`; returns the
+    thread ids.
+
+    Over veth, softirq work runs on the sending core, so without this the relay's receive path
+    (and the XDP program) would run on the generator's core and be charged to it. With it, the
+    relay host's packet work runs on the relay's core, where it can be measured. `realtime`
+    (SCHED_FIFO) lets the thread preempt the load generator on its core, so a generator running
+    flat out slows itself down rather than starving the path that drains the relay's output.
+    """
+    before = _napi_threads()
+    napi_mode(netns_name, ifname)
+    exec_ = ["ip", "netns", "exec", netns_name]
+    subprocess.run([*exec_, "sh", "-c", f"echo 1 > /sys/class/net/{ifname}/threaded"], check=True)
+    new = sorted(set(_napi_threads()) - set(before))
+    if not new:
+        raise RuntimeError(f"no NAPI thread appeared for {ifname} in {netns_name}")
+    for pid in new:
+        subprocess.run(["taskset", "-pc", cpu, str(pid)], check=True, capture_output=True)
+        if realtime:
+            subprocess.run(["chrt", "-f", "-p", "50", str(pid)], check=True, capture_output=True)
+    return new
+
+
+def unpin_napi(netns_name: str, ifname: str) -> None:
+    """Back to NAPI in softirq (the kernel stops the thread; `pin_napi` makes a new one)."""
+    subprocess.run(
+        [
+            "ip",
+            "netns",
+            "exec",
+            netns_name,
+            "sh",
+            "-c",
+            f"echo 0 > /sys/class/net/{ifname}/threaded",
+        ],
+        check=True,
+    )
+
+
+def alive(pids: Sequence[int]) -> bool:
+    return all(os.path.exists(f"/proc/{pid}") for pid in pids)

@@ -1,0 +1,530 @@
+"""The workloads, run the same way against every relay.
+
+Load comes from `xdpturn-blast` (C) pinned to the generator core. A TURN client's socket is handed
+to it with `--fd` (the relay knows the allocation by that socket's address). Delivered datagrams
+are counted by an nftables counter at the receiving host's prerouting hook, where they are also
+dropped, so no receiving process competes for the cores; the receiving interface's rx counters are
+recorded beside it. The TURN clients' event loop is blocked while a tool runs on their socket, so
+the loop never reads datagrams meant for the tool (the runs are far shorter than any lifetime).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from xdpturn.bench import tools
+from xdpturn.bench.suite import system
+from xdpturn.bench.suite.relays import GENERATOR_CPU, RELAY_CPU, RelayUnderTest
+from xdpturn.client.turn import LostHandler, Receiver, TurnClient, UdpTransport
+from xdpturn.proto.addr import Family, TransportAddr
+from xdpturn.proto.auth import mint_rest_credentials
+from xdpturn.testbed.counters import LinkCounters, link_counters
+from xdpturn.testbed.scenario import netns_socket
+from xdpturn.testbed.testbed import RelayNode, Testbed
+
+HOST_IF = "eth0"
+STEP_TIMEOUT = 10.0
+PEER_PORT = 9000  # the plain UDP peer's port on the peer host (outside the ephemeral range)
+CEILING_PORT = 9100
+
+# family name -> (family clients reach the relay with, relayed/peer family)
+FAMILIES: dict[str, tuple[Family, Family]] = {
+    "ipv4": (Family.IPV4, Family.IPV4),
+    "ipv6": (Family.IPV6, Family.IPV6),
+    "cross": (Family.IPV4, Family.IPV6),  # client side IPv4, peer side IPv6
+}
+
+
+@dataclass(frozen=True)
+class Hosts:
+    """The testbed's nodes: the relay, and the public hosts of the client and the peer."""
+
+    tb: Testbed
+    relay: RelayNode
+    client: RelayNode
+    peer: RelayNode
+    relay_napi: tuple[int, ...] = ()  # the NAPI thread(s) receiving on the relay's interface
+
+    def ip(self, host: RelayNode, family: Family) -> str:
+        return str(host.public_ipv4 if family is Family.IPV4 else host.public_ipv6)
+
+
+def _af(family: Family) -> int:
+    return socket.AF_INET6 if family is Family.IPV6 else socket.AF_INET
+
+
+def _addr(a: TransportAddr) -> tools.Address:
+    return (str(a.ip), a.port)
+
+
+def gen_prefix(netns_name: str) -> list[str]:
+    return [*tools.netns_prefix(netns_name), "taskset", "-c", GENERATOR_CPU]
+
+
+# --- TURN endpoints whose socket a tool can use --------------------------------------------------
+
+
+class _Proto(asyncio.DatagramProtocol):
+    def __init__(self, receiver: Receiver, lost: LostHandler) -> None:
+        self._receiver = receiver
+        self._lost = lost
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self._receiver(data)
+
+    def error_received(self, exc: Exception) -> None:
+        pass  # ICMP errors; the client's retransmissions cope
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost(exc)
+
+
+@dataclass
+class Turn:
+    client: TurnClient
+    sock: socket.socket
+    transport: UdpTransport
+    channel: int | None = None
+
+    @property
+    def local_port(self) -> int:
+        return int(self.sock.getsockname()[1])
+
+    def relayed(self, family: Family) -> TransportAddr:
+        return next(a for a in self.client.relayed if a.family is family)
+
+
+async def open_turn(
+    ns: str, server: TransportAddr, secret: str, relayed: Family, user: str
+) -> Turn:
+    """A connected UDP socket in namespace `ns`, a TurnClient on it, and one allocation."""
+    creds = mint_rest_credentials(secret, now=time.time(), ttl=3600, user_id=user)
+    kept: list[tuple[socket.socket, UdpTransport]] = []
+
+    async def opener(srv: TransportAddr, receiver: Receiver, lost: LostHandler) -> UdpTransport:
+        sock = netns_socket(ns, _af(srv.family))
+        try:
+            sock.connect((str(srv.ip), srv.port))
+            loop = asyncio.get_running_loop()
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda: _Proto(receiver, lost), sock=sock
+            )
+        except BaseException:
+            sock.close()
+            raise
+        kept.append((sock, UdpTransport(transport)))
+        return kept[-1][1]
+
+    client = await TurnClient.connect(server, creds.username, creds.password, opener=opener)
+    try:
+        await asyncio.wait_for(client.allocate(relayed), STEP_TIMEOUT)
+    except BaseException:
+        await client.close()
+        raise
+    return Turn(client, kept[0][0], kept[0][1])
+
+
+async def bind(turn: Turn, peer: TransportAddr) -> int:
+    await asyncio.wait_for(turn.client.create_permission(peer), STEP_TIMEOUT)
+    turn.channel = await asyncio.wait_for(turn.client.bind_channel(peer), STEP_TIMEOUT)
+    return turn.channel
+
+
+# --- throughput ----------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadResult:
+    name: str  # e.g. "cd->udp ipv4 100B"
+    direction: str  # "cd->udp", "udp->cd" or "hairpin"
+    family: str
+    size: int  # application payload bytes per datagram
+    target_pps: float | None  # None: as fast as the generator goes
+    sent: int
+    offered_pps: float
+    delivered: int  # counted by the sink on the receiving host
+    delivered_pps: float
+    delivered_payload_mbps: float  # application payload, megabits per second
+    loss: float  # 1 - delivered / sent
+    rx_link_packets: int  # the receiving interface's rx counter (includes anything else arriving)
+    relay_rx_packets: int  # what reached the relay's interface (rx counter), 0 with no relay
+    elapsed_s: float
+    cpu: dict[str, float] = field(default_factory=dict)  # seconds, see measure_load
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def measure_load(
+    name: str,
+    direction: str,
+    family: str,
+    size: int,
+    target_pps: float | None,
+    send: tools.Command[tools.SendResult],
+    sender_ns: str,
+    receiver_ns: str,
+    port: int,
+    relay_pid: int | None,
+    relay_ns: str | None,
+    napi: Sequence[int] = (),
+) -> LoadResult:
+    """One bounded load run: sink on, counters, send for the command's duration, counters once the
+    sink's count settles, sink off."""
+    system.sink_on(receiver_ns, port)
+    try:
+        link0 = _link(receiver_ns)
+        relay0 = _link(relay_ns) if relay_ns else None
+        cpu0 = system.cpu_sample(relay_pid, RELAY_CPU, napi)
+        sent = send.run(gen_prefix(sender_ns))
+        delivered = system.sink_settled(receiver_ns)
+        cpu = system.cpu_sample(relay_pid, RELAY_CPU, napi) - cpu0
+        link = _link(receiver_ns) - link0
+        relay_rx = _link(relay_ns).rx_packets - relay0.rx_packets if relay_ns and relay0 else 0
+    finally:
+        system.sink_off(receiver_ns)
+    elapsed = max(sent.elapsed_s, 1e-9)
+    return LoadResult(
+        name=name,
+        direction=direction,
+        family=family,
+        size=size,
+        target_pps=target_pps,
+        sent=sent.sent,
+        offered_pps=sent.sent / elapsed,
+        delivered=delivered,
+        delivered_pps=delivered / elapsed,
+        delivered_payload_mbps=delivered * size * 8 / elapsed / 1e6,
+        loss=1.0 - delivered / sent.sent if sent.sent else 0.0,
+        rx_link_packets=link.rx_packets,
+        relay_rx_packets=relay_rx,
+        elapsed_s=elapsed,
+        cpu={
+            "wall_s": cpu.wall,
+            "relay_core_busy_s": cpu.relay_cpu,
+            "relay_napi_s": cpu.napi,
+            "relay_process_s": cpu.process,
+            "softirq_s": cpu.softirq,
+            "machine_busy_s": cpu.softirq + cpu.system + cpu.user,
+        },
+    )
+
+
+def _link(ns: str) -> LinkCounters:
+    return link_counters(ns, HOST_IF)
+
+
+def ceiling(hosts: Hosts, size: int, duration: float) -> LoadResult:
+    """The generator with no relay in the way: client host straight to the peer host's sink."""
+    sock = netns_socket(
+        hosts.client.netns, socket.AF_INET, (hosts.ip(hosts.client, Family.IPV4), 0)
+    )
+    try:
+        send = tools.send(
+            (hosts.ip(hosts.peer, Family.IPV4), CEILING_PORT),
+            size=size,
+            rate=None,
+            duration=duration,
+            fd=sock.fileno(),
+            gso=True,
+        )
+        return measure_load(
+            f"ceiling ipv4 {size}B",
+            "direct",
+            "ipv4",
+            size,
+            None,
+            send,
+            hosts.client.netns,
+            hosts.peer.netns,
+            CEILING_PORT,
+            None,
+            None,
+        )
+    finally:
+        sock.close()
+
+
+def ping_direct(hosts: Hosts, rate: float, count: int, size: int) -> tools.PingResult:
+    """Round trips client host <-> echo on the peer host with no relay: the tools' own floor."""
+    peer_ip = hosts.ip(hosts.peer, Family.IPV4)
+    echo = tools.echo((peer_ip, CEILING_PORT + 1), duration=count / rate + 5)
+    with echo.start(tools.netns_prefix(hosts.peer.netns)) as peer:
+        peer.wait_ready()
+        result = tools.ping((peer_ip, CEILING_PORT + 1), rate=rate, count=count, size=size).run(
+            gen_prefix(hosts.client.netns)
+        )
+        peer.interrupt()
+    return result
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    duration: float
+    sizes: tuple[int, ...]
+    families: tuple[str, ...]
+    hairpin_families: tuple[str, ...]
+    target_pps: dict[int, float | None]  # per size
+
+
+async def throughput(
+    hosts: Hosts, relay: RelayUnderTest, plan: LoadPlan, log: Callable[[str], None]
+) -> tuple[list[LoadResult], list[str]]:
+    """Every (family, size, direction) of the plan, then the hairpins; a family that fails to set
+    up (e.g. a relay without IPv6 relaying) is reported in the errors and skipped."""
+    results: list[LoadResult] = []
+    errors: list[str] = []
+    for fam in plan.families:
+        try:
+            results += await _one_family(hosts, relay, plan, fam, log)
+        except Exception as e:
+            errors.append(f"{fam}: {e!r}")
+            log(f"  {relay.name}: {fam} failed: {e!r}")
+    for fam in plan.hairpin_families:
+        try:
+            results += await _hairpin(hosts, relay, plan, fam, log)
+        except Exception as e:
+            errors.append(f"hairpin {fam}: {e!r}")
+            log(f"  {relay.name}: hairpin {fam} failed: {e!r}")
+    return results, errors
+
+
+async def _one_family(
+    hosts: Hosts, relay: RelayUnderTest, plan: LoadPlan, fam: str, log: Callable[[str], None]
+) -> list[LoadResult]:
+    results: list[LoadResult] = []
+    client_family, peer_family = FAMILIES[fam]
+    server = relay.server(client_family)
+    peer_addr = TransportAddr.parse(_fmt(hosts.ip(hosts.peer, peer_family), PEER_PORT))
+    peer_sock = netns_socket(hosts.peer.netns, _af(peer_family), _addr(peer_addr))
+    turn = await open_turn(hosts.client.netns, server, relay.secret, peer_family, f"tp-{fam}")
+    try:
+        channel = await bind(turn, peer_addr)
+        relayed = turn.relayed(peer_family)
+        for size in plan.sizes:
+            rate = plan.target_pps[size]
+            name = f"cd->udp {fam} {size}B"
+            log(f"  {relay.name}: {name}")
+            send = tools.send(
+                _addr(server),
+                size=size,
+                rate=rate,
+                duration=plan.duration,
+                channel=channel,
+                fd=turn.sock.fileno(),
+                gso=True,
+            )
+            results.append(
+                measure_load(
+                    name,
+                    "cd->udp",
+                    fam,
+                    size,
+                    rate,
+                    send,
+                    hosts.client.netns,
+                    hosts.peer.netns,
+                    PEER_PORT,
+                    relay.pid,
+                    hosts.relay.netns,
+                    hosts.relay_napi,
+                )
+            )
+            name = f"udp->cd {fam} {size}B"
+            log(f"  {relay.name}: {name}")
+            send = tools.send(
+                _addr(relayed),
+                size=size,
+                rate=rate,
+                duration=plan.duration,
+                fd=peer_sock.fileno(),
+                gso=True,
+            )
+            results.append(
+                measure_load(
+                    name,
+                    "udp->cd",
+                    fam,
+                    size,
+                    rate,
+                    send,
+                    hosts.peer.netns,
+                    hosts.client.netns,
+                    turn.local_port,
+                    relay.pid,
+                    hosts.relay.netns,
+                    hosts.relay_napi,
+                )
+            )
+    finally:
+        await turn.client.close()
+        peer_sock.close()
+    return results
+
+
+async def _hairpin(
+    hosts: Hosts, relay: RelayUnderTest, plan: LoadPlan, fam: str, log: Callable[[str], None]
+) -> list[LoadResult]:
+    """Both hosts allocate on the same relay and bind channels to each other's relayed address."""
+    client_family, peer_family = FAMILIES[fam]
+    server = relay.server(client_family)
+    a, b = await asyncio.gather(
+        open_turn(hosts.client.netns, server, relay.secret, peer_family, f"hpa-{fam}"),
+        open_turn(hosts.peer.netns, server, relay.secret, peer_family, f"hpb-{fam}"),
+    )
+    results: list[LoadResult] = []
+    try:
+        await asyncio.gather(bind(a, b.relayed(peer_family)), bind(b, a.relayed(peer_family)))
+        assert a.channel is not None
+        for size in plan.sizes:
+            rate = plan.target_pps[size]
+            name = f"hairpin {fam} {size}B"
+            log(f"  {relay.name}: {name}")
+            send = tools.send(
+                _addr(server),
+                size=size,
+                rate=rate,
+                duration=plan.duration,
+                channel=a.channel,
+                fd=a.sock.fileno(),
+                gso=True,
+            )
+            results.append(
+                measure_load(
+                    name,
+                    "hairpin",
+                    fam,
+                    size,
+                    rate,
+                    send,
+                    hosts.client.netns,
+                    hosts.peer.netns,
+                    b.local_port,
+                    relay.pid,
+                    hosts.relay.netns,
+                    hosts.relay_napi,
+                )
+            )
+    finally:
+        await asyncio.gather(a.client.close(), b.client.close(), return_exceptions=True)
+    return results
+
+
+def _fmt(ip: str, port: int) -> str:
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+# --- latency -------------------------------------------------------------------------------------
+
+
+async def latency(
+    hosts: Hosts, relay: RelayUnderTest, rate: float, count: int, size: int
+) -> tools.PingResult:
+    """ChannelData pings from the client through the relay to a UDP echo on the peer host."""
+    server = relay.server(Family.IPV4)
+    peer_addr = TransportAddr.parse(_fmt(hosts.ip(hosts.peer, Family.IPV4), PEER_PORT + 1))
+    peer_sock = netns_socket(hosts.peer.netns, socket.AF_INET, _addr(peer_addr))
+    turn = await open_turn(hosts.client.netns, server, relay.secret, Family.IPV4, "lat")
+    try:
+        channel = await bind(turn, peer_addr)
+        echo = tools.echo(fd=peer_sock.fileno(), duration=count / rate + 5)
+        with echo.start(tools.netns_prefix(hosts.peer.netns)) as peer:
+            peer.wait_ready()
+            # The echo answers the relayed address, which the relay wraps back into ChannelData.
+            result = tools.ping(
+                _addr(server),
+                rate=rate,
+                count=count,
+                size=size,
+                channel=channel,
+                fd=turn.sock.fileno(),
+            ).run(gen_prefix(hosts.client.netns))
+            peer.interrupt()
+        return result
+    finally:
+        await turn.client.close()
+        peer_sock.close()
+
+
+# --- control plane -------------------------------------------------------------------------------
+
+
+@dataclass
+class ControlResult:
+    attempted: int
+    succeeded: int
+    failed: int
+    concurrency: int
+    elapsed_s: float
+    ops_per_s: float  # Allocate + CreatePermission + ChannelBind, all authenticated
+    driver_cpu_s: float  # this (Python) driver's own CPU time over the run
+    driver_ceiling_ops_per_s: float  # succeeded / driver_cpu_s: the driver's limit on one core
+    relay_cpu_s: float
+    rss_idle_bytes: int
+    rss_bytes: int  # with `succeeded` allocations live
+    rss_per_allocation_bytes: float
+    errors: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+async def control_plane(
+    hosts: Hosts, relay: RelayUnderTest, count: int, concurrency: int, rss_idle: int
+) -> ControlResult:
+    """`count` clients, `concurrency` at a time, each Allocate + CreatePermission + ChannelBind
+    (authenticated, after the 401 challenge); then the relay's RSS with all of them live. The
+    allocations are left behind (sockets closed) for the relay's shutdown to clean up."""
+    server = relay.server(Family.IPV4)
+    peer = TransportAddr.parse(_fmt(hosts.ip(hosts.peer, Family.IPV4), PEER_PORT + 2))
+    gate = asyncio.Semaphore(concurrency)
+    turns: list[Turn] = []
+    errors: list[str] = []
+
+    async def one(i: int) -> None:
+        async with gate:
+            try:
+                turn = await open_turn(
+                    hosts.client.netns, server, relay.secret, Family.IPV4, f"cp{i}"
+                )
+            except Exception as e:  # counted, and the first few kept for the report
+                errors.append(f"allocate: {e!r}")
+                return
+            turns.append(turn)
+            try:
+                await bind(turn, peer)
+            except Exception as e:
+                errors.append(f"bind: {e!r}")
+
+    cpu0 = time.process_time()
+    relay0 = system.process_cpu(relay.pid)
+    t0 = time.monotonic()
+    await asyncio.gather(*(one(i) for i in range(count)))
+    elapsed = time.monotonic() - t0
+    driver_cpu = time.process_time() - cpu0
+    relay_cpu = system.process_cpu(relay.pid) - relay0
+    rss = system.rss_bytes(relay.pid)
+    succeeded = sum(1 for t in turns if t.channel is not None)
+    for t in turns:
+        t.transport.close()
+    live = max(1, succeeded)
+    return ControlResult(
+        attempted=count,
+        succeeded=succeeded,
+        failed=count - succeeded,
+        concurrency=concurrency,
+        elapsed_s=elapsed,
+        ops_per_s=succeeded / elapsed if elapsed else 0.0,
+        driver_cpu_s=driver_cpu,
+        driver_ceiling_ops_per_s=succeeded / driver_cpu if driver_cpu else 0.0,
+        relay_cpu_s=relay_cpu,
+        rss_idle_bytes=rss_idle,
+        rss_bytes=rss,
+        rss_per_allocation_bytes=(rss - rss_idle) / live,
+        errors=errors[:5],
+    )
