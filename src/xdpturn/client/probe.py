@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import math
 import struct
+import time
 from dataclasses import dataclass, field
 
 from xdpturn.client.turn import ClientOptions, TurnClient, TurnClientError
@@ -158,12 +159,12 @@ class _Run:
                 if peer == relay_b and len(data) >= _HEADER.size:
                     magic, seq = _HEADER.unpack_from(data)
                     if magic == _MAGIC:
-                        settle(seq, loop.time())
+                        settle(seq, time.perf_counter())
 
         async def send_all() -> None:
             for seq in range(self.count):
                 await slots.acquire()
-                in_flight[seq] = loop.time()
+                in_flight[seq] = time.perf_counter()  # loop.time() is ms-grained on uvloop
                 a.send(relay_b, _HEADER.pack(_MAGIC, seq) + self.padding)
                 self.sent += 1
                 timers.append(loop.call_later(self.timeout, settle, seq, None))
