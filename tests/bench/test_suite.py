@@ -49,3 +49,39 @@ def test_quick_bench_writes_json_chart_and_table(tmp_path: Path, blast: Path) ->
     if "coturn" in relays:
         assert {"xdp/coturn", "python/coturn"} <= result["ratios"].keys()
     assert "delivered kpps" in proc.stdout and "RTT p99" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("src", "dst"),
+    [
+        (("203.0.113.10", 40000), ("203.0.113.2", 3478)),
+        (("2001:db8:1:2::2", 9000), ("2001:db8::2", 20001)),
+    ],
+)
+def test_live_frame_headers_and_checksums(src: tuple[str, int], dst: tuple[str, int]) -> None:
+    """The generator's frame is what a NIC would deliver: addresses, lengths, and complete IP and
+    UDP checksums (the relay's XDP program updates them incrementally)."""
+    import ipaddress
+    import struct
+
+    from xdpturn.bench import livegen
+
+    data = livegen.payload(100, channel=0x4001)
+    assert data[:4] == b"\x40\x01\x00\x64" and len(data) == 104
+    frame = livegen.udp_frame("02:00:00:00:00:01", "02:00:00:00:00:02", src, dst, data)
+    assert frame[:12] == bytes.fromhex("020000000002020000000001")
+    v4 = ipaddress.ip_address(src[0]).version == 4
+    ip_len = 20 if v4 else 40
+    ip, udp = frame[14 : 14 + ip_len], frame[14 + ip_len :]
+    s, d = ipaddress.ip_address(src[0]).packed, ipaddress.ip_address(dst[0]).packed
+    if v4:
+        assert struct.unpack("!H", frame[12:14])[0] == 0x0800
+        assert livegen._csum(ip) == 0 and ip[12:16] == s and ip[16:20] == d
+        pseudo = s + d + struct.pack("!BBH", 0, 17, len(udp))
+    else:
+        assert struct.unpack("!H", frame[12:14])[0] == 0x86DD
+        assert ip[8:24] == s and ip[24:40] == d
+        pseudo = s + d + struct.pack("!IxxxB", len(udp), 17)
+    assert struct.unpack("!HHH", udp[:6]) == (src[1], dst[1], 8 + len(data))
+    assert livegen._csum(pseudo + udp) == 0
+    assert udp[8:] == data

@@ -151,7 +151,13 @@ def table(result: dict[str, Any]) -> str:
             f"p99 {g_rtt['p99']:.0f} us"
         )
     target = ", ".join(f"{k} B {v / 1e3:,.0f} kpps" for k, v in s["target_pps"].items())
-    lines.append(f"offered rate (fixed, from the ceiling): {target}")
+    first = next(iter(names), "")
+    lines.append(
+        f"offered rate: {first} at the ceiling ({target}, as far as the generator's core keeps "
+        "up); every other relay at what it was offered, per run"
+        if s.get("offered_pps_per_run")
+        else f"offered rate (fixed, from the ceiling): {target}"
+    )
     bg = ", ".join(
         f"{n} {100 * relays[n]['background_relay_core_busy']:.0f}%"
         for n in names
@@ -177,8 +183,10 @@ def table(result: dict[str, Any]) -> str:
     by_name = {n: {r["name"]: r for r in relays[n]["throughput"]} for n in names}
     for run in runs:
         got = {n: by_name[n].get(run) for n in names}
+        offered = {n: (r["offered_pps"] / 1e3 if r else None) for n, r in got.items()}
+        row(run, "offered kpps", "-", offered)
         pps = {n: (r["delivered_pps"] / 1e3 if r else None) for n, r in got.items()}
-        row(run, "delivered kpps", f"throughput/{run}/delivered_pps", pps)
+        row("", "delivered kpps", f"throughput/{run}/delivered_pps", pps)
         loss = {n: (100 * r["loss"] if r else None) for n, r in got.items()}
         row("", "loss %", "-", loss)
         cpu = {n: (r["cpu_s_per_Mpkt"] if r else None) for n, r in got.items()}
@@ -233,6 +241,8 @@ def table(result: dict[str, Any]) -> str:
             lines.append(f"! {n}: {e}")
     lines += [
         "",
+        "generator: live frames (BPF_PROG_TEST_RUN, XDP_TX of a crafted frame from the sender's "
+        "namespace), pinned to the load tools' CPU with routing and the sink.",
         "kpps: datagrams counted by a sink on the receiving host per second of sending; loss: "
         "1 - delivered/sent.",
         "CPU s/Mpkt: relay process + the NAPI thread receiving on the relay's interface (runs "

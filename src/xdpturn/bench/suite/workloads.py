@@ -1,7 +1,10 @@
 """The workloads, run the same way against every relay.
 
-Load comes from `xdpturn-blast` (C) pinned to the generator core. A TURN client's socket is handed
-to it with `--fd` (the relay knows the allocation by that socket's address). Delivered datagrams
+Throughput load comes from the live-frames generator (`livegen`: BPF_PROG_TEST_RUN transmitting a
+crafted frame from the sender's namespace) pinned to the generator core. The frame carries the
+5-tuple the relay expects: a TURN client's socket address for ChannelData (the relay knows the
+allocation by it), or the peer's socket address for UDP to a relayed address. Round trips come
+from `xdpturn-blast` (C), handed the TURN client's socket with `--fd`. Delivered datagrams
 are counted by an nftables counter at the receiving host's prerouting hook, where they are also
 dropped, so no receiving process competes for the cores; the receiving interface's rx counters are
 recorded beside it. The TURN clients' event loop is blocked while a tool runs on their socket, so
@@ -17,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from xdpturn.bench import tools
+from xdpturn.bench import livegen, tools
 from xdpturn.bench.suite import system
 from xdpturn.bench.suite.relays import GENERATOR_CPU, RELAY_CPU, RelayUnderTest
 from xdpturn.client.turn import LostHandler, Receiver, TurnClient, UdpTransport
@@ -166,22 +169,30 @@ def measure_load(
     family: str,
     size: int,
     target_pps: float | None,
-    send: tools.Command[tools.SendResult],
+    send: livegen.LiveSend,
     sender_ns: str,
     receiver_ns: str,
     port: int,
     relay_pid: int | None,
     relay_ns: str | None,
     napi: Sequence[int] = (),
+    *,
+    warm: str | None = None,
 ) -> LoadResult:
-    """One bounded load run: sink on, counters, send for the command's duration, counters once the
-    sink's count settles, sink off."""
+    """One bounded load run: sink on, generator loaded, counters, send for the command's duration,
+    counters once the sink's count settles, sink off. `warm`: an address the receiving host pokes
+    first, so the routers on the way know its neighbour before the first frame."""
+    if warm is not None:
+        livegen.poke(receiver_ns, warm)
     system.sink_on(receiver_ns, port)
     try:
-        link0 = _link(receiver_ns)
-        relay0 = _link(relay_ns) if relay_ns else None
-        cpu0 = system.cpu_sample(relay_pid, RELAY_CPU, napi)
-        sent = send.run(gen_prefix(sender_ns))
+        with send.start(gen_prefix(sender_ns)) as gen:
+            gen.wait_ready()  # the generator's start-up is outside the measured window
+            link0 = _link(receiver_ns)
+            relay0 = _link(relay_ns) if relay_ns else None
+            cpu0 = system.cpu_sample(relay_pid, RELAY_CPU, napi)
+            gen.go()
+            sent = gen.result()
         delivered = system.sink_settled(receiver_ns)
         cpu = system.cpu_sample(relay_pid, RELAY_CPU, napi) - cpu0
         link = _link(receiver_ns) - link0
@@ -220,34 +231,31 @@ def _link(ns: str) -> LinkCounters:
 
 
 def ceiling(hosts: Hosts, size: int, duration: float) -> LoadResult:
-    """The generator with no relay in the way: client host straight to the peer host's sink."""
-    sock = netns_socket(
-        hosts.client.netns, socket.AF_INET, (hosts.ip(hosts.client, Family.IPV4), 0)
+    """The generator with no relay in the way: the same frames from the client host through the
+    internet router straight to the peer host's sink, as fast as they go."""
+    client_ip = hosts.ip(hosts.client, Family.IPV4)
+    send = livegen.make(
+        hosts.client.netns,
+        (client_ip, CEILING_PORT),
+        (hosts.ip(hosts.peer, Family.IPV4), CEILING_PORT),
+        size,
+        rate=None,
+        duration=duration,
     )
-    try:
-        send = tools.send(
-            (hosts.ip(hosts.peer, Family.IPV4), CEILING_PORT),
-            size=size,
-            rate=None,
-            duration=duration,
-            fd=sock.fileno(),
-            gso=True,
-        )
-        return measure_load(
-            f"ceiling ipv4 {size}B",
-            "direct",
-            "ipv4",
-            size,
-            None,
-            send,
-            hosts.client.netns,
-            hosts.peer.netns,
-            CEILING_PORT,
-            None,
-            None,
-        )
-    finally:
-        sock.close()
+    return measure_load(
+        f"ceiling ipv4 {size}B",
+        "direct",
+        "ipv4",
+        size,
+        None,
+        send,
+        hosts.client.netns,
+        hosts.peer.netns,
+        CEILING_PORT,
+        None,
+        None,
+        warm=client_ip,
+    )
 
 
 def ping_direct(hosts: Hosts, rate: float, count: int, size: int) -> tools.PingResult:
@@ -270,6 +278,12 @@ class LoadPlan:
     families: tuple[str, ...]
     hairpin_families: tuple[str, ...]
     target_pps: dict[int, float | None]  # per size
+    # Per run name (e.g. "cd->udp ipv4 100B"): what the first relay was offered, so the others
+    # get the same load (see run.py); runs not named here get `target_pps`.
+    per_run: dict[str, float] = field(default_factory=dict)
+
+    def rate(self, name: str, size: int) -> float | None:
+        return self.per_run.get(name, self.target_pps[size])
 
 
 async def throughput(
@@ -307,17 +321,17 @@ async def _one_family(
         channel = await bind(turn, peer_addr)
         relayed = turn.relayed(peer_family)
         for size in plan.sizes:
-            rate = plan.target_pps[size]
             name = f"cd->udp {fam} {size}B"
+            rate = plan.rate(name, size)
             log(f"  {relay.name}: {name}")
-            send = tools.send(
+            send = livegen.make(
+                hosts.client.netns,
+                turn.sock.getsockname()[:2],
                 _addr(server),
-                size=size,
+                size,
                 rate=rate,
                 duration=plan.duration,
                 channel=channel,
-                fd=turn.sock.fileno(),
-                gso=True,
             )
             results.append(
                 measure_load(
@@ -333,17 +347,19 @@ async def _one_family(
                     relay.pid,
                     hosts.relay.netns,
                     hosts.relay_napi,
+                    warm=str(relayed.ip),
                 )
             )
             name = f"udp->cd {fam} {size}B"
+            rate = plan.rate(name, size)
             log(f"  {relay.name}: {name}")
-            send = tools.send(
+            send = livegen.make(
+                hosts.peer.netns,
+                _addr(peer_addr),
                 _addr(relayed),
-                size=size,
+                size,
                 rate=rate,
                 duration=plan.duration,
-                fd=peer_sock.fileno(),
-                gso=True,
             )
             results.append(
                 measure_load(
@@ -359,6 +375,7 @@ async def _one_family(
                     relay.pid,
                     hosts.relay.netns,
                     hosts.relay_napi,
+                    warm=str(server.ip),
                 )
             )
     finally:
@@ -382,17 +399,17 @@ async def _hairpin(
         await asyncio.gather(bind(a, b.relayed(peer_family)), bind(b, a.relayed(peer_family)))
         assert a.channel is not None
         for size in plan.sizes:
-            rate = plan.target_pps[size]
             name = f"hairpin {fam} {size}B"
+            rate = plan.rate(name, size)
             log(f"  {relay.name}: {name}")
-            send = tools.send(
+            send = livegen.make(
+                hosts.client.netns,
+                a.sock.getsockname()[:2],
                 _addr(server),
-                size=size,
+                size,
                 rate=rate,
                 duration=plan.duration,
                 channel=a.channel,
-                fd=a.sock.fileno(),
-                gso=True,
             )
             results.append(
                 measure_load(
@@ -408,6 +425,7 @@ async def _hairpin(
                     relay.pid,
                     hosts.relay.netns,
                     hosts.relay_napi,
+                    warm=str(server.ip),
                 )
             )
     finally:
