@@ -18,6 +18,7 @@ from xdpturn.proto.channel_data import (
     decode_channel_data,
     encode_channel_data,
     is_channel_data,
+    split_channel_data,
     stream_frame_length,
 )
 
@@ -49,6 +50,19 @@ def test_decode_rejects(data: bytes) -> None:
     # 0x5000-0x7FFF (RFC 5766's range) is accepted: see ACCEPTED_CHANNEL_MAX.
     with pytest.raises(ChannelDataError):
         decode_channel_data(data)
+    with pytest.raises(ChannelDataError):
+        split_channel_data(data)  # the relay's per-datagram variant checks the same
+
+
+@given(st.binary(max_size=40))
+def test_split_is_decode_as_a_plain_tuple(data: bytes) -> None:
+    try:
+        decoded = decode_channel_data(data)
+    except ChannelDataError:
+        with pytest.raises(ChannelDataError):
+            split_channel_data(data)
+        return
+    assert split_channel_data(data) == tuple(decoded)
 
 
 @pytest.mark.parametrize("channel", [CHANNEL_MIN - 1, ACCEPTED_CHANNEL_MAX + 1, 0, 0xFFFF])

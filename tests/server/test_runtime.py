@@ -31,6 +31,7 @@ from xdpturn.proto.commands import (
 )
 from xdpturn.proto.server import AllocationInfo, RelayPorts, ServerConfig
 from xdpturn.server import RelayServer, StartError
+from xdpturn.server import relay as relay_module
 from xdpturn.server.sockets import RelayPortPool
 
 from .helpers import (
@@ -196,6 +197,36 @@ def test_allocation_sockets_relay_both_ways_in_each_family(loop: str) -> None:
                     assert await recv(client) == (b"peer:back", listen)
 
     run(main(), loop)
+
+
+def test_address_caches_stay_bounded_and_senders_beyond_them_are_still_served(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The runtime remembers each sender's ClientFlow/PeerAddr and each destination's socket
+    # address; a cache that is full is emptied, never grown, and a miss is only slower.
+    monkeypatch.setattr(relay_module, "ADDRESS_CACHE", 2)
+
+    async def main() -> None:
+        async with fake_server() as server:
+            listen = server.listen_addresses[0]
+            with udp() as owner:
+                owner.sendto(b"alloc", sockaddr(listen))
+                port = int((await recv(owner))[0])
+                for round_ in range(2):  # the second round meets caches refilled by others
+                    for _ in range(3):
+                        with udp() as client, udp() as peer:
+                            client.sendto(b"echo:%d" % round_, sockaddr(listen))
+                            assert (await recv(client))[0] == b"%d" % round_
+                            message = f"send:{port}:{local(peer)}|x".encode()
+                            owner.sendto(message, sockaddr(listen))
+                            data, source = await recv(peer)
+                            assert (data, source.port) == (b"x", port)
+                            peer.sendto(b"back", sockaddr(source))
+                            assert await recv(owner) == (b"peer:back", listen)
+                assert all(len(cache) <= 2 for cache in server._client_flows)
+                assert len(server._peer_addrs) <= 2 and len(server._sockaddrs) <= 2
+
+    run(main())
 
 
 def test_timer_is_armed_from_the_core_deadline_and_fires() -> None:

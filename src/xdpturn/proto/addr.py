@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum, IntEnum
 from typing import NewType
 
@@ -23,18 +23,30 @@ class Family(IntEnum):
 
 @dataclass(frozen=True, slots=True)
 class TransportAddr:
-    """An IP address and a UDP/TCP port."""
+    """An IP address and a UDP/TCP port.
+
+    `family` and the hash are computed once, at construction: addresses are dictionary keys and
+    family checks on every relayed datagram, and `ipaddress` hashes in Python (hex() of the
+    address, each time). The runtime keeps one object per sender, so that cost is paid once.
+    """
 
     ip: IPAddress
     port: int
+    family: Family = field(init=False, repr=False, compare=False)
+    _hash: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 0xFFFF:
             raise ValueError(f"port out of range: {self.port}")
+        object.__setattr__(self, "family", Family.of(self.ip))
+        object.__setattr__(self, "_hash", hash((self.ip, self.port)))
 
-    @property
-    def family(self) -> Family:
-        return Family.of(self.ip)
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __reduce__(self) -> tuple[type[TransportAddr], tuple[IPAddress, int]]:
+        # Rebuilt, not restored: a pickled hash is wrong in a process with another hash seed.
+        return (type(self), (self.ip, self.port))
 
     @classmethod
     def parse(cls, text: str) -> TransportAddr:
@@ -77,3 +89,14 @@ class ClientFlow:
     client: ClientAddr
     listener: int = 0
     transport: Transport = Transport.UDP
+    # Cached for the same reason as TransportAddr's: the key of every allocation lookup.
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.client, self.listener, self.transport)))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __reduce__(self) -> tuple[type[ClientFlow], tuple[ClientAddr, int, Transport]]:
+        return (type(self), (self.client, self.listener, self.transport))

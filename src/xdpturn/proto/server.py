@@ -37,9 +37,9 @@ from xdpturn.proto.channel_data import (
     ACCEPTED_CHANNEL_MAX,
     CHANNEL_MIN,
     ChannelDataError,
-    decode_channel_data,
     encode_channel_data,
     is_channel_data,
+    split_channel_data,
 )
 from xdpturn.proto.commands import (
     AllocationClosed,
@@ -66,6 +66,13 @@ CHANNEL_COOLDOWN = 300
 NONCE_LIFETIME = 600
 
 UDP_PROTOCOL = 17
+
+# The stats keys of each relaying route (see _deliver_to_client), built once rather than
+# formatted for every datagram.
+_ROUTE_STATS = {
+    route: (f"relayed:{route}:packets", f"relayed:{route}:bytes")
+    for route in ("client_to_peer", "peer_to_client", "loopback")
+}
 
 
 class Drop(Enum):
@@ -134,6 +141,9 @@ class _Channel:
     peer: PeerAddr
     expires: float
     routed: bool = False  # installed in the fast path
+    # `peer` is one of the relay's own addresses (packets to itself). A channel's peer never
+    # changes and neither do the public addresses, so this is decided once, at ChannelBind.
+    to_self: bool = False
 
 
 @dataclass
@@ -277,23 +287,27 @@ class TurnServer:
     # ChannelData and indications from clients
 
     def _client_channel_data(self, data: bytes, flow: ClientFlow, now: float) -> None:
+        # The relay's per-datagram path when the fast path is off: the same checks as
+        # everywhere (live allocation, bound channel, permission), as plain dict lookups, with
+        # the helpers (_live_allocation, has_permission) inlined.
         try:
-            channel_data = decode_channel_data(data)
+            number, payload = split_channel_data(data)
         except ChannelDataError:
             self._drop(Drop.MALFORMED_CHANNEL_DATA)
             return
-        alloc = self._live_allocation(flow, now)
-        if alloc is None:
+        alloc = self._by_flow.get(flow)
+        if alloc is None or alloc.expires <= now:
             self._drop(Drop.NO_ALLOCATION)
             return
-        channel = alloc.channels.get(channel_data.channel)
+        channel = alloc.channels.get(number)
         if channel is None or channel.expires <= now:
             self._drop(Drop.NO_CHANNEL)
             return
-        if not alloc.has_permission(channel.peer.ip, now):
+        permission = alloc.permissions.get(channel.peer.ip)
+        if permission is None or permission <= now:
             self._drop(Drop.NO_PERMISSION)
             return
-        self._send_to_peer(alloc, channel.peer, channel_data.payload, now)
+        self._send_to_peer(alloc, channel.peer, payload, now, channel.to_self)
 
     def _client_stun(self, data: bytes, flow: ClientFlow, now: float) -> None:
         try:
@@ -337,15 +351,23 @@ class TurnServer:
         if not alloc.has_permission(peer.ip, now):
             self._drop(Drop.NO_PERMISSION)
             return
-        self._send_to_peer(alloc, peer, payload, now)
+        self._send_to_peer(alloc, peer, payload, now, self._is_self(peer))
 
     # Relaying
 
-    def _send_to_peer(self, alloc: _Allocation, peer: PeerAddr, data: bytes, now: float) -> None:
-        if self._public.get(peer.family) != peer.ip:
-            self.stats["relayed:client_to_peer:packets"] += 1
-            self.stats["relayed:client_to_peer:bytes"] += len(data)
-            self._push(SendToPeer(alloc.relay_port, peer, data))
+    def _is_self(self, peer: PeerAddr) -> bool:
+        """`peer` is one of the relay's own public addresses."""
+        return self._public.get(peer.family) == peer.ip
+
+    def _send_to_peer(
+        self, alloc: _Allocation, peer: PeerAddr, data: bytes, now: float, to_self: bool
+    ) -> None:
+        """`to_self` is `_is_self(peer)`, which a bound channel has worked out already."""
+        if not to_self:
+            stats = self.stats
+            stats["relayed:client_to_peer:packets"] += 1
+            stats["relayed:client_to_peer:bytes"] += len(data)
+            self._commands.append(SendToPeer(alloc.relay_port, peer, data))
             return
         # Packets to itself: deliver to the allocation on that port, never through a socket.
         target = self._by_port.get(peer.port)
@@ -368,15 +390,20 @@ class TurnServer:
         if peer.family not in alloc.families:
             self._drop(Drop.FAMILY_MISMATCH)
             return
-        if not alloc.has_permission(peer.ip, now):
+        permission = alloc.permissions.get(peer.ip)  # has_permission, inlined: per datagram
+        if permission is None or permission <= now:
             self._drop(Drop.NO_PERMISSION)
             return
-        self.stats[f"relayed:{route}:packets"] += 1
-        self.stats[f"relayed:{route}:bytes"] += len(data)
+        packets_key, bytes_key = _ROUTE_STATS[route]
+        stats = self.stats
+        stats[packets_key] += 1
+        stats[bytes_key] += len(data)
         number = alloc.channel_by_peer.get(peer)
         if number is not None and alloc.channels[number].expires > now:
-            stream = alloc.flow.transport != Transport.UDP
-            self._push(SendToClient(alloc.flow, encode_channel_data(number, data, pad=stream)))
+            stream = alloc.flow.transport is not Transport.UDP
+            self._commands.append(
+                SendToClient(alloc.flow, encode_channel_data(number, data, pad=stream))
+            )
             return
         indication = Message(Method.DATA, MessageClass.INDICATION, self._rng.randbytes(12))
         indication.add(
@@ -643,7 +670,7 @@ class TurnServer:
         if not CHANNEL_MIN <= number <= ACCEPTED_CHANNEL_MAX:
             raise TurnError(400, "Channel number out of range")
         peer = self._checked_peer(alloc, peer_value, message.transaction_id)
-        if self._public.get(peer.family) == peer.ip and peer.port not in self._by_port:
+        if self._is_self(peer) and peer.port not in self._by_port:
             raise TurnError(403, "Relay address that is not an allocation")
         # Rebinding rules (section 11.2): a number keeps its peer and a peer its number,
         # also during the cool-down after expiry.
@@ -654,7 +681,7 @@ class TurnServer:
         if other is not None and other != number:
             raise TurnError(400, "Peer already bound to another channel")
         if bound is None:
-            bound = _Channel(number, peer, now + CHANNEL_LIFETIME)
+            bound = _Channel(number, peer, now + CHANNEL_LIFETIME, to_self=self._is_self(peer))
             alloc.channels[number] = bound
             alloc.channel_by_peer[peer] = number
         else:
@@ -669,7 +696,7 @@ class TurnServer:
         if peer.family not in alloc.families:
             raise TurnError(443)
         # The relay's own addresses are always allowed: packets to them stay inside.
-        if self._public.get(peer.family) != peer.ip and not self._policy.permits(peer.ip):
+        if not self._is_self(peer) and not self._policy.permits(peer.ip):
             raise TurnError(403)
         return peer
 

@@ -18,7 +18,7 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from xdpturn.config import ConfigError, ServeConfig
 from xdpturn.fastpath import FastPath, FastPathMode, NullFastPath, open_fastpath
@@ -36,6 +36,7 @@ from xdpturn.proto.server import AllocationInfo, RelayPorts, ServerConfig
 from xdpturn.server.sockets import (
     MAX_DATAGRAM,
     RelayPortPool,
+    SockAddr,
     bound_address,
     from_sockaddr,
     open_udp_socket,
@@ -49,6 +50,11 @@ log = logging.getLogger("xdpturn.server")
 # Datagrams read per readiness callback before yielding to the loop, so one busy socket cannot
 # starve the others or the timer.
 BATCH = 64
+
+# Entries in each of the runtime's address caches (see RelayServer.__init__) before it is
+# emptied and refilled: enough for every sender of a busy relay, bounded against a flood of
+# spoofed sources (which then costs what it would without the cache).
+ADDRESS_CACHE = 65536
 
 
 class Core(Protocol):
@@ -114,6 +120,13 @@ class RelayServer:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._state = "new"
+        # Per-datagram conversions, done once per address instead: the address recvfrom()
+        # returned -> the core's ClientFlow (one dict per listener) or PeerAddr, and a
+        # TransportAddr -> what sendto() takes. Besides the parsing, the same objects coming back
+        # make the core's lookups identity hits with hashes computed once.
+        self._client_flows: list[dict[Any, ClientFlow]] = []
+        self._peer_addrs: dict[Any, PeerAddr] = {}
+        self._sockaddrs: dict[TransportAddr, SockAddr] = {}
 
     # Life cycle
 
@@ -125,6 +138,7 @@ class RelayServer:
         self._state = "starting"
         try:
             self._listeners = self._bind_listeners()
+            self._client_flows = [{} for _ in self._listeners]
             bind = {
                 family: self.config.relay_bind_address(family)
                 for family in Family
@@ -266,39 +280,53 @@ class RelayServer:
     # Inputs
 
     def _on_client_readable(self, sock: socket.socket, listener: int) -> None:
-        core = self.core
+        # Per datagram, so what the loop calls is looked up once per batch.
+        handle, clock, drain = self.core.handle_client_datagram, self._clock, self._drain
+        recvfrom = sock.recvfrom
+        flows = self._client_flows[listener]
         for _ in range(BATCH):
             try:
-                data, addr = sock.recvfrom(MAX_DATAGRAM)
+                data, addr = recvfrom(MAX_DATAGRAM)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as e:
                 self._count_error("client_receive_errors", e)
                 break
-            flow = ClientFlow(ClientAddr(from_sockaddr(addr[0], addr[1])), listener)
+            flow = flows.get(addr)
+            if flow is None:
+                if len(flows) >= ADDRESS_CACHE:
+                    flows.clear()
+                client = ClientAddr(from_sockaddr(addr[0], addr[1]))
+                flow = flows[addr] = ClientFlow(client, listener)
             try:
-                core.handle_client_datagram(data, flow, self._clock())
+                handle(data, flow, clock())
             except Exception:
                 self._core_failed("client datagram", client=str(flow.client))
-            self._drain()
+            drain()
         self._arm_timer()
 
     def _on_peer_readable(self, sock: socket.socket, relay_port: int, family: Family) -> None:
-        core = self.core
+        handle, clock, drain = self.core.handle_peer_datagram, self._clock, self._drain
+        recvfrom = sock.recvfrom
+        peers = self._peer_addrs
         for _ in range(BATCH):
             try:
-                data, addr = sock.recvfrom(MAX_DATAGRAM)
+                data, addr = recvfrom(MAX_DATAGRAM)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as e:
                 self._count_error("peer_receive_errors", e)
                 break
-            peer = PeerAddr(from_sockaddr(addr[0], addr[1]))
+            peer = peers.get(addr)
+            if peer is None:
+                if len(peers) >= ADDRESS_CACHE:
+                    peers.clear()
+                peer = peers[addr] = PeerAddr(from_sockaddr(addr[0], addr[1]))
             try:
-                core.handle_peer_datagram(data, relay_port, peer, self._clock())
+                handle(data, relay_port, peer, clock())
             except Exception:
                 self._core_failed("peer datagram", peer=str(peer), relay_port=relay_port)
-            self._drain()
+            drain()
             if sock.fileno() < 0:  # the core released this port while handling the datagram
                 break
         self._arm_timer()
@@ -357,28 +385,47 @@ class RelayServer:
     # Outputs
 
     def _drain(self) -> None:
-        core = self.core
-        while (command := core.next_command()) is not None:
-            self._execute(command)
+        next_command = self.core.next_command
+        while (command := next_command()) is not None:
+            # The two commands of every relayed datagram skip _execute's match statement.
+            if type(command) is SendToPeer:
+                self._send_to_peer(command)
+            elif type(command) is SendToClient:
+                self._send_to_client(command)
+            else:
+                self._execute(command)
+
+    def _send_to_peer(self, command: SendToPeer) -> None:
+        relay_port, peer, data = command.relay_port, command.peer, command.data
+        to_peers = self.traffic.to_peers  # AllocationTraffic.count, inlined: per datagram
+        if relay_port in to_peers:
+            to_peers[relay_port] += len(data)
+        assert self._ports is not None
+        sock = self._ports.socket(relay_port, peer.family)
+        if sock is None:
+            self.stats["peer_send_unroutable"] += 1
+            return
+        self._send(sock, data, peer, "peer")
+
+    def _send_to_client(self, command: SendToClient) -> None:
+        flow, data = command.flow, command.data
+        to_client = self.traffic.to_client  # AllocationTraffic.count, inlined: per datagram
+        if flow in to_client:
+            to_client[flow] += len(data)
+        if flow.transport is not Transport.UDP:
+            self.streams.send(flow, data)
+            return
+        if flow.listener >= len(self._listeners):
+            self.stats["client_send_unroutable"] += 1
+            return
+        self._send(self._listeners[flow.listener], data, flow.client, "client")
 
     def _execute(self, command: Command) -> None:
-        self.traffic.count(command)
         match command:
-            case SendToClient(flow, data):
-                if flow.transport is not Transport.UDP:
-                    self.streams.send(flow, data)
-                    return
-                if flow.listener >= len(self._listeners):
-                    self.stats["client_send_unroutable"] += 1
-                    return
-                self._send(self._listeners[flow.listener], data, flow.client, "client")
-            case SendToPeer(relay_port, peer, data):
-                assert self._ports is not None
-                sock = self._ports.socket(relay_port, peer.family)
-                if sock is None:
-                    self.stats["peer_send_unroutable"] += 1
-                    return
-                self._send(sock, data, peer, "peer")
+            case SendToClient():
+                self._send_to_client(command)
+            case SendToPeer():
+                self._send_to_peer(command)
             case InstallChannel(route) | RemoveChannel(route):
                 install = isinstance(command, InstallChannel)
                 try:
@@ -392,6 +439,7 @@ class RelayServer:
                         extra={"client": str(route.client), "channel": route.channel},
                     )
             case AllocationOpened(flow, relay_port, families, username, lifetime):
+                self.traffic.count(command)
                 log.info(
                     "allocation opened",
                     extra={
@@ -404,6 +452,7 @@ class RelayServer:
                     },
                 )
             case AllocationClosed(flow, relay_port, reason):
+                self.traffic.count(command)
                 log.info(
                     "allocation closed",
                     extra={
@@ -415,8 +464,14 @@ class RelayServer:
                 )
 
     def _send(self, sock: socket.socket, data: bytes, to: TransportAddr, side: str) -> None:
+        sockaddrs = self._sockaddrs
+        sockaddr = sockaddrs.get(to)
+        if sockaddr is None:
+            if len(sockaddrs) >= ADDRESS_CACHE:
+                sockaddrs.clear()
+            sockaddr = sockaddrs[to] = to_sockaddr(to)  # str(ip) costs a microsecond
         try:
-            sock.sendto(data, to_sockaddr(to))
+            sock.sendto(data, sockaddr)
         except (BlockingIOError, InterruptedError):
             # The socket's send queue is full: drop, as a router would.
             self.stats[f"{side}_send_dropped"] += 1

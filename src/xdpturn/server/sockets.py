@@ -139,7 +139,8 @@ class RelayPortPool:
             sock.close()
 
     def socket(self, port: int, family: Family) -> socket.socket | None:
-        return self._sockets.get(port, {}).get(family)
+        socks = self._sockets.get(port)  # per datagram: no throwaway {} as a default
+        return socks.get(family) if socks is not None else None
 
     def __len__(self) -> int:
         return len(self._sockets)

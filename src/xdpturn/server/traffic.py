@@ -1,9 +1,11 @@
 """What operators see of the relay's traffic, shared by /metrics and /status.
 
 `AllocationTraffic` counts, per allocation, the bytes the Python path sends for it (to peers from
-its relay port, to its client). The runtime feeds it every command it executes: two dictionary
-updates per datagram, and nothing on the XDP path. So "top talkers" is exact for Python-relayed
-traffic and blind to what the kernel relays (its counters are per route, not per allocation).
+its relay port, to its client). The runtime feeds it the commands that open and close allocations
+and updates `to_peers`/`to_client` itself for each datagram it sends (what `count` would do, minus
+a call and an isinstance chain per datagram): one dictionary update, and nothing on the XDP path.
+So "top talkers" is exact for Python-relayed traffic and blind to what the kernel relays (its
+counters are per route, not per allocation).
 """
 
 from __future__ import annotations
