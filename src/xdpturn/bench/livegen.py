@@ -261,7 +261,7 @@ class LiveProcess:
     def result(self) -> tools.SendResult:
         d = self._line("result", time.monotonic() + self.cmd.duration + _GRACE_S)
         self.proc.wait(timeout=_GRACE_S)
-        return tools.SendResult.from_json(d)
+        return tools.from_json(tools.SendResult, d)
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -27,7 +27,8 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Generic, Self, TypeVar
@@ -37,6 +38,7 @@ _HERE = Path(__file__).resolve().parent
 
 Address = tuple[str, int]
 T = TypeVar("T")
+R = TypeVar("R")  # a result dataclass
 
 # How long past its own bound a tool may take to print its result before it is stopped.
 _GRACE_S = 5.0
@@ -84,21 +86,6 @@ class Percentiles:
     p999: float
     max: float
 
-    @classmethod
-    def from_json(cls, d: dict[str, Any] | None) -> Percentiles | None:
-        if d is None:
-            return None
-        return cls(
-            samples=int(d["samples"]),
-            min=float(d["min"]),
-            mean=float(d["mean"]),
-            p50=float(d["p50"]),
-            p90=float(d["p90"]),
-            p99=float(d["p99"]),
-            p999=float(d["p999"]),
-            max=float(d["max"]),
-        )
-
 
 @dataclass(frozen=True)
 class Ready:
@@ -121,21 +108,6 @@ class SendResult:
     calls: int  # sendmmsg calls
     gso_segments: int  # datagrams per UDP_SEGMENT super-datagram (1: no GSO)
     interrupted: bool
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> SendResult:
-        return cls(
-            to=str(d["to"]),
-            sent=int(d["sent"]),
-            bytes=int(d["bytes"]),
-            datagram_bytes=int(d["datagram_bytes"]),
-            elapsed_s=float(d["elapsed_s"]),
-            pps=float(d["pps"]),
-            errors=int(d["errors"]),
-            calls=int(d["calls"]),
-            gso_segments=int(d["gso_segments"]),
-            interrupted=bool(d["interrupted"]),
-        )
 
 
 @dataclass(frozen=True)
@@ -162,28 +134,6 @@ class RecvResult:
         """Loss against what the sender says it sent (covers losses after the last arrival)."""
         return sent.sent - self.unique
 
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> RecvResult:
-        return cls(
-            received=int(d["received"]),
-            bytes=int(d["bytes"]),
-            malformed=int(d["malformed"]),
-            socket_drops=int(d["socket_drops"]),
-            elapsed_s=float(d["elapsed_s"]),
-            active_s=float(d["active_s"]),
-            pps=float(d["pps"]),
-            future_timestamps=int(d["future_timestamps"]),
-            unique=int(d["unique"]),
-            lost=int(d["lost"]),
-            reordered=int(d["reordered"]),
-            duplicates=int(d["duplicates"]),
-            out_of_range=int(d["out_of_range"]),
-            first_seq=None if d["first_seq"] is None else int(d["first_seq"]),
-            max_seq=None if d["max_seq"] is None else int(d["max_seq"]),
-            latency_us=Percentiles.from_json(d["latency_us"]),
-            interrupted=bool(d["interrupted"]),
-        )
-
 
 @dataclass(frozen=True)
 class EchoResult:
@@ -194,18 +144,6 @@ class EchoResult:
     truncated: int
     elapsed_s: float
     interrupted: bool
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> EchoResult:
-        return cls(
-            received=int(d["received"]),
-            echoed=int(d["echoed"]),
-            bytes=int(d["bytes"]),
-            dropped=int(d["dropped"]),
-            truncated=int(d["truncated"]),
-            elapsed_s=float(d["elapsed_s"]),
-            interrupted=bool(d["interrupted"]),
-        )
 
 
 @dataclass(frozen=True)
@@ -222,21 +160,29 @@ class PingResult:
     rtt_us: Percentiles | None
     interrupted: bool
 
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> PingResult:
-        return cls(
-            sent=int(d["sent"]),
-            received=int(d["received"]),
-            lost=int(d["lost"]),
-            duplicates=int(d["duplicates"]),
-            reordered=int(d["reordered"]),
-            malformed=int(d["malformed"]),
-            foreign=int(d["foreign"]),
-            errors=int(d["errors"]),
-            elapsed_s=float(d["elapsed_s"]),
-            rtt_us=Percentiles.from_json(d["rtt_us"]),
-            interrupted=bool(d["interrupted"]),
-        )
+
+_CONVERTERS: dict[str, Callable[[Any], Any]] = {
+    "int": int,
+    "float": float,
+    "bool": bool,
+    "str": str,
+}
+
+
+def from_json(cls: type[R], d: dict[str, Any]) -> R:
+    """Build a result dataclass from the tool's JSON line, converting each field by its
+    annotation (`int`, `float`, `bool`, `str`, `Percentiles`, each possibly `| None`)."""
+    values: dict[str, Any] = {}
+    for f in fields(cls):  # type: ignore[arg-type]
+        raw = d[f.name]
+        kind = str(f.type).removesuffix(" | None")
+        if raw is None:
+            values[f.name] = None
+        elif kind == "Percentiles":
+            values[f.name] = from_json(Percentiles, raw)
+        else:
+            values[f.name] = _CONVERTERS[kind](raw)
+    return cls(**values)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -319,7 +265,7 @@ def send(
         args.append("--gso")
     if sockbuf is not None:
         args += ["--sockbuf", str(sockbuf)]
-    return Command(tuple(args), SendResult.from_json, duration + _GRACE_S, fd)
+    return Command(tuple(args), partial(from_json, SendResult), duration + _GRACE_S, fd)
 
 
 def recv(
@@ -353,7 +299,7 @@ def recv(
         args += ["--batch", str(batch)]
     if sockbuf is not None:
         args += ["--sockbuf", str(sockbuf)]
-    return Command(tuple(args), RecvResult.from_json, duration + _GRACE_S, fd)
+    return Command(tuple(args), partial(from_json, RecvResult), duration + _GRACE_S, fd)
 
 
 def echo(
@@ -377,7 +323,7 @@ def echo(
         args += ["--batch", str(batch)]
     if sockbuf is not None:
         args += ["--sockbuf", str(sockbuf)]
-    return Command(tuple(args), EchoResult.from_json, duration + _GRACE_S, fd)
+    return Command(tuple(args), partial(from_json, EchoResult), duration + _GRACE_S, fd)
 
 
 def ping(
@@ -402,7 +348,7 @@ def ping(
     if duration is not None:
         args += ["--duration", _num(duration)]
     send_s = count / rate if duration is None else min(duration, count / rate)
-    return Command(tuple(args), PingResult.from_json, send_s + timeout + _GRACE_S, fd)
+    return Command(tuple(args), partial(from_json, PingResult), send_s + timeout + _GRACE_S, fd)
 
 
 # ------------------------------------------------------------------------------------------------
