@@ -81,6 +81,9 @@ class ServeConfig:
     listen_tls: list[TransportAddr] = field(default_factory=list)  # TURN over TLS
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    # Bounds on TCP/TLS connections, so silent or stalled ones cannot hold sockets forever.
+    max_stream_connections: int = 10000
+    stream_idle_timeout: float = 30.0
     metrics: TransportAddr | None = None  # HTTP listener for /metrics, /status, /drain
     alternate_server: TransportAddr | None = None  # where Allocate is sent while draining
     drain_timeout: float = 300.0
@@ -431,6 +434,21 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     Option("tls_cert", "PATH", "PEM certificate chain for --listen-tls", parse_readable_file),
     Option("tls_key", "PATH", "PEM private key for --listen-tls", parse_readable_file),
     Option(
+        "max_stream_connections",
+        "N",
+        "open TCP and TLS connections in total; further ones are closed at once",
+        parse_positive,
+        default=("10000",),
+    ),
+    Option(
+        "stream_idle_timeout",
+        "SECONDS",
+        "close a TCP or TLS connection without an allocation that completes no message for "
+        "this long, and any connection stalled this long in the middle of a message",
+        parse_seconds,
+        default=("30",),
+    ),
+    Option(
         "metrics",
         "ADDR:PORT",
         "HTTP listener for /metrics (Prometheus), /healthz, /readyz, /status and /drain; "
@@ -529,6 +547,8 @@ def load_serve_config(
         listen_tls=cast(list[TransportAddr], values["listen_tls"]),
         tls_cert=cast("Path | None", one("tls_cert")),
         tls_key=cast("Path | None", one("tls_key")),
+        max_stream_connections=cast(int, one("max_stream_connections")),
+        stream_idle_timeout=cast(float, one("stream_idle_timeout")),
         metrics=cast("TransportAddr | None", one("metrics")),
         alternate_server=cast("TransportAddr | None", one("alternate_server")),
         drain_timeout=cast(float, one("drain_timeout")),

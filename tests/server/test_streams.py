@@ -4,10 +4,12 @@ reload, connection loss and garbage on the stream."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import os
 import shutil
 import signal
+import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -268,6 +270,144 @@ def test_garbage_closes_only_that_connection(certificate: Certificate, garbage: 
     run(main())
 
 
+# Bounds: idle timeout and connection cap
+
+IDLE = 0.3  # a short --stream-idle-timeout, so the tests wait for it rather than for 30 s
+
+
+async def raw_connection(
+    listen: TransportAddr, tls: ssl.SSLContext | None = None
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection(str(listen.ip), listen.port, ssl=tls)
+
+
+async def closed_by_relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Wait (bounded) for the relay to close the connection: EOF, or a reset for TLS, where
+    the relay's abort sends no close_notify."""
+    with contextlib.suppress(ConnectionResetError, ssl.SSLError):
+        assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""
+    writer.close()
+
+
+@pytest.mark.parametrize("kind", [Transport.TCP, Transport.TLS])
+def test_a_silent_connection_is_closed_after_the_idle_timeout(
+    certificate: Certificate, kind: Transport
+) -> None:
+    async def main() -> None:
+        config = stream_config(certificate, stream_idle_timeout=IDLE)
+        async with RelayServer(config) as server:
+            listen = server.streams.addresses(kind)[0]
+            tls = client_context(certificate.cert) if kind is Transport.TLS else None
+            opened = time.monotonic()
+            await closed_by_relay(*await raw_connection(listen, tls))
+            assert time.monotonic() - opened >= IDLE * 0.9  # not closed early (loop clock)
+            await until(lambda: server.streams.connection_count == 0)
+            assert server.stats[f"{kind.value}_idle_timeouts"] == 1
+            assert server.stats[f"{kind.value}_connections_closed"] == 1
+
+    run(main())
+
+
+def test_a_stalled_partial_frame_is_closed_even_with_an_allocation(
+    certificate: Certificate,
+) -> None:
+    async def main() -> None:
+        config = stream_config(certificate, stream_idle_timeout=IDLE)
+        async with RelayServer(config) as server:
+            listen = server.streams.addresses(Transport.TCP)[0]
+            # "GET " frames as ChannelData on channel 0x4745 announcing 21,536 bytes that never
+            # come. Bytes trickling in (one per third of the timeout) do not extend the
+            # deadline: the relay closes long before the trickle would end.
+            reader, writer = await raw_connection(listen)
+            writer.write(b"GET ")
+            rest = b"/ HTTP/1.1\r\nHost: relay.example\r\n"
+
+            async def trickle() -> None:
+                for byte in rest:
+                    await asyncio.sleep(IDLE / 3)
+                    if writer.is_closing() or reader.at_eof():
+                        return
+                    writer.write(bytes([byte]))
+
+            trickling = asyncio.create_task(trickle())
+            await closed_by_relay(reader, writer)
+            assert not trickling.done()  # 0.3 s in, with about 3 s of trickle left
+            trickling.cancel()
+            assert server.stats["tcp_partial_frame_timeouts"] == 1
+
+            # An allocated client that starts a message and stalls loses the connection, and
+            # so its allocation.
+            client = await connect(listen, open_tcp)
+            await client.allocate()
+            transport = client._transport
+            assert isinstance(transport, StreamTransport)
+            transport._transport.write(b"\x00\x01\x00\x08")  # half a STUN header
+            await until(lambda: not server.allocations())
+            assert server.stats["tcp_partial_frame_timeouts"] == 2
+            assert server.stats["tcp_idle_timeouts"] == 0
+            await client.close()
+
+    run(main())
+
+
+def test_a_connection_with_an_allocation_outlives_the_idle_timeout(
+    certificate: Certificate,
+) -> None:
+    async def main() -> None:
+        config = stream_config(certificate, stream_idle_timeout=IDLE)
+        async with RelayServer(config) as server:
+            listen = server.streams.addresses(Transport.TCP)[0]
+            client = await connect(listen, open_tcp)
+            await client.allocate()
+            # A silent connection opened after the allocation's last message is the clock:
+            # once it is closed, the allocated connection has been silent longer than that.
+            await closed_by_relay(*await raw_connection(listen))
+            await until(lambda: server.stats["tcp_idle_timeouts"] == 1)
+            assert len(server.allocations()) == 1
+            assert server.streams.connection_count == 1
+            await round_trip(client, b"still allocated")
+
+            # Once the allocation is deleted (Refresh 0), the idle timeout applies again.
+            await client.refresh(0)
+            assert not server.allocations()
+            await until(lambda: server.streams.connection_count == 0)
+            assert server.stats["tcp_idle_timeouts"] == 2
+            await client.close()
+
+    run(main())
+
+
+def test_connections_beyond_the_cap_are_refused_and_the_others_keep_working(
+    certificate: Certificate,
+) -> None:
+    async def main() -> None:
+        async with RelayServer(stream_config(certificate, max_stream_connections=2)) as server:
+            listen = server.streams.addresses(Transport.TCP)[0]
+            first = await connect(listen, open_tcp)
+            await first.allocate()
+            tls_listen = server.streams.addresses(Transport.TLS)[0]
+            second = await connect(tls_listen, open_tls(cafile=certificate.cert))
+            await second.allocate()
+            # The cap counts TCP and TLS together.
+            await closed_by_relay(*await raw_connection(listen))
+            assert server.stats["tcp_connections_refused"] == 1
+            assert server.stats["tcp_connections_opened"] == 1  # the refused one is not counted
+            assert server.streams.connection_count == 2
+            await round_trip(first, b"first")
+            await round_trip(second, b"second")
+
+            # Room again once a connection goes.
+            await second.close()
+            await until(lambda: server.streams.connection_count == 1)
+            third = await connect(listen, open_tcp)
+            await third.allocate()
+            await round_trip(third, b"third")
+            for client in (first, third):
+                await client.close()
+
+    run(main())
+
+
 def test_a_busy_tcp_address_is_a_start_error_naming_the_option(certificate: Certificate) -> None:
     async def main() -> None:
         async with RelayServer(stream_config(certificate)) as first:
@@ -298,6 +438,10 @@ def test_stream_options_from_flags_and_environment(certificate: Certificate) -> 
     assert (config.tls_cert, config.tls_key) == (certificate.cert, certificate.key)
     defaults = load_serve_config({"public_ipv4": "203.0.113.1", "auth_secret": [SECRET]})
     assert defaults.listen_tcp == [] and defaults.listen_tls == []
+    assert defaults.max_stream_connections == 10000 and defaults.stream_idle_timeout == 30
+    bounds = {"XDPTURN_MAX_STREAM_CONNECTIONS": "500", "XDPTURN_STREAM_IDLE_TIMEOUT": "2.5"}
+    bounded = load_serve_config({"public_ipv4": "203.0.113.1", "auth_secret": [SECRET]}, bounds)
+    assert bounded.max_stream_connections == 500 and bounded.stream_idle_timeout == 2.5
 
 
 @pytest.mark.parametrize(
@@ -309,6 +453,9 @@ def test_stream_options_from_flags_and_environment(certificate: Certificate) -> 
         ({"tls_key": "/nonexistent/key.pem"}, "--tls-key"),
         ({"listen_tls": ["127.0.0.1:5349"], "tls_cert": "KEY", "tls_key": "KEY"}, "--tls-cert"),
         ({"listen_tcp": ["127.0.0.1:3478", "127.0.0.1:3478"]}, "--listen-tcp"),
+        ({"max_stream_connections": "0"}, "--max-stream-connections"),
+        ({"stream_idle_timeout": "0"}, "--stream-idle-timeout"),
+        ({"stream_idle_timeout": "soon"}, "--stream-idle-timeout"),
         (
             {
                 "listen_tcp": ["127.0.0.1:443"],

@@ -440,6 +440,8 @@ class RelayServer:
                     )
             case AllocationOpened(flow, relay_port, families, username, lifetime):
                 self.traffic.count(command)
+                if flow.transport is not Transport.UDP:  # exempt from the idle timeout
+                    self.streams.allocation_changed(flow, True)
                 log.info(
                     "allocation opened",
                     extra={
@@ -453,6 +455,8 @@ class RelayServer:
                 )
             case AllocationClosed(flow, relay_port, reason):
                 self.traffic.count(command)
+                if flow.transport is not Transport.UDP:  # the idle timeout applies again
+                    self.streams.allocation_changed(flow, False)
                 log.info(
                     "allocation closed",
                     extra={

@@ -6,6 +6,11 @@ back by the id. Bytes are split into frames by `StreamDecoder`; a stream that ca
 closed (counted in the runtime's stats), never a traceback. When a connection goes, the core is
 told (`handle_flow_closed`) and decides what that means for the allocation.
 
+Connections are bounded, so silent or stalled ones cannot pile up: beyond
+--max-stream-connections new ones are closed at once, and one that completes no message within
+--stream-idle-timeout is closed, unless it has an allocation (then it lives as long as the
+allocation) and is not stalled in the middle of a message.
+
 TLS certificates can be replaced while running: the listener's context has an SNI callback, which
 OpenSSL calls for every ClientHello (with or without SNI) and which hands the handshake the
 context built from the files most recently loaded. Existing connections keep theirs.
@@ -78,10 +83,15 @@ class StreamListeners:
         self._tls_files: tuple[Path, Path] | None = None
         self._tls_current: ssl.SSLContext | None = None
         self._closing = False
+        self.max_connections = 10000  # --max-stream-connections
+        self.idle_timeout = 30.0  # --stream-idle-timeout
+        self._full_logged = False
 
     async def start(self, config: ServeConfig) -> None:
         """Bind every --listen-tcp and --listen-tls address; raises StreamBindError."""
         loop = asyncio.get_running_loop()
+        self.max_connections = config.max_stream_connections
+        self.idle_timeout = config.stream_idle_timeout
         listener_context: ssl.SSLContext | None = None
         if config.listen_tls:
             assert config.tls_cert is not None and config.tls_key is not None  # config.check()
@@ -133,6 +143,14 @@ class StreamListeners:
             return
         connection.write(data)
 
+    def allocation_changed(self, flow: ClientFlow, allocated: bool) -> None:
+        """The core opened or deleted `flow`'s allocation. While it lives the connection is not
+        closed for being idle; once it is gone (expired, refreshed to 0) the idle timeout runs
+        again, rather than closing at once, so the client may allocate again on it."""
+        connection = self._connections.get(flow.listener)
+        if connection is not None and connection.flow == flow:
+            connection.set_allocated(allocated)
+
     def reload_tls(self) -> bool:
         """Load the certificate and key files again for new handshakes. On failure the
         current ones stay in use and False is returned (logged, counted)."""
@@ -174,7 +192,18 @@ class StreamListeners:
 
     def _opened(
         self, connection: _Connection, client: TransportAddr, kind: Transport
-    ) -> ClientFlow:
+    ) -> ClientFlow | None:
+        """The new connection's flow, or None when it is over --max-stream-connections."""
+        if len(self._connections) >= self.max_connections:
+            self._stats[f"{kind.value}_connections_refused"] += 1
+            if not self._full_logged:  # once per episode of being full, not per connection
+                self._full_logged = True
+                log.warning(
+                    "refusing TCP/TLS connections: --max-stream-connections reached",
+                    extra={"max_stream_connections": self.max_connections},
+                )
+            return None
+        self._full_logged = False
         flow = ClientFlow(ClientAddr(client), next(self._ids), kind)
         self._connections[flow.listener] = connection
         self._stats[f"{kind.value}_connections_opened"] += 1
@@ -189,6 +218,14 @@ class StreamListeners:
         log.debug(
             "closing a connection that is not TURN",
             extra={"client": str(flow.client), "error": str(error)},
+        )
+
+    def _timed_out(self, flow: ClientFlow, partial: bool) -> None:
+        reason = "partial_frame_timeouts" if partial else "idle_timeouts"
+        self._stats[f"{flow.transport.value}_{reason}"] += 1
+        log.debug(
+            "closing an idle connection",
+            extra={"client": str(flow.client), "partial_frame": partial},
         )
 
     def _lost(self, flow: ClientFlow) -> None:
@@ -211,12 +248,23 @@ class _Connection(asyncio.Protocol):
         self._decoder = StreamDecoder()
         self._transport: asyncio.Transport | None = None
         self.flow: ClientFlow | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._allocated = False
+        # When the current idle period began: a message must complete within the idle timeout
+        # of it. None while the connection has an allocation and no partly received message.
+        self._idle_since: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
         self._transport = cast(asyncio.Transport, transport)
         host, port = transport.get_extra_info("peername")[:2]
         self.flow = self._owner._opened(self, from_sockaddr(host, port), self._kind)
+        if self.flow is None:  # over the cap; never registered, so the core never hears of it
+            self._transport.abort()
+            return
+        self._loop = asyncio.get_running_loop()
+        self._restart_idle()
 
     def data_received(self, data: bytes) -> None:
         if self.flow is None or self._decoder.failed:
@@ -229,9 +277,42 @@ class _Connection(asyncio.Protocol):
             self.abort()
             return
         if frames:
-            self._owner._frames(self.flow, frames)
+            self._owner._frames(self.flow, frames)  # may open or delete this flow's allocation
+            self._restart_idle()
+        elif self._idle_since is None:
+            # An allocated connection, idle until now, began a message: it must finish it.
+            self._restart_idle()
+        # Otherwise bytes that complete nothing do not extend the deadline: a peer trickling
+        # a frame header announcing a large frame (or an HTTP request) still times out.
+
+    def set_allocated(self, allocated: bool) -> None:
+        self._allocated = allocated
+        self._restart_idle()
+
+    def _restart_idle(self) -> None:
+        if self._allocated and not self._decoder.buffered:
+            self._idle_since = None  # it lives as long as its allocation
+            return
+        assert self._loop is not None
+        self._idle_since = self._loop.time()
+        # One timer per idle period at most: it is not moved on every message, but re-armed
+        # for what is left when it fires (see _check_idle).
+        if self._timer is None:
+            self._timer = self._loop.call_later(self._owner.idle_timeout, self._check_idle)
+
+    def _check_idle(self) -> None:
+        self._timer = None
+        if self._idle_since is None or self.flow is None or self._loop is None:
+            return
+        remaining = self._idle_since + self._owner.idle_timeout - self._loop.time()
+        if remaining > 0:
+            self._timer = self._loop.call_later(remaining, self._check_idle)
+            return
+        self._owner._timed_out(self.flow, partial=self._decoder.buffered > 0)
+        self.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_timer()
         if self.flow is not None:
             self._owner._lost(self.flow)
 
@@ -246,8 +327,14 @@ class _Connection(asyncio.Protocol):
         transport.write(data)
 
     def abort(self) -> None:
+        self._cancel_timer()
         if self._transport is not None:
             self._transport.abort()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 __all__ = ["MAX_WRITE_BUFFER", "StreamBindError", "StreamListeners", "open_tcp_listener"]
