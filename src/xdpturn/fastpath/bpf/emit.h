@@ -155,6 +155,26 @@ static __always_inline __u64 csum_out_fields(const struct egress *eg)
 	return csum_udp_fields(&eg->src, &eg->dst, eg->family, eg->sport, eg->dport, eg->udp_len);
 }
 
+/* Move the frame's start by `delta` bytes (positive: shrink, negative: grow, 0: in place) and
+ * return it once `len` bytes of headers are known to lie inside the frame; else NULL with *reason
+ * set. bpf_xdp_adjust_head invalidates every packet pointer, so each leaf takes fresh ones here. */
+static __always_inline void *egress_frame(struct xdp_md *ctx, int delta, __u32 len, int *reason)
+{
+	void *data, *data_end;
+
+	if (delta && bpf_xdp_adjust_head(ctx, delta)) {
+		*reason = XDPTURN_PASS_ADJUST_FAILED;
+		return NULL;
+	}
+	data = (void *)(long)ctx->data;
+	data_end = (void *)(long)ctx->data_end;
+	if (data + len > data_end) {
+		*reason = XDPTURN_PASS_INTERNAL_DROP;
+		return NULL;
+	}
+	return data;
+}
+
 /* Cut what follows the new UDP datagram (ChannelData padding, an Ethernet trailer), count, send. */
 static __always_inline int egress_send(struct xdp_md *ctx, const struct egress *eg,
 				       enum xdpturn_route route)

@@ -14,7 +14,6 @@ static __always_inline int from_ipv4_channel_to_ipv6_udp(struct xdp_md *ctx, con
 	struct ethhdr *eth;
 	struct ipv6hdr *ip6;
 	struct udphdr *udp;
-	void *data, *data_end;
 	__u16 check = 0;
 	int reason;
 
@@ -28,15 +27,11 @@ static __always_inline int from_ipv4_channel_to_ipv6_udp(struct xdp_md *ctx, con
 					 csum_out_fields(&eg));
 
 	/* Eth+IPv4+UDP+ChannelData (46) -> Eth+IPv6+UDP (62): grow the front by 16. */
-	if (bpf_xdp_adjust_head(ctx, -16))
-		return exit_pass(XDPTURN_PASS_ADJUST_FAILED);
-	data = (void *)(long)ctx->data;
-	data_end = (void *)(long)ctx->data_end;
-	eth = data;
+	eth = egress_frame(ctx, -16, sizeof(*eth) + sizeof(*ip6) + sizeof(*udp), &reason);
+	if (!eth)
+		return exit_pass(reason);
 	ip6 = (void *)(eth + 1);
 	udp = (void *)(ip6 + 1);
-	if ((void *)(udp + 1) > data_end)
-		return exit_pass(XDPTURN_PASS_INTERNAL_DROP);
 
 	write_eth(eth, &eg);
 	write_ipv6(ip6, in, &eg);

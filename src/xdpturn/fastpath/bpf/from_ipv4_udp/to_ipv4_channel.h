@@ -16,7 +16,6 @@ static __always_inline int from_ipv4_udp_to_ipv4_channel(struct xdp_md *ctx, con
 	struct iphdr *ip;
 	struct udphdr *udp;
 	struct channel_hdr *chd;
-	void *data, *data_end;
 	__u16 check = 0;
 	int reason;
 
@@ -30,16 +29,12 @@ static __always_inline int from_ipv4_udp_to_ipv4_channel(struct xdp_md *ctx, con
 					 csum_out_fields(&eg) + route->channel + bpf_htons(in->udp_len - XDPTURN_UDP_HLEN));
 
 	/* Eth+IPv4+UDP (42) -> Eth+IPv4+UDP+ChannelData (46): grow the front by 4. */
-	if (bpf_xdp_adjust_head(ctx, -4))
-		return exit_pass(XDPTURN_PASS_ADJUST_FAILED);
-	data = (void *)(long)ctx->data;
-	data_end = (void *)(long)ctx->data_end;
-	eth = data;
+	eth = egress_frame(ctx, -4, sizeof(*eth) + sizeof(*ip) + sizeof(*udp) + sizeof(*chd), &reason);
+	if (!eth)
+		return exit_pass(reason);
 	ip = (void *)(eth + 1);
 	udp = (void *)(ip + 1);
 	chd = (void *)(udp + 1);
-	if ((void *)(chd + 1) > data_end)
-		return exit_pass(XDPTURN_PASS_INTERNAL_DROP);
 
 	write_eth(eth, &eg);
 	write_ipv4(ip, in, &eg);

@@ -16,7 +16,6 @@ static __always_inline int from_ipv6_channel_to_ipv4_channel(struct xdp_md *ctx,
 	struct iphdr *ip;
 	struct udphdr *udp;
 	struct channel_hdr *chd;
-	void *data, *data_end;
 	__u16 check = 0;
 	int reason;
 
@@ -30,16 +29,12 @@ static __always_inline int from_ipv6_channel_to_ipv4_channel(struct xdp_md *ctx,
 					 csum_out_fields(&eg) + route->channel);
 
 	/* Eth+IPv6+UDP+ChannelData (66) -> Eth+IPv4+UDP+ChannelData (46): shrink the front by 20. */
-	if (bpf_xdp_adjust_head(ctx, 20))
-		return exit_pass(XDPTURN_PASS_ADJUST_FAILED);
-	data = (void *)(long)ctx->data;
-	data_end = (void *)(long)ctx->data_end;
-	eth = data;
+	eth = egress_frame(ctx, 20, sizeof(*eth) + sizeof(*ip) + sizeof(*udp) + sizeof(*chd), &reason);
+	if (!eth)
+		return exit_pass(reason);
 	ip = (void *)(eth + 1);
 	udp = (void *)(ip + 1);
 	chd = (void *)(udp + 1);
-	if ((void *)(chd + 1) > data_end)
-		return exit_pass(XDPTURN_PASS_INTERNAL_DROP);
 
 	write_eth(eth, &eg);
 	write_ipv4(ip, in, &eg);

@@ -14,7 +14,6 @@ static __always_inline int from_ipv6_channel_to_ipv4_udp(struct xdp_md *ctx, con
 	struct ethhdr *eth;
 	struct iphdr *ip;
 	struct udphdr *udp;
-	void *data, *data_end;
 	__u16 check = 0;
 	int reason;
 
@@ -28,15 +27,11 @@ static __always_inline int from_ipv6_channel_to_ipv4_udp(struct xdp_md *ctx, con
 					 csum_out_fields(&eg));
 
 	/* Eth+IPv6+UDP+ChannelData (66) -> Eth+IPv4+UDP (42): shrink the front by 24. */
-	if (bpf_xdp_adjust_head(ctx, 24))
-		return exit_pass(XDPTURN_PASS_ADJUST_FAILED);
-	data = (void *)(long)ctx->data;
-	data_end = (void *)(long)ctx->data_end;
-	eth = data;
+	eth = egress_frame(ctx, 24, sizeof(*eth) + sizeof(*ip) + sizeof(*udp), &reason);
+	if (!eth)
+		return exit_pass(reason);
 	ip = (void *)(eth + 1);
 	udp = (void *)(ip + 1);
-	if ((void *)(udp + 1) > data_end)
-		return exit_pass(XDPTURN_PASS_INTERNAL_DROP);
 
 	write_eth(eth, &eg);
 	write_ipv4(ip, in, &eg);

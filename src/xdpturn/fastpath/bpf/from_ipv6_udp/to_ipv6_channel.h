@@ -16,7 +16,6 @@ static __always_inline int from_ipv6_udp_to_ipv6_channel(struct xdp_md *ctx, con
 	struct ipv6hdr *ip6;
 	struct udphdr *udp;
 	struct channel_hdr *chd;
-	void *data, *data_end;
 	__u16 check = 0;
 	int reason;
 
@@ -30,16 +29,12 @@ static __always_inline int from_ipv6_udp_to_ipv6_channel(struct xdp_md *ctx, con
 					 csum_out_fields(&eg) + route->channel + bpf_htons(in->udp_len - XDPTURN_UDP_HLEN));
 
 	/* Eth+IPv6+UDP (62) -> Eth+IPv6+UDP+ChannelData (66): grow the front by 4. */
-	if (bpf_xdp_adjust_head(ctx, -4))
-		return exit_pass(XDPTURN_PASS_ADJUST_FAILED);
-	data = (void *)(long)ctx->data;
-	data_end = (void *)(long)ctx->data_end;
-	eth = data;
+	eth = egress_frame(ctx, -4, sizeof(*eth) + sizeof(*ip6) + sizeof(*udp) + sizeof(*chd), &reason);
+	if (!eth)
+		return exit_pass(reason);
 	ip6 = (void *)(eth + 1);
 	udp = (void *)(ip6 + 1);
 	chd = (void *)(udp + 1);
-	if ((void *)(chd + 1) > data_end)
-		return exit_pass(XDPTURN_PASS_INTERNAL_DROP);
 
 	write_eth(eth, &eg);
 	write_ipv6(ip6, in, &eg);
