@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import unavailable
 from xdpturn import demo
 from xdpturn.cli import main
 from xdpturn.demo import PREFIX, DemoError, Options, check_prerequisites
@@ -71,7 +72,7 @@ def test_demo_without_root_says_so_and_exits_1() -> None:
     if os.geteuid() == 0:
         setpriv = shutil.which("setpriv")
         if setpriv is None:
-            pytest.skip("setpriv (util-linux) is needed to drop root")
+            unavailable("setpriv (util-linux) is needed to drop root")
         argv = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", *argv]
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
     proc = subprocess.run(

@@ -3,23 +3,16 @@ package needed), and a relay configuration with TCP and TLS listeners on loopbac
 
 from __future__ import annotations
 
-import ipaddress
 import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.server.helpers import loopback_config
+from tests.server.helpers import PUBLIC_V4, PUBLIC_V6, loopback_config
 from tests.support import unavailable
 from xdpturn.config import ServeConfig
 from xdpturn.proto.addr import TransportAddr
-
-# As in test_loopback: the relay listens on loopback but names documentation addresses, so
-# loopback peers are plain peers, not the relay itself.
-PUBLIC_V4 = ipaddress.IPv4Address("203.0.113.1")
-PUBLIC_V6 = ipaddress.IPv6Address("2001:db8::1")
-SECRET = "s3cret"
 
 
 @dataclass(frozen=True)

@@ -5,18 +5,16 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import ssl
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 
-from tests.server.helpers import TIMEOUT, local, recv, run, sockaddr, udp
-from tests.tls_support import SECRET, Certificate, common_name, make_certificate, stream_config
+from tests.server.helpers import TIMEOUT, local, recv, rest_credentials, run, sockaddr, udp
+from tests.tls_support import Certificate, common_name, make_certificate, stream_config
 from xdpturn.client import StreamTransport, TurnClient, TurnClientError, open_tcp, open_tls
 from xdpturn.client.turn import ClientOptions, TransportOpener
 from xdpturn.proto.addr import Transport, TransportAddr
-from xdpturn.proto.auth import mint_rest_credentials
 from xdpturn.proto.channel_data import encode_channel_data
 from xdpturn.server import RelayServer
 
@@ -29,10 +27,8 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> Certificate:
 
 
 async def connect(server: TransportAddr, opener: TransportOpener) -> TurnClient:
-    creds = mint_rest_credentials(SECRET, now=time.time(), ttl=600, user_id="stream")
-    return await TurnClient.connect(
-        server, creds.username, creds.password, options=OPTIONS, opener=opener
-    )
+    username, password = rest_credentials("stream")
+    return await TurnClient.connect(server, username, password, options=OPTIONS, opener=opener)
 
 
 async def relay_both_ways(client: TurnClient, peer_host: str) -> None:

@@ -8,6 +8,7 @@ import re
 import shutil
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 
 import aioice.turn
@@ -15,6 +16,7 @@ import pytest
 
 from tests.support import BOUNDED, Serve, unavailable
 from xdpturn.proto.addr import TransportAddr
+from xdpturn.proto.auth import mint_rest_credentials
 
 pytestmark = pytest.mark.interop
 
@@ -49,10 +51,6 @@ class Collect(asyncio.DatagramProtocol):
 
 
 def test_aioice_turn_client_relays_both_ways(relay: TransportAddr) -> None:
-    import time
-
-    from xdpturn.proto.auth import mint_rest_credentials
-
     creds = mint_rest_credentials(SECRET, now=time.time(), ttl=600, user_id="aioice")
 
     async def main() -> None:

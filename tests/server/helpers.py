@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -12,11 +13,18 @@ import uvloop
 
 from xdpturn.config import PortRange, ServeConfig
 from xdpturn.proto.addr import TransportAddr
+from xdpturn.proto.auth import mint_rest_credentials
 
 T = TypeVar("T")
 TIMEOUT = 5.0
 # Outside the kernel's ephemeral range (32768-60999 here), so test sockets never take them.
 TEST_PORTS = PortRange(20000, 29999)
+SECRET = "s3cret"
+# The relay listens on loopback but tells clients documentation addresses, as a relay behind
+# 1:1 NAT does. Peers on loopback are then plain peers: the core treats a peer at the relay's
+# *public* address as the relay itself (packets to itself), never as a socket to send to.
+PUBLIC_V4 = ipaddress.IPv4Address("203.0.113.1")
+PUBLIC_V6 = ipaddress.IPv6Address("2001:db8::1")
 
 LOOP_FACTORIES: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
     "asyncio": asyncio.new_event_loop,
@@ -33,12 +41,23 @@ def loopback_config(**overrides: Any) -> ServeConfig:
     values: dict[str, Any] = {
         "listen": [TransportAddr.parse("127.0.0.1:0"), TransportAddr.parse("[::1]:0")],
         "ports": TEST_PORTS,
-        "auth_secrets": ["s3cret"],
+        "auth_secrets": [SECRET],
         "realm": "test.example",
         "allow_peers": [ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")],
     }
     values.update(overrides)
     return ServeConfig(**values)
+
+
+def behind_nat_config(**overrides: Any) -> ServeConfig:
+    """`loopback_config` telling clients PUBLIC_V4 / PUBLIC_V6 (see there)."""
+    return loopback_config(public_ipv4=PUBLIC_V4, public_ipv6=PUBLIC_V6, **overrides)
+
+
+def rest_credentials(user_id: str = "test") -> tuple[str, str]:
+    """A REST API username and password for SECRET, valid for ten minutes."""
+    creds = mint_rest_credentials(SECRET, now=time.time(), ttl=600, user_id=user_id)
+    return creds.username, creds.password
 
 
 def udp(host: str = "127.0.0.1") -> socket.socket:

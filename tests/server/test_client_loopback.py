@@ -8,22 +8,12 @@ import ipaddress
 
 import pytest
 
-from tests.server.helpers import loopback_config, recv, run, sockaddr, udp
+from tests.server.helpers import behind_nat_config, recv, rest_credentials, run, sockaddr, udp
 from xdpturn.client import TurnClient
 from xdpturn.proto.addr import Family, TransportAddr
-from xdpturn.proto.auth import mint_rest_credentials
 from xdpturn.server import RelayServer
 
-PUBLIC_V4 = ipaddress.IPv4Address("203.0.113.1")
-PUBLIC_V6 = ipaddress.IPv6Address("2001:db8::1")
 TIMEOUT = 5.0
-
-
-def credentials() -> tuple[str, str]:
-    import time
-
-    creds = mint_rest_credentials("s3cret", now=time.time(), ttl=600, user_id="test")
-    return creds.username, creds.password
 
 
 CASES = {
@@ -37,12 +27,12 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_client_relays_to_a_udp_peer_both_ways(case: str) -> None:
     client_host, family, peer_host = CASES[case]
-    config = loopback_config(public_ipv4=PUBLIC_V4, public_ipv6=PUBLIC_V6)
+    config = behind_nat_config()
 
     async def main() -> None:
         async with RelayServer(config) as server:
             listen = next(a for a in server.listen_addresses if str(a.ip) == client_host)
-            username, password = credentials()
+            username, password = rest_credentials()
             with udp(peer_host) as peer_sock:
                 peer_host_port = peer_sock.getsockname()[:2]
                 peer = TransportAddr(ipaddress.ip_address(peer_host_port[0]), peer_host_port[1])
@@ -74,12 +64,12 @@ def test_client_relays_to_a_udp_peer_both_ways(case: str) -> None:
 def test_two_allocations_reach_each_other_through_the_relay_itself(
     mode: str, family: Family
 ) -> None:
-    config = loopback_config(public_ipv4=PUBLIC_V4, public_ipv6=PUBLIC_V6)
+    config = behind_nat_config()
 
     async def main() -> None:
         async with RelayServer(config) as server:
             listen_v4, listen_v6 = server.listen_addresses
-            username, password = credentials()
+            username, password = rest_credentials()
             # One client over IPv4, the other over IPv6: the relay loops between them.
             async with (
                 await TurnClient.connect(listen_v4, username, password) as a,

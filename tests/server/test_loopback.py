@@ -8,20 +8,28 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
-import time
 
 import pytest
 
 from xdpturn.proto import stun
 from xdpturn.proto.addr import Family, TransportAddr
-from xdpturn.proto.auth import mint_rest_credentials
 from xdpturn.proto.channel_data import decode_channel_data, encode_channel_data
 from xdpturn.proto.stun import AttrType, Message, MessageClass, Method
 from xdpturn.server import RelayServer
 
-from .helpers import local, loopback_config, recv, run, sockaddr, udp
+from .helpers import (
+    PUBLIC_V4,
+    PUBLIC_V6,
+    behind_nat_config,
+    local,
+    loopback_config,
+    recv,
+    rest_credentials,
+    run,
+    sockaddr,
+    udp,
+)
 
-SECRET = "s3cret"
 REALM = "test.example"
 
 
@@ -31,8 +39,7 @@ class StunClient:
     def __init__(self, sock: socket.socket, server: TransportAddr) -> None:
         self.sock = sock
         self.server = server
-        creds = mint_rest_credentials(SECRET, now=time.time(), ttl=600, user_id="test")
-        self.username, self.password = creds.username, creds.password
+        self.username, self.password = rest_credentials()
         self.nonce: bytes | None = None
         self.key = stun.long_term_key(self.username, REALM, self.password)
 
@@ -118,12 +125,6 @@ def test_binding_request_is_answered_with_the_mapped_address() -> None:
     run(main(), "uvloop")
 
 
-# The relay listens on loopback but tells clients documentation addresses, as a relay behind
-# 1:1 NAT does. Peers on loopback are then plain peers: the core treats a peer at the relay's
-# *public* address as the relay itself (packets to itself), never as a socket to send to.
-PUBLIC_V4 = ipaddress.IPv4Address("203.0.113.1")
-PUBLIC_V6 = ipaddress.IPv6Address("2001:db8::1")
-
 CASES = {
     "ipv4": ("127.0.0.1", Family.IPV4, "127.0.0.1"),
     "ipv6": ("::1", Family.IPV6, "::1"),
@@ -134,7 +135,7 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_allocate_and_relay_both_ways(case: str) -> None:
     client_host, family, peer_host = CASES[case]
-    config = loopback_config(public_ipv4=PUBLIC_V4, public_ipv6=PUBLIC_V6)
+    config = behind_nat_config()
 
     async def main() -> None:
         async with RelayServer(config) as server:

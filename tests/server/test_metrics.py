@@ -23,11 +23,9 @@ from xdpturn.server.drain import Drainer
 from xdpturn.server.metrics import OpsServer
 from xdpturn.server.status import render, watch
 
-from .helpers import TIMEOUT, local, loopback_config, recv, run, sockaddr, udp
+from .helpers import TIMEOUT, behind_nat_config, local, loopback_config, recv, run, sockaddr, udp
 from .test_loopback import StunClient
 
-PUBLIC_V4 = ipaddress.IPv4Address("203.0.113.1")
-PUBLIC_V6 = ipaddress.IPv6Address("2001:db8::1")
 ANY_PORT = TransportAddr.parse("127.0.0.1:0")
 
 
@@ -109,7 +107,7 @@ class FakeFastPath:
 
 
 def test_python_relaying_moves_the_counters_by_what_was_sent() -> None:
-    config = loopback_config(public_ipv4=PUBLIC_V4, public_ipv6=PUBLIC_V6)
+    config = behind_nat_config()
     out_payloads = [b"a" * n for n in (1, 10, 100, 1000, 1200)]
     in_payloads = [b"b" * n for n in (7, 70, 700)]
 

@@ -18,9 +18,18 @@ from typing import Any
 import pytest
 from aioice.turn import create_turn_endpoint
 
-from tests.server.helpers import TIMEOUT, local, loopback_config, recv, run, sockaddr, udp
-from tests.tls_support import (
+from tests.server.helpers import (
     SECRET,
+    TIMEOUT,
+    local,
+    loopback_config,
+    recv,
+    rest_credentials,
+    run,
+    sockaddr,
+    udp,
+)
+from tests.tls_support import (
     Certificate,
     common_name,
     make_certificate,
@@ -30,7 +39,6 @@ from xdpturn.client import StreamTransport, TurnClient, open_tcp, open_tls
 from xdpturn.client.turn import ClientOptions, TransportOpener
 from xdpturn.config import ConfigError, load_serve_config
 from xdpturn.proto.addr import Transport, TransportAddr
-from xdpturn.proto.auth import mint_rest_credentials
 from xdpturn.server import RelayServer, StartError
 from xdpturn.server.relay import serve
 from xdpturn.tls import client_context
@@ -43,13 +51,8 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> Certificate:
     return make_certificate(tmp_path_factory.mktemp("tls"), "relay")
 
 
-def credentials() -> tuple[str, str]:
-    creds = mint_rest_credentials(SECRET, now=time.time(), ttl=600, user_id="stream")
-    return creds.username, creds.password
-
-
 async def connect(server: TransportAddr, opener: TransportOpener) -> TurnClient:
-    username, password = credentials()
+    username, password = rest_credentials("stream")
     return await TurnClient.connect(server, username, password, options=OPTIONS, opener=opener)
 
 
@@ -93,7 +96,7 @@ def test_aioice_allocates_and_relays(certificate: Certificate, kind: Transport) 
     async def main() -> None:
         async with RelayServer(stream_config(certificate)) as server:
             listen = server.streams.addresses(kind)[0]
-            username, password = credentials()
+            username, password = rest_credentials("stream")
             tls = client_context(certificate.cert) if kind is Transport.TLS else None
             transport, protocol = await asyncio.wait_for(
                 create_turn_endpoint(
