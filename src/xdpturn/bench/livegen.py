@@ -31,8 +31,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from xdpturn.bench import tools
 from xdpturn.fastpath import libbpf
@@ -218,7 +217,7 @@ class LiveSend:
             return gen.result()
 
 
-class LiveProcess:
+class LiveProcess(tools.LineProcess):
     """A running generator: `wait_ready()` (program loaded), `go()`, `result()`."""
 
     def __init__(self, cmd: LiveSend, prefix: Sequence[str]) -> None:
@@ -226,29 +225,15 @@ class LiveProcess:
         env = dict(os.environ)
         src = str(Path(__file__).resolve().parents[2])  # importable under `ip netns exec`
         env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
-        self.proc = subprocess.Popen(
+        proc = subprocess.Popen(
             cmd.argv(prefix),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env=env,
         )
-        assert self.proc.stdout is not None
-        self._lines = tools._Lines(self.proc.stdout.fileno())
+        super().__init__(proc, "livegen")
         self._started = time.monotonic()
-
-    def _line(self, kind: str, deadline: float) -> dict[str, Any]:
-        try:
-            line = self._lines.next(deadline)
-        except TimeoutError:
-            self.stop()
-            raise tools.BlastError(f"livegen: no {kind} line within the deadline") from None
-        if line is None:
-            self.proc.wait(timeout=_GRACE_S)
-            assert self.proc.stderr is not None
-            err = self.proc.stderr.read().decode(errors="replace").strip()
-            raise tools.BlastError(f"livegen exited with {self.proc.returncode}: {err[-2000:]}")
-        return tools._parse_line(line, kind)
 
     def wait_ready(self) -> None:
         self._line("ready", self._started + START_TIMEOUT)
@@ -262,29 +247,6 @@ class LiveProcess:
         d = self._line("result", time.monotonic() + self.cmd.duration + _GRACE_S)
         self.proc.wait(timeout=_GRACE_S)
         return tools.from_json(tools.SendResult, d)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=_GRACE_S)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-        for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
-            if pipe is not None:
-                pipe.close()
 
 
 # --- the child process ----------------------------------------------------------------------------

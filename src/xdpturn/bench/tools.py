@@ -393,54 +393,28 @@ class _Lines:
         return self.lines.pop(0) if self.lines else None
 
 
-class Blast(Generic[T]):
-    """A running tool (synchronous). Leaving the `with` block stops it if it still runs."""
+class LineProcess:
+    """A load tool running as a child process that reports JSON lines on stdout ("ready",
+    "result"); leaving the `with` block stops it if it still runs."""
 
-    def __init__(self, cmd: Command[T], prefix: Sequence[str] = ()) -> None:
-        self.cmd = cmd
-        self.started = time.monotonic()
-        self.proc = subprocess.Popen(
-            cmd.argv(prefix),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            pass_fds=() if cmd.fd is None else (cmd.fd,),
-        )
-        assert self.proc.stdout is not None
-        self._lines = _Lines(self.proc.stdout.fileno())
-        self._ready: Ready | None = None
-        self._result: T | None = None
+    def __init__(self, proc: subprocess.Popen[bytes], name: str) -> None:
+        self.proc = proc
+        self.name = name  # for error messages
+        assert proc.stdout is not None
+        self._lines = _Lines(proc.stdout.fileno())
 
     def _line(self, kind: str, deadline: float) -> dict[str, Any]:
         try:
             line = self._lines.next(deadline)
         except TimeoutError:
             self.stop()
-            raise BlastError(f"no {kind} line within the deadline: {self.cmd.args}") from None
+            raise BlastError(f"{self.name}: no {kind} line within the deadline") from None
         if line is None:
             self.proc.wait(timeout=_GRACE_S)
             assert self.proc.stderr is not None
             err = self.proc.stderr.read().decode(errors="replace").strip()
-            raise BlastError(f"tool exited with {self.proc.returncode}: {err}")
+            raise BlastError(f"{self.name} exited with {self.proc.returncode}: {err[-2000:]}")
         return _parse_line(line, kind)
-
-    def wait_ready(self, timeout: float = _GRACE_S) -> Ready:
-        if self._ready is None:
-            self._ready = _ready(self._line("ready", time.monotonic() + timeout))
-        return self._ready
-
-    def result(self, timeout: float | None = None) -> T:
-        """Waits for the result line; `timeout` defaults to the command's own bound."""
-        if self._result is None:
-            bound = self.cmd.bound_s if timeout is None else timeout
-            self.wait_ready(timeout=max(0.0, self.started + bound - time.monotonic()))
-            self._result = self.cmd.parse(self._line("result", self.started + bound))
-            self.proc.wait(timeout=_GRACE_S)
-        return self._result
-
-    def interrupt(self) -> None:
-        """Asks the tool to stop now; it still prints its result."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -461,9 +435,45 @@ class Blast(Generic[T]):
         tb: TracebackType | None,
     ) -> None:
         self.stop()
-        for pipe in (self.proc.stdout, self.proc.stderr):
+        for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             if pipe is not None:
                 pipe.close()
+
+
+class Blast(LineProcess, Generic[T]):
+    """A running tool (synchronous)."""
+
+    def __init__(self, cmd: Command[T], prefix: Sequence[str] = ()) -> None:
+        self.cmd = cmd
+        self.started = time.monotonic()
+        proc = subprocess.Popen(
+            cmd.argv(prefix),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            pass_fds=() if cmd.fd is None else (cmd.fd,),
+        )
+        super().__init__(proc, " ".join(cmd.args))
+        self._ready: Ready | None = None
+        self._result: T | None = None
+
+    def wait_ready(self, timeout: float = _GRACE_S) -> Ready:
+        if self._ready is None:
+            self._ready = _ready(self._line("ready", time.monotonic() + timeout))
+        return self._ready
+
+    def result(self, timeout: float | None = None) -> T:
+        """Waits for the result line; `timeout` defaults to the command's own bound."""
+        if self._result is None:
+            bound = self.cmd.bound_s if timeout is None else timeout
+            self.wait_ready(timeout=max(0.0, self.started + bound - time.monotonic()))
+            self._result = self.cmd.parse(self._line("result", self.started + bound))
+            self.proc.wait(timeout=_GRACE_S)
+        return self._result
+
+    def interrupt(self) -> None:
+        """Asks the tool to stop now; it still prints its result."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
 
 
 class AsyncBlast(Generic[T]):
