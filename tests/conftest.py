@@ -16,7 +16,7 @@ from tests.support import unavailable
 def kernel_unavailable_reason() -> str | None:
     if os.geteuid() != 0:
         return "needs root (BPF, XDP and network namespaces)"
-    if not os.path.exists("/proc/sys/net/core/bpf_jit_enable"):
+    if not os.path.exists("/proc/sys/kernel/unprivileged_bpf_disabled"):
         return "kernel has no BPF support"
     return None
 
