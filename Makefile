@@ -11,7 +11,7 @@ serve:
 	scripts/serve-local.sh
 
 demo: setup
-	.venv/bin/xdpturn demo
+	.venv/bin/xdpturn-lab demo
 
 bench: setup
-	.venv/bin/xdpturn bench
+	.venv/bin/xdpturn-lab bench

@@ -31,4 +31,4 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
 fi
 
 make -s -C src/xdpturn/fastpath/bpf
-make -s -C src/xdpturn/bench
+make -s -C src/xdpturn_lab/bench

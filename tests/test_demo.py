@@ -1,4 +1,4 @@
-"""`xdpturn demo`: runs end to end as root, refuses cleanly otherwise."""
+"""`xdpturn-lab demo`: runs end to end as root, refuses cleanly otherwise."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from tests.support import unavailable
-from xdpturn import demo
-from xdpturn.cli import main
-from xdpturn.demo import PREFIX, DemoError, Options, check_prerequisites
+from xdpturn_lab import demo
+from xdpturn_lab.cli import main
+from xdpturn_lab.demo import PREFIX, DemoError, Options, check_prerequisites
 
 DEMO_TIMEOUT = 120.0  # seconds: 3 s of traffic, plus testbed and relay start and teardown
 HAIRPIN_ROUTES = (
@@ -37,7 +37,7 @@ def _number(text: str) -> int:
 @pytest.mark.kernel
 def test_demo_relays_on_hairpin_routes_and_leaves_nothing() -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "xdpturn", "demo", "--seconds", "3"],
+        [sys.executable, "-m", "xdpturn_lab", "demo", "--seconds", "3"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -68,7 +68,7 @@ def test_demo_relays_on_hairpin_routes_and_leaves_nothing() -> None:
 
 
 def test_demo_without_root_says_so_and_exits_1() -> None:
-    argv = [sys.executable, "-m", "xdpturn", "demo", "--seconds", "1"]
+    argv = [sys.executable, "-m", "xdpturn_lab", "demo", "--seconds", "1"]
     if os.geteuid() == 0:
         setpriv = shutil.which("setpriv")
         if setpriv is None:
@@ -81,7 +81,7 @@ def test_demo_without_root_says_so_and_exits_1() -> None:
     assert proc.returncode == 1, proc.stderr
     assert proc.stdout == ""
     lines = proc.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("xdpturn demo: needs root"), proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("xdpturn-lab demo: needs root"), proc.stderr
     assert "Traceback" not in proc.stderr
 
 
@@ -100,6 +100,6 @@ def test_demo_without_the_bpf_object_tells_to_run_the_setup(
 
 def test_demo_refuses_bad_values(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--rate", "0"]) == 2
-    assert "xdpturn demo: --rate: expected a whole number" in capsys.readouterr().err
+    assert "xdpturn-lab demo: --rate: expected a whole number" in capsys.readouterr().err
     assert main(["demo", "--seconds", "99999"]) == 2
-    assert "xdpturn demo: --seconds: at most" in capsys.readouterr().err
+    assert "xdpturn-lab demo: --seconds: at most" in capsys.readouterr().err

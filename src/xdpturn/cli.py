@@ -30,15 +30,17 @@ USAGE_ERROR = 2
 
 
 class UsageError(Exception):
-    def __init__(self, command: str, message: str) -> None:
-        super().__init__(f"xdpturn {command}: {message}")
+    def __init__(self, command: str, message: str, prog: str = "xdpturn") -> None:
+        super().__init__(f"{prog} {command}: {message}")
 
 
-def _value(command: str, flag: str, parse: Callable[[str], T], text: str) -> T:
+def _value(
+    command: str, flag: str, parse: Callable[[str], T], text: str, prog: str = "xdpturn"
+) -> T:
     try:
         return parse(text)
     except ValueError as e:
-        raise UsageError(command, f"{flag}: {e}") from None
+        raise UsageError(command, f"{flag}: {e}", prog) from None
 
 
 # serve
@@ -191,52 +193,6 @@ def _probe(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
-# bench
-
-
-def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "bench",
-        help="benchmark the fast path, the Python path and coturn side by side",
-        description="Build a testbed and run the same throughput, latency and control-plane "
-        "workloads against each relay; print a table with ratios to coturn and write a JSON "
-        "file and a PNG chart. Needs root. See docs/performance.md.",
-    )
-    from xdpturn.bench.suite import add_arguments
-
-    add_arguments(p)
-    p.set_defaults(run=_bench)
-
-
-def _bench(args: argparse.Namespace) -> int:
-    from xdpturn.bench.suite.run import main
-
-    return main(args)
-
-
-# demo
-
-
-def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "demo",
-        help="watch the relay and its fast path at work in a throw-away testbed",
-        description="Build a testbed (a Client and a Gateway behind NATs, one relay), relay "
-        "traffic between them through the fast path in both families, show live rates, print "
-        "which routes carried how much, and tear it all down. Needs root. See docs/demo.md.",
-    )
-    from xdpturn.demo import add_arguments
-
-    add_arguments(p)
-    p.set_defaults(run=_demo)
-
-
-def _demo(args: argparse.Namespace) -> int:
-    from xdpturn.demo import main
-
-    return main(args)
-
-
 # main
 
 
@@ -247,8 +203,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(sub)
     _add_credentials(sub)
     _add_probe(sub)
-    _add_bench(sub)
-    _add_demo(sub)
     from xdpturn.server.status import add_drain_command, add_status_command
 
     add_status_command(sub)

@@ -1,4 +1,4 @@
-"""`xdpturn demo`: the relay at work in a throw-away testbed, watched live.
+"""`xdpturn-lab demo`: the relay at work in a throw-away testbed, watched live.
 
 It builds a Client site and a Gateway site, each behind its own masquerading NAT, and one relay
 (testbed topology, see docs/demo.md); starts `xdpturn serve` there with the fast path and a
@@ -31,13 +31,14 @@ from typing import TYPE_CHECKING, Any, TextIO
 from xdpturn.proto.addr import Family, TransportAddr
 
 if TYPE_CHECKING:
-    from xdpturn.testbed import Testbed
-    from xdpturn.testbed.scenario import RelayProcess, Report, TurnEndpoint
+    from xdpturn_lab.testbed import Testbed
+    from xdpturn_lab.testbed.scenario import RelayProcess, Report, TurnEndpoint
 
 DEFAULT_SECONDS = 10
 MAX_SECONDS = 3600
 DEFAULT_RATE = 500  # datagrams per second, per direction of each pair
-MAX_RATE = 20_000  # the demo shows routes, it is not a benchmark (see `xdpturn bench`)
+PROG = "xdpturn-lab"
+MAX_RATE = 20_000  # the demo shows routes, it is not a benchmark (see `xdpturn-lab bench`)
 DATAGRAM_SIZE = 200  # bytes of application data, about a video RTP packet's worth
 PREFIX = "xdemo"  # namespace prefix: never confused with test or bench runs
 METRICS = TransportAddr.parse("127.0.0.1:9478")  # on the relay namespace's own loopback
@@ -106,12 +107,12 @@ def options_from(args: argparse.Namespace) -> Options:
     from xdpturn.cli import UsageError, _value
     from xdpturn.config import parse_positive
 
-    seconds = _value("demo", "--seconds", parse_positive, args.seconds)
-    rate = _value("demo", "--rate", parse_positive, args.rate)
+    seconds = _value("demo", "--seconds", parse_positive, args.seconds, prog=PROG)
+    rate = _value("demo", "--rate", parse_positive, args.rate, prog=PROG)
     if seconds > MAX_SECONDS:
-        raise UsageError("demo", f"--seconds: at most {MAX_SECONDS}, got {seconds}")
+        raise UsageError("demo", f"--seconds: at most {MAX_SECONDS}, got {seconds}", PROG)
     if rate > MAX_RATE:
-        raise UsageError("demo", f"--rate: at most {MAX_RATE}, got {rate}")
+        raise UsageError("demo", f"--rate: at most {MAX_RATE}, got {rate}", PROG)
     return Options(seconds, args.fastpath == "auto", rate)
 
 
@@ -124,10 +125,10 @@ def main(args: argparse.Namespace, out: TextIO | None = None) -> int:
         check_prerequisites(opts)
         return run(opts, out)
     except DemoError as e:
-        print(f"xdpturn demo: {e}", file=sys.stderr)
+        print(f"xdpturn-lab demo: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("xdpturn demo: interrupted; testbed torn down", file=sys.stderr)
+        print("xdpturn-lab demo: interrupted; testbed torn down", file=sys.stderr)
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -142,7 +143,7 @@ def check_prerequisites(opts: Options) -> None:
     if os.geteuid() != 0:
         raise DemoError(
             "needs root (it creates network namespaces and NAT rules and attaches XDP); "
-            "run it as root, e.g. sudo .venv/bin/xdpturn demo"
+            "run it as root, e.g. sudo .venv/bin/xdpturn-lab demo"
         )
     missing = [tool for tool in REQUIRED_TOOLS if shutil.which(tool) is None]
     if missing:
@@ -172,7 +173,7 @@ class Stream:
     highest: int = -1
 
     def take(self, data: bytes) -> None:
-        from xdpturn.testbed.scenario import datagram, sequence_of
+        from xdpturn_lab.testbed.scenario import datagram, sequence_of
 
         r = self.report
         seq = sequence_of(data)
@@ -196,7 +197,7 @@ class Stream:
 
 async def _pace(stream: Stream, rate: int, seconds: int) -> None:
     """Send rate * seconds datagrams, evenly spread over `seconds`."""
-    from xdpturn.testbed.scenario import datagram
+    from xdpturn_lab.testbed.scenario import datagram
 
     loop = asyncio.get_running_loop()
     total = rate * seconds
@@ -226,7 +227,7 @@ async def _receive(stream: Stream) -> None:
 def fetch_status(ns: str) -> dict[str, Any]:
     """GET /status from the relay's metrics listener, from inside its namespace (this thread)."""
     from xdpturn.server.status import StatusError, fetch
-    from xdpturn.testbed import netns
+    from xdpturn_lab.testbed import netns
 
     try:
         code, body = netns.call(ns, fetch, METRICS, "/status?top=0")
@@ -359,7 +360,7 @@ async def traffic(
     """Open the pairs, send for opts.seconds while the view refreshes, then settle the tail."""
     from contextlib import AsyncExitStack
 
-    from xdpturn.testbed.scenario import EndpointSpec, Report, pair
+    from xdpturn_lab.testbed.scenario import EndpointSpec, Report, pair
 
     ns = relay.relay.netns
     loop = asyncio.get_running_loop()
@@ -397,8 +398,8 @@ async def traffic(
 
 
 def run(opts: Options, out: TextIO) -> int:
-    from xdpturn.testbed import Relay, Site, Testbed, Topology
-    from xdpturn.testbed.scenario import RelayProcess
+    from xdpturn_lab.testbed import Relay, Site, Testbed, Topology
+    from xdpturn_lab.testbed.scenario import RelayProcess
 
     topology = Topology([Relay("relay")], [Site("client"), Site("gateway")])
     tb = Testbed(topology, prefix=PREFIX)
@@ -476,7 +477,7 @@ def relay_stop_quietly(relay: RelayProcess) -> None:
     try:
         relay.stop()
     except AssertionError as e:
-        print(f"xdpturn demo: {e}", file=sys.stderr)
+        print(f"xdpturn-lab demo: {e}", file=sys.stderr)
     except RuntimeError:
         pass  # never started
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from xdpturn.bench import tools
+from xdpturn_lab.bench import tools
 
 
 @pytest.fixture(scope="session")

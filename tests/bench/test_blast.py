@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from xdpturn.bench import tools
-from xdpturn.bench.tools import RecvResult, SendResult
 from xdpturn.proto.channel_data import decode_channel_data, encode_channel_data
+from xdpturn_lab.bench import tools
+from xdpturn_lab.bench.tools import RecvResult, SendResult
 
 V4 = "127.0.0.1"
 V6 = "::1"

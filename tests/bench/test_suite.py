@@ -1,5 +1,5 @@
-"""Smoke test of `xdpturn bench --quick`: one command yields the table, the JSON and the chart for
-each relay, with traffic delivered in every workload. Never asserts speed."""
+"""Smoke test of `xdpturn-lab bench --quick`: one command yields the table, the JSON and the chart
+for each relay, with traffic delivered in every workload. Never asserts speed."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ TIMEOUT = 300  # seconds; --quick takes well under a minute with three relays
 
 def test_quick_bench_writes_json_chart_and_table(tmp_path: Path, blast: Path) -> None:
     relays = ["xdp", "python"] + (["coturn"] if shutil.which("turnserver") else [])
-    argv = [sys.executable, "-m", "xdpturn", "bench", "--quick", "--only", ",".join(relays)]
+    argv = [sys.executable, "-m", "xdpturn_lab", "bench", "--quick", "--only", ",".join(relays)]
     proc = subprocess.run(
         [*argv, "--out", str(tmp_path)],
         capture_output=True,
@@ -64,7 +64,7 @@ def test_live_frame_headers_and_checksums(src: tuple[str, int], dst: tuple[str, 
     import ipaddress
     import struct
 
-    from xdpturn.bench import livegen
+    from xdpturn_lab.bench import livegen
 
     data = livegen.payload(100, channel=0x4001)
     assert data[:4] == b"\x40\x01\x00\x64" and len(data) == 104

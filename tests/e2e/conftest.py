@@ -9,8 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from xdpturn.testbed import Relay, Site, Testbed, Topology
-from xdpturn.testbed.scenario import add_internet_host, xdp_attached
+from xdpturn_lab.testbed import Relay, Site, Testbed, Topology
+from xdpturn_lab.testbed.scenario import add_internet_host, xdp_attached
 
 TOPOLOGY = Topology(
     relays=[Relay("relay"), Relay("other"), Relay("cloud", nat_1to1=True)],

@@ -8,8 +8,8 @@ from typing import Any, TypeVar
 
 from xdpturn.fastpath import FastPathCounters
 from xdpturn.proto.addr import Family
-from xdpturn.testbed import Testbed, netns
-from xdpturn.testbed.scenario import RelayProcess, Report, TurnEndpoint
+from xdpturn_lab.testbed import Testbed, netns
+from xdpturn_lab.testbed.scenario import RelayProcess, Report, TurnEndpoint
 
 T = TypeVar("T")
 

@@ -28,8 +28,8 @@ from tests.e2e.helpers import (
 )
 from xdpturn.fastpath import FastPathCounters
 from xdpturn.proto.addr import Family
-from xdpturn.testbed import Testbed
-from xdpturn.testbed.scenario import (
+from xdpturn_lab.testbed import Testbed
+from xdpturn_lab.testbed.scenario import (
     EndpointSpec,
     RelayProcess,
     Report,

@@ -19,8 +19,8 @@ from tests.e2e.helpers import channel_route, misses, route_deltas
 from xdpturn.fastpath import FastPathCounters
 from xdpturn.proto.addr import Family
 from xdpturn.proto.auth import mint_rest_credentials
-from xdpturn.testbed import Testbed
-from xdpturn.testbed.scenario import RelayProcess, run_in_netns
+from xdpturn_lab.testbed import Testbed
+from xdpturn_lab.testbed.scenario import RelayProcess, run_in_netns
 
 pytestmark = [pytest.mark.kernel, pytest.mark.interop]
 

@@ -10,8 +10,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.helpers import assert_intact, run
 from xdpturn.proto.addr import Family
-from xdpturn.testbed import Testbed
-from xdpturn.testbed.scenario import EndpointSpec, RelayProcess, Report, exchange, pair
+from xdpturn_lab.testbed import Testbed
+from xdpturn_lab.testbed.scenario import EndpointSpec, RelayProcess, Report, exchange, pair
 
 pytestmark = pytest.mark.kernel
 

@@ -25,7 +25,7 @@ import pytest
 
 from xdpturn.fastpath import FastPathConfig, FastPathMode
 from xdpturn.fastpath.xdp import XdpFastPath
-from xdpturn.testbed import netns
+from xdpturn_lab.testbed import netns
 
 TURN_PORT = 3478
 PUBLIC4 = ipaddress.IPv4Address("203.0.113.1")

@@ -15,7 +15,7 @@ from xdpturn.fastpath import libbpf as bpf
 from xdpturn.fastpath.xdp import XdpFastPath
 from xdpturn.proto.addr import ClientAddr, PeerAddr, TransportAddr
 from xdpturn.proto.commands import ChannelRoute
-from xdpturn.testbed import netns
+from xdpturn_lab.testbed import netns
 
 # Bytes in front of the frame that the program may claim as headroom: 0xff exposes any byte of a
 # grown header that it forgot to write.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from xdpturn.bench import bpf_cost
+from xdpturn_lab.bench import bpf_cost
 
 
 @pytest.mark.kernel

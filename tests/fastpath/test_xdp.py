@@ -19,7 +19,7 @@ from xdpturn.fastpath import (
 from xdpturn.fastpath import libbpf as bpf
 from xdpturn.fastpath.maps import check_layout
 from xdpturn.fastpath.xdp import OBJECT_PATH, XdpFastPath
-from xdpturn.testbed import netns
+from xdpturn_lab.testbed import netns
 
 
 def test_ctypes_layout_matches_btf() -> None:

@@ -23,7 +23,7 @@ import pytest
 
 from tests.support import unavailable
 from tests.testbed.udp import WhoAmI, family_of, parse_whoami, request, udp_socket
-from xdpturn.testbed import Relay, RelayNode, Site, Testbed, Topology, cleanup_stale, netns
+from xdpturn_lab.testbed import Relay, RelayNode, Site, Testbed, Topology, cleanup_stale, netns
 
 pytestmark = pytest.mark.kernel
 
@@ -285,7 +285,7 @@ def test_two_testbeds_at_once_do_not_collide() -> None:
 CHILD = textwrap.dedent(
     """
     import json, os, signal, sys, time
-    from xdpturn.testbed import Relay, Site, Testbed, Topology
+    from xdpturn_lab.testbed import Relay, Site, Testbed, Topology
     tb = Testbed(Topology(relays=[Relay("relay")], sites=[Site("client")]), prefix=sys.argv[2])
     with tb:
         sleeper = tb.popen("client", ["sleep", "300"])

@@ -6,8 +6,8 @@ import ipaddress
 
 import pytest
 
-from xdpturn.testbed import Relay, Site, Testbed, Topology
-from xdpturn.testbed.topology import (
+from xdpturn_lab.testbed import Relay, Site, Testbed, Topology
+from xdpturn_lab.testbed.topology import (
     MAX_RELAYS,
     MAX_SITES,
     relay_inside,

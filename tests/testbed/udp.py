@@ -7,7 +7,7 @@ import socket
 import threading
 from types import TracebackType
 
-from xdpturn.testbed import NodeRef, Testbed
+from xdpturn_lab.testbed import NodeRef, Testbed
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 

@@ -5,7 +5,7 @@ frame it already rewrote); the kernel times each run, and the median is reported
 namespace with two veth pairs, routes and permanent neighbours (documentation prefixes), so
 bpf_fib_lookup finds a next hop as on a real relay. Needs root.
 
-    python -m xdpturn.bench.bpf_cost [--runs N]
+    python -m xdpturn_lab.bench.bpf_cost [--runs N]
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from xdpturn.fastpath import libbpf as bpf
 from xdpturn.fastpath.xdp import XdpFastPath
 from xdpturn.proto.addr import ClientAddr, PeerAddr, TransportAddr
 from xdpturn.proto.commands import ChannelRoute
-from xdpturn.testbed import netns
+from xdpturn_lab.testbed import netns
 
 TURN_PORT = 3478
 LOCAL = {4: "192.0.2.1", 6: "2001:db8:1::1"}

@@ -9,9 +9,9 @@ every veth end facing a host). No socket, no UDP stack on the sending side: the 
 5-tuple the relay expects (a TURN client's allocated one, or a peer's), so the relay cannot tell it
 from one a socket sent.
 
-`LiveSend` is what the benchmark runs: a child process (`python -m xdpturn.bench.livegen`, inside
-the sender's namespace and pinned to the generator core by the caller's argv prefix) that loads
-the program, prints `{"type": "ready"}`, waits for "go" on stdin, sends for at most `duration`
+`LiveSend` is what the benchmark runs: a child process (`python -m xdpturn_lab.bench.livegen`,
+inside the sender's namespace and pinned to the generator core by the caller's argv prefix) that
+loads the program, prints `{"type": "ready"}`, waits for "go" on stdin, sends for at most `duration`
 seconds or `count` frames at `rate` per second (or as fast as it goes), and prints one
 `{"type": "result", ...}` line in the layout of `xdpturn-blast send` (`tools.SendResult`).
 """
@@ -33,9 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from xdpturn.bench import tools
 from xdpturn.fastpath import libbpf
-from xdpturn.testbed import netns
+from xdpturn_lab.bench import tools
+from xdpturn_lab.testbed import netns
 
 OBJECT_PATH = Path(__file__).resolve().parent / "xdp_tx.bpf.o"
 PROGRAM = "xdp_tx"
@@ -198,7 +198,7 @@ class LiveSend:
     size: int = 0  # application payload bytes, for the result
 
     def argv(self, prefix: Sequence[str] = ()) -> list[str]:
-        args = [*prefix, sys.executable, "-m", "xdpturn.bench.livegen"]
+        args = [*prefix, sys.executable, "-m", "xdpturn_lab.bench.livegen"]
         args += ["--ifname", self.ifname, "--frame", self.frame.hex()]
         args += ["--rate", "max" if self.rate is None else repr(float(self.rate))]
         args += ["--duration", repr(float(self.duration)), "--to", self.to]
@@ -322,7 +322,7 @@ def blast(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m xdpturn.bench.livegen", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m xdpturn_lab.bench.livegen", description=__doc__)
     p.add_argument("--ifname", required=True)
     p.add_argument("--frame", required=True, help="the Ethernet frame, hex")
     p.add_argument("--rate", default="max", help="frames per second, or max")

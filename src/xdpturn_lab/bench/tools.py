@@ -49,7 +49,7 @@ class BlastError(RuntimeError):
 
 
 def binary_path() -> Path:
-    """Where `make -s -C src/xdpturn/bench` puts the tool (XDPTURN_BLAST overrides it)."""
+    """Where `make -s -C src/xdpturn_lab/bench` puts the tool (XDPTURN_BLAST overrides it)."""
     return Path(os.environ.get("XDPTURN_BLAST", _HERE / BINARY_NAME))
 
 

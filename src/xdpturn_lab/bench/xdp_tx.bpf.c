@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: (GPL-2.0 OR BSD-2-Clause)
-/* The live-frames load generator's program (xdpturn.bench.livegen). Run with BPF_PROG_TEST_RUN,
+/* The live-frames load generator's program (xdpturn_lab.bench.livegen). Run with BPF_PROG_TEST_RUN,
  * BPF_F_TEST_XDP_LIVE_FRAMES, an xdp_md naming a veth and `repeat` = frames per call; the kernel
  * turns XDP_TX into a redirect out of that veth, whose peer (it needs an XDP program of its own)
  * receives the frame as if from a NIC.

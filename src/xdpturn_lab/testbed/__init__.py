@@ -1,6 +1,6 @@
-"""Network-namespace worlds for end-to-end tests, `xdpturn demo` and benchmarks.
+"""Network-namespace worlds for end-to-end tests, `xdpturn-lab demo` and benchmarks.
 
-    from xdpturn.testbed import Relay, Site, Testbed, Topology
+    from xdpturn_lab.testbed import Relay, Site, Testbed, Topology
 
     topo = Topology(relays=[Relay("relay", nat_1to1=True)], sites=[Site("client"), Site("gateway")])
     with Testbed(topo) as tb:
@@ -14,8 +14,8 @@
 See `topology` for the address plan and `testbed` for naming and teardown.
 """
 
-from xdpturn.testbed.counters import LinkCounters, ethtool_stats, link_counters
-from xdpturn.testbed.testbed import (
+from xdpturn_lab.testbed.counters import LinkCounters, ethtool_stats, link_counters
+from xdpturn_lab.testbed.testbed import (
     INET,
     NodeRef,
     RelayNode,
@@ -23,7 +23,7 @@ from xdpturn.testbed.testbed import (
     Testbed,
     cleanup_stale,
 )
-from xdpturn.testbed.topology import Relay, Site, Topology
+from xdpturn_lab.testbed.topology import Relay, Site, Topology
 
 __all__ = [
     "INET",

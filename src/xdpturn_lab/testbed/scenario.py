@@ -1,8 +1,8 @@
 """End-to-end scenarios on a testbed: the real `xdpturn serve` in a relay namespace, TURN endpoints
 in site namespaces, numbered datagrams between them. Used by tests/e2e, the demo and benchmarks.
 
-    from xdpturn.testbed import Relay, Site, Testbed, Topology
-    from xdpturn.testbed import scenario
+    from xdpturn_lab.testbed import Relay, Site, Testbed, Topology
+    from xdpturn_lab.testbed import scenario
 
     with Testbed(Topology([Relay("relay")], [Site("client"), Site("gateway")])) as tb:
         with scenario.RelayProcess(tb, "relay", fastpath=True) as relay:   # waits for "listening"
@@ -51,8 +51,8 @@ from xdpturn.client.turn import (
 from xdpturn.fastpath import FastPathCounters
 from xdpturn.proto.addr import Family, TransportAddr
 from xdpturn.proto.auth import mint_rest_credentials
-from xdpturn.testbed import netns
-from xdpturn.testbed.testbed import NodeRef, RelayNode, Testbed
+from xdpturn_lab.testbed import netns
+from xdpturn_lab.testbed.testbed import NodeRef, RelayNode, Testbed
 
 DEFAULT_SECRET = "xdpturn-testbed-secret"
 TURN_PORT = 3478

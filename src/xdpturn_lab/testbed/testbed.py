@@ -30,9 +30,9 @@ from dataclasses import dataclass
 from types import FrameType, TracebackType
 from typing import Any, ParamSpec, TypeVar
 
-from xdpturn.testbed import netns, xdp
-from xdpturn.testbed.counters import LinkCounters, ethtool_stats, link_counters
-from xdpturn.testbed.topology import (
+from xdpturn_lab.testbed import netns, xdp
+from xdpturn_lab.testbed.counters import LinkCounters, ethtool_stats, link_counters
+from xdpturn_lab.testbed.topology import (
     Link,
     Topology,
     relay_inside,

@@ -15,7 +15,7 @@ import struct
 
 from pyroute2 import IPRoute
 
-from xdpturn.testbed import netns
+from xdpturn_lab.testbed import netns
 
 _BPF_SYSCALL = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "ppc64le": 361, "s390x": 351}
 _BPF_PROG_LOAD = 5

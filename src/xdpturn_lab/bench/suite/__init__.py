@@ -1,4 +1,4 @@
-"""`xdpturn bench`: xdpturn's XDP fast path, its Python path and coturn side by side on the
+"""`xdpturn-lab bench`: xdpturn's XDP fast path, its Python path and coturn side by side on the
 testbed. `run` drives it, `workloads` holds the measurements, `relays` starts the relays under
 test, `system` reads /proc and sets up the receiving sink, `report` derives ratios and the table.
 """
@@ -11,7 +11,7 @@ RELAYS = ("xdp", "python", "coturn")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The options of `xdpturn bench` (kept here so the CLI need not import the suite)."""
+    """The options of `xdpturn-lab bench` (kept here so the CLI need not import the suite)."""
     p.add_argument(
         "--quick", action="store_true", help="a short run (IPv4, 100 B, 500 allocations)"
     )

@@ -16,9 +16,9 @@ import time
 from typing import Any, Protocol
 
 from xdpturn.proto.addr import Family, TransportAddr
-from xdpturn.testbed import netns
-from xdpturn.testbed.scenario import DEFAULT_SECRET, TURN_PORT, RelayProcess
-from xdpturn.testbed.testbed import RelayNode, Testbed
+from xdpturn_lab.testbed import netns
+from xdpturn_lab.testbed.scenario import DEFAULT_SECRET, TURN_PORT, RelayProcess
+from xdpturn_lab.testbed.testbed import RelayNode, Testbed
 
 # The relay gets one core, the generator the other (this VM has two). XDP still runs in softirq on
 # whichever core the packet arrives on, which over veth is the sending core.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from xdpturn.bench import tools
+from xdpturn_lab.bench import tools
 
 CPU_ACCOUNTING = (
     "cpu_s_per_Mpkt: CPU seconds of the relay process (utime+stime, all threads, /proc/PID/stat) "

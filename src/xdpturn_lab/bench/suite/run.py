@@ -1,5 +1,5 @@
-"""`xdpturn bench`: the same workloads against xdpturn's fast path, its Python path and coturn, on
-one testbed, in one run; a table with ratios, `bench/results/<UTC time>.json` and a PNG chart.
+"""`xdpturn-lab bench`: the same workloads against xdpturn's fast path, its Python path and coturn,
+on one testbed, in one run; a table with ratios, `bench/results/<UTC time>.json` and a PNG chart.
 
 The testbed is three public hosts on the internet router: the relay, a client host and a peer
 host (no NAT in front of them, so no conntrack hop is measured; the relay, not the topology, is
@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from xdpturn.bench import tools
-from xdpturn.bench.suite import RELAYS, report, system, workloads
-from xdpturn.bench.suite.relays import (
+from xdpturn_lab.bench import tools
+from xdpturn_lab.bench.suite import RELAYS, report, system, workloads
+from xdpturn_lab.bench.suite.relays import (
     GENERATOR_CPU,
     RELAY_CPU,
     CoturnRelay,
@@ -32,7 +32,7 @@ from xdpturn.bench.suite.relays import (
     XdpturnRelay,
     raise_fd_limit,
 )
-from xdpturn.testbed import Relay, Testbed, Topology, cleanup_stale
+from xdpturn_lab.testbed import Relay, Testbed, Topology, cleanup_stale
 
 PING_SIZE = 100
 BACKGROUND_WINDOW = 0.5  # seconds
@@ -151,7 +151,7 @@ async def _bench_relay(
 
 def run(settings: Settings, only: Sequence[str], out_dir: Path) -> dict[str, Any]:
     if os.geteuid() != 0:
-        raise SystemExit("xdpturn bench: needs root (namespaces, XDP, nftables)")
+        raise SystemExit("xdpturn-lab bench: needs root (namespaces, XDP, nftables)")
     tools.build()
     raise_fd_limit()
     cleanup_stale()
@@ -159,7 +159,7 @@ def run(settings: Settings, only: Sequence[str], out_dir: Path) -> dict[str, Any
     result: dict[str, Any] = {
         "format": 2,
         "started": started.isoformat(timespec="seconds"),
-        "command": ["xdpturn", "bench", *sys.argv[2:]] if sys.argv[1:2] == ["bench"] else [],
+        "command": ["xdpturn-lab", "bench", *sys.argv[2:]] if sys.argv[1:2] == ["bench"] else [],
         "machine": system.machine(),
         "settings": {
             "quick": settings.quick,
@@ -234,7 +234,7 @@ def run(settings: Settings, only: Sequence[str], out_dir: Path) -> dict[str, Any
     png_path = out_dir / f"{stem}.png"
     result["files"] = {"json": str(json_path), "chart": str(png_path)}
     json_path.write_text(json.dumps(result, indent=1) + "\n")
-    from xdpturn.bench import chart
+    from xdpturn_lab.bench import chart
 
     chart.render(result, png_path)
     return result
@@ -244,10 +244,10 @@ def main(args: argparse.Namespace) -> int:
     only = [n.strip() for n in args.only.split(",") if n.strip()]
     bad = [n for n in only if n not in RELAYS]
     if bad or not only:
-        print(f"xdpturn bench: --only: expected names from {','.join(RELAYS)}", file=sys.stderr)
+        print(f"xdpturn-lab bench: --only: expected names from {','.join(RELAYS)}", file=sys.stderr)
         return 2
     if args.duration is not None and not 0.2 <= args.duration <= 60:
-        print("xdpturn bench: --duration: expected 0.2 to 60 seconds", file=sys.stderr)
+        print("xdpturn-lab bench: --duration: expected 0.2 to 60 seconds", file=sys.stderr)
         return 2
     settings = Settings.make(args.quick, args.duration)
     result = run(settings, [n for n in RELAYS if n in only], Path(args.out))

@@ -20,15 +20,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from xdpturn.bench import livegen, tools
-from xdpturn.bench.suite import system
-from xdpturn.bench.suite.relays import GENERATOR_CPU, RELAY_CPU, RelayUnderTest
 from xdpturn.client.turn import LostHandler, Receiver, TurnClient, UdpTransport
 from xdpturn.proto.addr import Family, TransportAddr
 from xdpturn.proto.auth import mint_rest_credentials
-from xdpturn.testbed.counters import LinkCounters, link_counters
-from xdpturn.testbed.scenario import netns_socket
-from xdpturn.testbed.testbed import RelayNode, Testbed
+from xdpturn_lab.bench import livegen, tools
+from xdpturn_lab.bench.suite import system
+from xdpturn_lab.bench.suite.relays import GENERATOR_CPU, RELAY_CPU, RelayUnderTest
+from xdpturn_lab.testbed.counters import LinkCounters, link_counters
+from xdpturn_lab.testbed.scenario import netns_socket
+from xdpturn_lab.testbed.testbed import RelayNode, Testbed
 
 HOST_IF = "eth0"
 STEP_TIMEOUT = 10.0
