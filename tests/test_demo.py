@@ -57,10 +57,18 @@ def test_demo_relays_on_hairpin_routes_and_leaves_nothing() -> None:
         assert routes.get(("xdp", route), 0) > 0, f"{route} carried nothing:\n{out}"
     pairs = [m for line in out.splitlines() if (m := _PAIR_ROW.match(line))]
     assert len(pairs) == 2 * len(demo.PAIRS), out
+    total_sent = 0
     for m in pairs:
         sent, delivered, lost, reordered = (_number(m[i]) for i in (3, 4, 5, 6))
         assert sent > 0 and delivered == sent and lost == 0, f"{m[0]}\n{out}"
         assert reordered * 10_000 <= MAX_REORDERED_PER_10K * sent, m[0]
+        total_sent += sent
+    # Every datagram took the fast path exactly once (one hairpin route each), none the Python
+    # path: the split is all-xdp, not merely "some xdp".
+    by_path = {
+        path: sum(n for (p, _), n in routes.items() if p == path) for path in ("xdp", "python")
+    }
+    assert by_path == {"xdp": total_sent, "python": 0}, out
     assert "status: ip netns exec " in out
     assert "torn down: 6 of 6 namespaces removed" in out
     left = [n for n in os.listdir("/run/netns") if n.startswith(f"{PREFIX}-{proc.pid}-")]

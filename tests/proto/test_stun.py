@@ -164,10 +164,14 @@ def test_rfc5769_long_term_request() -> None:
 
 
 def test_long_term_key_sha256() -> None:
-    key = stun.long_term_key("user", "realm", "pass", sha256=True)
-    assert len(key) == 32
+    # RFC 8489 9.2.2 / RFC 8656: key = SHA-256(username ":" realm ":" password) for
+    # MESSAGE-INTEGRITY-SHA256. The expected values come from coreutils, not from Python:
+    # `printf 'user:realm:pass' | sha256sum` (and `| md5sum` for the MD5 key).
+    assert stun.long_term_key("user", "realm", "pass", sha256=True) == hexbytes(
+        "07e934117abd40836e7c6329b54731b2b2d2a5f9a71f544922d75e0730d8251b"
+    )
     assert stun.long_term_key("user", "realm", "pass") == hexbytes(
-        "8493fbc53ba582fb4c044c456bdc40eb"  # MD5("user:realm:pass")
+        "8493fbc53ba582fb4c044c456bdc40eb"
     )
 
 

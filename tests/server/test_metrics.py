@@ -63,7 +63,11 @@ async def scrape(address: TransportAddr) -> dict[tuple[str, frozenset[tuple[str,
 def value(
     metrics: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str
 ) -> float:
-    return metrics.get((name, frozenset(labels.items())), 0.0)
+    """The sample of series `name{labels}`; a missing series fails the test (the exposition must
+    carry every series it declares, zero or not)."""
+    key = (name, frozenset(labels.items()))
+    assert key in metrics, f"no series {name}{labels} in the scrape"
+    return metrics[key]
 
 
 @asynccontextmanager

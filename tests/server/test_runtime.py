@@ -324,24 +324,36 @@ def test_allocation_events_are_logged_as_json_lines() -> None:
     assert closed["reason"] == "shutdown" and closed["allocation"] == opened["allocation"]
 
 
+def _squatted_pair() -> tuple[socket.socket, int]:
+    """A socket bound to some port P on 127.0.0.1 whose neighbour P + 1 was free a moment ago
+    (checked by binding it ourselves); bounded retries, so a busy host fails, never skips."""
+    for _ in range(50):
+        squatter = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        squatter.bind(("127.0.0.1", 0))
+        taken = int(squatter.getsockname()[1])
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            try:
+                probe.bind(("127.0.0.1", taken + 1))
+                return squatter, taken
+            except OSError:
+                squatter.close()
+    raise AssertionError("no port P with P + 1 free on 127.0.0.1 in 50 tries")
+
+
 def test_port_pool_skips_ports_taken_by_others_and_reports_exhaustion() -> None:
     async def main() -> None:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as squatter:
-            squatter.bind(("127.0.0.1", 0))
-            taken = squatter.getsockname()[1]
+        squatter, taken = _squatted_pair()
+        with squatter:
             ports = PortRange(taken, taken + 1)
             bind = {Family.IPV4: ipaddress.IPv4Address("127.0.0.1")}
             loop = asyncio.get_running_loop()
             pool = RelayPortPool(loop, ports, bind, lambda sock, port, family: None)
             try:
-                got = pool.acquire(frozenset({Family.IPV4}))
-                if got is None:  # taken + 1 is in use by someone else too: nothing to show
-                    pytest.skip(f"port {taken + 1} is in use on this host")
-                assert got == taken + 1
+                assert pool.acquire(frozenset({Family.IPV4})) == taken + 1
                 assert pool.acquire(frozenset({Family.IPV4})) is None
                 assert pool.acquire(frozenset({Family.IPV6})) is None  # no IPv6 relays here
-                pool.release(got)
-                assert pool.acquire(frozenset({Family.IPV4})) == got
+                pool.release(taken + 1)
+                assert pool.acquire(frozenset({Family.IPV4})) == taken + 1
             finally:
                 pool.close()
 
