@@ -1,5 +1,6 @@
-"""The benchmark's PNG chart (matplotlib, Agg): throughput per workload on a log scale with the
-generator's ceiling, round-trip percentiles, and control-plane rate and memory, per relay."""
+"""The benchmark's PNG chart (matplotlib, Agg): NDR per workload on a log scale (median, with the
+min-max of the confirming trials as error bars) with the generator's ceiling, round-trip
+percentiles (median of the runs), and control-plane cost and memory, per relay."""
 
 from __future__ import annotations
 
@@ -27,9 +28,19 @@ def render(result: dict[str, Any], path: Path) -> None:
     ax = fig.add_subplot(grid[0, :])
     width = 0.8 / max(1, len(names))
     for i, n in enumerate(names):
-        got = {r["name"]: r["delivered_pps"] for r in relays[n]["throughput"]}
+        got = {
+            r["name"]: (r.get("ndr") or {}).get("delivered_pps")
+            or {"min": 0, "median": 0, "max": 0}
+            for r in relays[n]["throughput"]
+        }
+        zero = {"min": 0, "median": 0, "max": 0}
+        med = [got.get(r, zero)["median"] / 1e3 for r in runs]
+        err = [
+            [m - got.get(r, zero)["min"] / 1e3 for m, r in zip(med, runs, strict=True)],
+            [got.get(r, zero)["max"] / 1e3 - m for m, r in zip(med, runs, strict=True)],
+        ]
         xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(runs))]
-        ax.bar(xs, [got.get(r, 0) / 1e3 for r in runs], width, label=n, color=COLOURS[n])
+        ax.bar(xs, med, width, yerr=err, label=n, color=COLOURS[n])
     for c in result["generator"]["ceiling"]:
         ax.axhline(c["delivered_pps"] / 1e3, ls="--", lw=1, color="grey")
         ax.annotate(
@@ -41,7 +52,7 @@ def render(result: dict[str, Any], path: Path) -> None:
             va="bottom",
         )
     ax.set_yscale("log")
-    ax.set_ylabel("delivered kpps")
+    ax.set_ylabel("NDR kpps (loss <= 0.1 %)")
     ax.set_xticks(range(len(runs)), runs, rotation=30, ha="right", fontsize=8)
     ax.legend()
     m = result["machine"]
@@ -51,19 +62,26 @@ def render(result: dict[str, Any], path: Path) -> None:
     )
 
     ax2 = fig.add_subplot(grid[1, 0])
-    qs = ("p50", "p90", "p99")
+    qs = ("p50", "p99", "p999")
     for i, n in enumerate(names):
-        rtt = (relays[n].get("latency") or {}).get("rtt_us") or {}
+        lat = relays[n].get("latency") or {}
         xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(qs))]
-        ax2.bar(xs, [rtt.get(q, 0) for q in qs], width, label=n, color=COLOURS[n])
+        ax2.bar(xs, [(lat.get(q) or {}).get("median", 0) for q in qs], width, color=COLOURS[n])
     ax2.set_xticks(range(len(qs)), qs)
     ax2.set_ylabel("RTT us")
     ax2.set_title(f"latency at {result['settings']['ping_rate']:.0f}/s")
 
     cps = {n: relays[n].get("control_plane") or {} for n in names}
     ax3 = fig.add_subplot(grid[1, 1])
-    ax3.bar(names, [cps[n].get("ops_per_s", 0) for n in names], color=[COLOURS[n] for n in names])
-    ax3.set_title("Allocate+CreatePermission+ChannelBind /s")
+    ax3.bar(
+        names,
+        [
+            1e6 * c["relay_cpu_s"] / c["succeeded"] if c.get("succeeded") else 0
+            for c in cps.values()
+        ],
+        color=[COLOURS[n] for n in names],
+    )
+    ax3.set_title("relay CPU us per Allocate+Permission+ChannelBind")
     ax4 = fig.add_subplot(grid[1, 2])
     ax4.bar(
         names,

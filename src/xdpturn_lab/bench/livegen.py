@@ -11,9 +11,11 @@ from one a socket sent.
 
 `LiveSend` is what the benchmark runs: a child process (`python -m xdpturn_lab.bench.livegen`,
 inside the sender's namespace and pinned to the generator core by the caller's argv prefix) that
-loads the program, prints `{"type": "ready"}`, waits for "go" on stdin, sends for at most `duration`
-seconds or `count` frames at `rate` per second (or as fast as it goes), and prints one
-`{"type": "result", ...}` line in the layout of `xdpturn-blast send` (`tools.SendResult`).
+loads the program, prints `{"type": "ready"}`, then for every "go" line on stdin sends for at most
+`duration` seconds or `count` frames at `rate` per second (or as fast as it goes) and prints one
+`{"type": "result", ...}` line in the layout of `xdpturn-blast send` (`tools.SendResult`). A line
+"go RATE DURATION" overrides both for that run, so a rate search keeps one process (and one
+loaded program) for all its trials; end of input ends the process.
 """
 
 from __future__ import annotations
@@ -234,19 +236,40 @@ class LiveProcess(tools.LineProcess):
         )
         super().__init__(proc, "livegen")
         self._started = time.monotonic()
+        self._run_s = cmd.duration
 
     def wait_ready(self) -> None:
         self._line("ready", self._started + START_TIMEOUT)
 
     def go(self) -> None:
+        """Start a run at the command's rate, for its duration."""
+        self._go("go", self.cmd.duration)
+
+    def go_at(self, rate: float | None, duration: float) -> None:
+        """Start a run at `rate` (None: as fast as it goes) for `duration` seconds."""
+        self._go(f"go {'max' if rate is None else repr(float(rate))} {float(duration)!r}", duration)
+
+    def _go(self, line: str, duration: float) -> None:
         assert self.proc.stdin is not None
-        self.proc.stdin.write(b"go\n")
+        self._run_s = duration
+        self.proc.stdin.write(line.encode() + b"\n")
         self.proc.stdin.flush()
 
     def result(self) -> tools.SendResult:
-        d = self._line("result", time.monotonic() + self.cmd.duration + _GRACE_S)
-        self.proc.wait(timeout=_GRACE_S)
+        """The last run's result line (the process stays, waiting for the next "go")."""
+        d = self._line("result", time.monotonic() + self._run_s + _GRACE_S)
         return tools.from_json(tools.SendResult, d)
+
+    def stop(self) -> None:
+        """End of input first: the child ends its loop and removes its veth pair itself (a
+        SIGTERM would leave the pair behind); then the usual escalation."""
+        if self.proc.poll() is None and self.proc.stdin is not None and not self.proc.stdin.closed:
+            try:
+                self.proc.stdin.close()
+                self.proc.wait(timeout=_GRACE_S)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+        super().stop()
 
 
 # --- the child process ----------------------------------------------------------------------------
@@ -345,19 +368,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         ifindex = socket.if_nametoindex(a.ifname)
         hold_in_dispatcher(prog_fd)
         _emit({"type": "ready", "local": a.ifname, "port": 0, "family": 0})
-        if not a.no_wait:
+        if a.no_wait:
+            _emit_result(a.to, frame, *blast(prog_fd, ifindex, frame, rate, a.duration, a.count))
+            return 0
+        runs = 0
+        while True:
             ready, _, _ = select.select([sys.stdin], [], [], START_TIMEOUT)
-            if not ready or not sys.stdin.readline().strip():
-                print("livegen: no 'go' on stdin", file=sys.stderr)
-                return 1
-        sent, calls, elapsed = blast(prog_fd, ifindex, frame, rate, a.duration, a.count)
+            words = sys.stdin.readline().split() if ready else []
+            if not words or words[0] != "go":
+                break  # end of input (or silence): done
+            run_rate, run_s = rate, a.duration
+            if len(words) == 3:
+                run_rate = None if words[1] == "max" else float(words[1])
+                run_s = float(words[2])
+                if not 0 < run_s <= 600 or (run_rate is not None and run_rate <= 0):
+                    print(f"livegen: bad go line {words!r}", file=sys.stderr)
+                    return 2
+            _emit_result(a.to, frame, *blast(prog_fd, ifindex, frame, run_rate, run_s, a.count))
+            runs += 1
+        if runs == 0:
+            print("livegen: no 'go' on stdin", file=sys.stderr)
+            return 1
     finally:
         release_dispatcher()
         obj.close()
+    return 0
+
+
+def _emit_result(to: str, frame: bytes, sent: int, calls: int, elapsed: float) -> None:
     _emit(
         {
             "type": "result",
-            "to": a.to,
+            "to": to,
             "sent": sent,
             "bytes": sent * (len(frame) - _headers(frame)),
             "datagram_bytes": len(frame) - _headers(frame),
@@ -369,7 +411,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             "interrupted": False,
         }
     )
-    return 0
 
 
 def _headers(frame: bytes) -> int:

@@ -15,7 +15,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--quick", action="store_true", help="a short run (IPv4, 100 B, 500 allocations)"
     )
-    p.add_argument("--duration", type=float, metavar="S", help="seconds per throughput run")
+    p.add_argument(
+        "--duration",
+        type=float,
+        metavar="S",
+        help="seconds per confirming trial of the rate search (search trials: at most 1 s)",
+    )
     p.add_argument(
         "--only",
         default=",".join(RELAYS),
@@ -23,5 +28,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help=f"relays to run, comma-separated, from {','.join(RELAYS)} (default: all)",
     )
     p.add_argument(
-        "--out", default="bench/results", metavar="DIR", help="where the JSON and PNG go"
+        "--out",
+        default="bench/results",
+        metavar="DIR|FILE.json",
+        help="a directory (the file is named by UTC time) or the results file; never overwritten",
+    )
+    p.add_argument(
+        "--readme",
+        metavar="FILE.json",
+        help="no run: rewrite README.md's benchmark table from this committed results file",
     )

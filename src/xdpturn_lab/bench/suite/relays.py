@@ -110,6 +110,10 @@ class XdpturnRelay:
             "cpu": RELAY_CPU,
         }
 
+    def route_packets(self) -> dict[str, int]:
+        """Packets per route of the XDP program so far (all CPUs)."""
+        return {route: packets for route, (packets, _) in self._proc.counters().routes.items()}
+
     def fastpath_counters(self) -> dict[str, Any]:
         c = self._proc.counters()
         return {"routes": {k: list(v) for k, v in c.routes.items()}, "passes": dict(c.passes)}

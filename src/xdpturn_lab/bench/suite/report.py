@@ -2,29 +2,29 @@
 
 from __future__ import annotations
 
+import statistics
 from typing import Any
 
 from xdpturn_lab.bench import tools
 
 CPU_ACCOUNTING = (
-    "cpu_s_per_Mpkt: CPU seconds of the relay process (utime+stime, all threads, /proc/PID/stat) "
-    "plus those of the kernel thread that receives on the relay's interface (threaded NAPI, "
-    "/proc/TID/stat), per million datagrams delivered. That thread runs the XDP program and its "
-    "XDP_TX, and for the Python path and coturn the kernel's receive path up to the socket; the "
-    "process's time holds its system calls and its sends up to the veth. Both are pinned to the "
-    "relay core; the next hop drains the relay's output on the generator's core. Per-task times "
-    "leave out whatever else runs on the machine. Datagrams received but dropped in overload "
-    "cost CPU too and are in it (relay_rx_packets says how many arrived). The kernel samples by "
-    "tick (250 Hz), so a figure over a 3 s run is good to a few per cent. Also kept: the relay "
-    "core's busy time (relay_core_busy_s, includes other load) and the machine's softirq and "
-    "busy time (/proc/stat is not per namespace)."
+    "relay_us_per_pkt: the relay core's busy time during the trial (/proc/stat, cpuN: user + "
+    "nice + system + irq + softirq + steal), less the same core's background rate measured for "
+    "0.5 s before the relay started times the trial's wall time, per datagram delivered. The "
+    "relay process and the NAPI thread receiving on the relay's interface (XDP runs there) are "
+    "pinned to that core and nothing else of the benchmark runs on it, so this is everything the "
+    "relay does and makes the kernel do on the relay host: its receive path, its system calls, "
+    "its transmit path up to the veth, softirq and IRQ work on that core, for all three relays "
+    "alike. next_hop_us_per_pkt: the NAPI thread on the generator core that takes in the relay's "
+    "output at the router's veth (/proc/TID/stat; with a NIC, part of it would be the relay "
+    "host's transmit completion), including the router's forwarding to the receiving host; it "
+    "is the same kind of work for every relay and is shown beside, not added in. The generator's "
+    "own sends (which wake the relay's NAPI thread) are charged to nobody. CPU time is sampled "
+    "by tick (250 Hz, no IRQ time accounting): good to a few per cent over a 1.5 s trial. "
+    "Datagrams received and dropped cost CPU too and are included."
 )
-
-# metric key -> (label, unit, higher is better)
-THROUGHPUT_METRICS = {
-    "delivered_pps": ("delivered", "kpps", True),
-    "cpu_s_per_Mpkt": ("CPU", "s/Mpkt", False),
-}
+BUSY_MACHINE = 0.1  # background on the relay core above this: the run is not a measurement
+LOAD_LIMITED_BUSY = 0.8  # a relay core less busy than this at NDR: the load, not the relay, limits
 
 
 def ping_json(p: tools.PingResult, rate: float, size: int) -> dict[str, Any]:
@@ -37,60 +37,80 @@ def ping_json(p: tools.PingResult, rate: float, size: int) -> dict[str, Any]:
         "lost": p.lost,
         "rtt_us": None
         if rtt is None
-        else {"p50": rtt.p50, "p90": rtt.p90, "p99": rtt.p99, "max": rtt.max, "mean": rtt.mean},
+        else {
+            "min": rtt.min,
+            "p50": rtt.p50,
+            "p90": rtt.p90,
+            "p99": rtt.p99,
+            "p999": rtt.p999,
+            "max": rtt.max,
+            "mean": rtt.mean,
+        },
     }
 
 
+def _spread(xs: list[float]) -> dict[str, float] | None:
+    if not xs:
+        return None
+    return {"min": min(xs), "median": statistics.median(xs), "max": max(xs)}
+
+
+def _trial_cost(t: dict[str, Any], background: float) -> dict[str, float] | None:
+    cpu = t["cpu"]
+    if not t["delivered"]:
+        return None
+    core = max(0.0, cpu["relay_core_busy_s"] - background * cpu["wall_s"])
+    return {
+        "relay_us_per_pkt": 1e6 * core / t["delivered"],
+        "next_hop_us_per_pkt": 1e6 * cpu["return_napi_s"] / t["delivered"],
+        "relay_process_us_per_pkt": 1e6 * cpu["relay_process_s"] / t["delivered"],
+        "relay_napi_us_per_pkt": 1e6 * cpu["relay_napi_s"] / t["delivered"],
+        "relay_core_busy": core / t["elapsed_s"],
+    }
+
+
+def derive_workload(w: dict[str, Any], background: float) -> None:
+    """Cost per packet at NDR (median of the confirming trials), which limit applied, and the
+    projection where the load, not the relay, was the limit."""
+    ndr = w.get("ndr") or {}
+    costs = [c for t in ndr.get("confirms", []) if (c := _trial_cost(t, background))]
+    cost = {k: _spread([c[k] for c in costs]) for k in costs[0]} if costs else {}
+    w["cost_at_ndr"] = cost
+    busy = (cost.get("relay_core_busy") or {}).get("median")
+    limited = bool(w["load_limited"]) or (busy is not None and busy < LOAD_LIMITED_BUSY)
+    w["limit"] = "load" if limited else "relay"
+    per_pkt = (cost.get("relay_us_per_pkt") or {}).get("median")
+    # What one relay core would carry at the measured cost: a projection, not a measurement.
+    w["projected_pps_one_core"] = 1e6 / per_pkt if limited and per_pkt else None
+
+
 def derive(result: dict[str, Any]) -> None:
-    """Add CPU per million packets to every load run, and the ratios to coturn."""
-    for c in result["generator"]["ceiling"]:
-        _cpu_figures(c)
     for relay in result["relays"].values():
-        for r in relay["throughput"]:
-            _cpu_figures(r)
+        bg = relay.get("background_relay_core_busy", 0.0)
+        for w in relay.get("throughput", []):
+            derive_workload(w, bg)
+        runs = [r["rtt_us"] for r in relay.get("latency_runs", []) if r.get("rtt_us")]
+        relay["latency"] = {q: _spread([r[q] for r in runs]) for q in ("p50", "p99", "p999")} | {
+            "lost": sum(r["lost"] for r in relay.get("latency_runs", []))
+        }
     result["ratios"] = ratios(result)
 
 
-def _cpu_figures(r: dict[str, Any]) -> None:
-    mpkt = r["delivered"] / 1e6
-    cpu = r["cpu"]
-    relay_s = cpu["relay_process_s"] + cpu["relay_napi_s"]
-    r["cpu_s_per_Mpkt"] = relay_s / mpkt if mpkt else None
-    for key, source in (
-        ("relay_core_busy_s_per_Mpkt", "relay_core_busy_s"),
-        ("relay_process_s_per_Mpkt", "relay_process_s"),
-        ("softirq_s_per_Mpkt", "softirq_s"),
-        ("machine_busy_s_per_Mpkt", "machine_busy_s"),
-    ):
-        r[key] = cpu[source] / mpkt if mpkt else None
-    r["relay_core_busy"] = cpu["relay_core_busy_s"] / cpu["wall_s"] if cpu["wall_s"] else 0.0
-    busy = relay_s / cpu["wall_s"] if cpu["wall_s"] else 0.0
-    r["relay_busy"] = busy
-    # What one whole relay core would carry at this per-packet cost: an extrapolation for a relay
-    # the generator could not saturate (per-packet cost usually falls as batches grow).
-    r["projected_pps_one_core"] = r["delivered_pps"] / busy if busy > 0.05 else None
+def _median(d: dict[str, Any] | None, key: str) -> float | None:
+    x = (d or {}).get(key)
+    return x.get("median") if isinstance(x, dict) else None
 
 
-def _metrics(relay: dict[str, Any]) -> dict[str, tuple[float | None, bool]]:
-    """Flat metric name -> (value, higher is better) for one relay."""
-    m: dict[str, tuple[float | None, bool]] = {}
-    for r in relay.get("throughput", []):
-        for key, (_, _, higher) in THROUGHPUT_METRICS.items():
-            m[f"throughput/{r['name']}/{key}"] = (r.get(key), higher)
-    rtt = (relay.get("latency") or {}).get("rtt_us")
-    if rtt:
-        for q in ("p50", "p90", "p99"):
-            m[f"latency/rtt_{q}_us"] = (rtt[q], False)
+def _metrics(relay: dict[str, Any]) -> dict[str, float | None]:
+    m: dict[str, float | None] = {}
+    for w in relay.get("throughput", []):
+        m[f"{w['name']}/ndr_pps"] = _median(w.get("ndr"), "delivered_pps")
+        m[f"{w['name']}/relay_us_per_pkt"] = _median(w.get("cost_at_ndr"), "relay_us_per_pkt")
+    for q in ("p50", "p99"):
+        m[f"latency/{q}"] = _median(relay.get("latency"), q)
     cp = relay.get("control_plane")
-    if cp:
-        m["control_plane/ops_per_s"] = (cp["ops_per_s"], True)
-        if cp["succeeded"]:
-            m["control_plane/relay_cpu_us_per_op"] = (
-                1e6 * cp["relay_cpu_s"] / cp["succeeded"],
-                False,
-            )
-        m["control_plane/rss_bytes"] = (float(cp["rss_bytes"]), False)
-        m["control_plane/rss_per_allocation_bytes"] = (cp["rss_per_allocation_bytes"], False)
+    if cp and cp["succeeded"]:
+        m["control_plane/relay_us_per_op"] = 1e6 * cp["relay_cpu_s"] / cp["succeeded"]
     return m
 
 
@@ -102,14 +122,13 @@ def ratios(result: dict[str, Any]) -> dict[str, dict[str, float | None]]:
     base = _metrics(relays["coturn"])
     out: dict[str, dict[str, float | None]] = {}
     for name in ("xdp", "python"):
-        if name not in relays:
-            continue
-        mine = _metrics(relays[name])
-        row: dict[str, float | None] = {}
-        for k, (v, _) in mine.items():
-            b = base.get(k, (None, True))[0]
-            row[k] = v / b if v is not None and b else None
-        out[f"{name}/coturn"] = row
+        if name in relays:
+            mine = _metrics(relays[name])
+            row: dict[str, float | None] = {}
+            for k, v in mine.items():
+                b = base.get(k)
+                row[k] = v / b if v is not None and b else None
+            out[f"{name}/coturn"] = row
     return out
 
 
@@ -124,23 +143,48 @@ def _num(x: float | None, digits: int = 1) -> str:
     return f"{x:.{digits}f}" if abs(x) >= 1 else f"{x:.{digits + 2}f}"
 
 
+def _spread_text(d: dict[str, float] | None, scale: float = 1.0) -> str:
+    """median (min-max)"""
+    if not d:
+        return "-"
+    return f"{_num(d['median'] * scale)} ({_num(d['min'] * scale)}-{_num(d['max'] * scale)})"
+
+
 def _ratio(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}x"
+
+
+def uclient_text(u: dict[str, Any]) -> str:
+    if u.get("error"):
+        last = (u.get("output_tail") or "").strip().splitlines()[-1:] or [""]
+        return f"failed: {u['error']} ({last[0][-60:]})"
+    f = u["figures"]
+    return (
+        f"lost {f.get('lost_percent', float('nan')):.2f} %, RTT avg {f.get('rtt_avg_ms', 0):.2f}"
+        f" ms (max {f.get('rtt_max_ms', 0):.0f} ms)"
+    )
 
 
 def table(result: dict[str, Any]) -> str:
     m = result["machine"]
     s = result["settings"]
+    prov = result.get("provenance", {})
+    se = s["search"]
     relays: dict[str, Any] = result["relays"]
     names: list[str] = [n for n in ("xdp", "python", "coturn") if n in relays]
     lines = [
         f"xdpturn bench  {result['started']}  {m['cpu_model']}, {m['cores']} cores, "
         f"kernel {m['kernel']}, {m['memory_mib']} MiB",
+        f"commit {prov.get('commit') or '?'}{' (dirty tree)' if prov.get('dirty') else ''}; "
+        f"command: {' '.join(result.get('command', []))}",
         f"relay on CPU {result['placement']['relay_cpu']}, load tools on CPU "
-        f"{result['placement']['generator_cpu']}; {s['duration_s']} s per throughput run",
+        f"{result['placement']['generator_cpu']}",
+        f"rate search: NDR loss <= 0.1 %, PDR <= 1 %; search trials {se['trial_s']} s (at most "
+        f"{se['max_trials']}, to {100 * se['precision']:.0f} %), then {se['confirm']} trials of "
+        f"{se['confirm_s']} s at each final rate: median (min-max)",
     ]
     ceil = ", ".join(
-        f"{c['size']} B {c['delivered_pps'] / 1e3:,.0f} kpps (sent {c['offered_pps'] / 1e3:,.0f})"
+        f"{c['size']} B {c['delivered_pps'] / 1e3:,.0f} kpps (loss {100 * c['loss']:.2f} %)"
         for c in result["generator"]["ceiling"]
     )
     lines.append(f"generator ceiling, no relay (client host -> peer host, IPv4): {ceil}")
@@ -150,108 +194,231 @@ def table(result: dict[str, Any]) -> str:
             f"ping with no relay at {s['ping_rate']:.0f}/s: p50 {g_rtt['p50']:.0f} us, "
             f"p99 {g_rtt['p99']:.0f} us"
         )
-    target = ", ".join(f"{k} B {v / 1e3:,.0f} kpps" for k, v in s["target_pps"].items())
-    first = next(iter(names), "")
-    lines.append(
-        f"offered rate: {first} at the ceiling ({target}, as far as the generator's core keeps "
-        "up); every other relay at what it was offered, per run"
-        if s.get("offered_pps_per_run")
-        else f"offered rate (fixed, from the ceiling): {target}"
-    )
     bg = ", ".join(
         f"{n} {100 * relays[n]['background_relay_core_busy']:.0f}%"
         for n in names
         if "background_relay_core_busy" in relays[n]
     )
-    lines.append(f"relay core busy before each relay's runs, relay idle (other load): {bg}")
+    lines.append(f"relay core busy before each relay started (other load, subtracted): {bg}")
+    busy = [n for n in names if relays[n].get("background_relay_core_busy", 0) > BUSY_MACHINE]
+    if busy:
+        lines.append(
+            f"!! the relay core was over {100 * BUSY_MACHINE:.0f} % busy with other load before "
+            f"{', '.join(busy)}: those columns do not measure the relay; rerun on an idle machine"
+        )
     lines.append("")
     rat = result.get("ratios", {})
     cols = [*names, *(k for k in ("xdp/coturn", "python/coturn") if k in rat)]
-    head = f"{'workload':<26}{'metric':<16}" + "".join(f"{c:>14}" for c in cols)
+    w0, w1, wc = 22, 22, 21
+    head = f"{'workload':<{w0}}{'metric':<{w1}}" + "".join(f"{c:>{wc}}" for c in cols)
     lines += [head, "-" * len(head)]
 
-    def row(label: str, metric: str, key: str, values: dict[str, float | None]) -> None:
-        cells = [_num(values.get(n)) for n in names]
-        cells += [_ratio(rat[c].get(key)) for c in cols[len(names) :]]
-        lines.append(f"{label:<26}{metric:<16}" + "".join(f"{c:>14}" for c in cells))
+    def row(label: str, metric: str, key: str | None, cells: dict[str, str]) -> None:
+        out = [cells.get(n, "-") for n in names]
+        out += [_ratio(rat[c].get(key)) if key else "-" for c in cols[len(names) :]]
+        lines.append(f"{label:<{w0}}{metric:<{w1}}" + "".join(f"{c:>{wc}}" for c in out))
 
     runs: list[str] = []
     for n in names:
-        for r in relays[n]["throughput"]:
-            if r["name"] not in runs:
-                runs.append(r["name"])
-    by_name = {n: {r["name"]: r for r in relays[n]["throughput"]} for n in names}
+        for w in relays[n].get("throughput", []):
+            if w["name"] not in runs:
+                runs.append(w["name"])
+    by = {n: {w["name"]: w for w in relays[n].get("throughput", [])} for n in names}
     for run in runs:
-        got = {n: by_name[n].get(run) for n in names}
-        offered = {n: (r["offered_pps"] / 1e3 if r else None) for n, r in got.items()}
-        row(run, "offered kpps", "-", offered)
-        pps = {n: (r["delivered_pps"] / 1e3 if r else None) for n, r in got.items()}
-        row("", "delivered kpps", f"throughput/{run}/delivered_pps", pps)
-        loss = {n: (100 * r["loss"] if r else None) for n, r in got.items()}
-        row("", "loss %", "-", loss)
-        cpu = {n: (r["cpu_s_per_Mpkt"] if r else None) for n, r in got.items()}
-        row("", "CPU s/Mpkt", f"throughput/{run}/cpu_s_per_Mpkt", cpu)
-        busy = {n: (100 * r["relay_busy"] if r else None) for n, r in got.items()}
-        row("", "relay CPU %", "-", busy)
-    for q in ("p50", "p90", "p99"):
-        vals = {n: ((relays[n].get("latency") or {}).get("rtt_us") or {}).get(q) for n in names}
+        got = {n: by[n].get(run) for n in names}
+        have = {n: w for n, w in got.items() if w}
+
+        def cells(f: Any, have: dict[str, Any] = have) -> dict[str, str]:
+            return {n: f(w) for n, w in have.items()}
+
+        row(
+            run,
+            "NDR kpps",
+            f"{run}/ndr_pps",
+            cells(lambda w: _spread_text((w.get("ndr") or {}).get("delivered_pps"), 1e-3)),
+        )
+        row(
+            "",
+            "PDR kpps",
+            None,
+            cells(lambda w: _spread_text((w.get("pdr") or {}).get("delivered_pps"), 1e-3)),
+        )
+        row(
+            "",
+            "loss % at NDR",
+            None,
+            cells(lambda w: _spread_text((w.get("ndr") or {}).get("loss"), 100)),
+        )
+        row(
+            "",
+            "relay us/pkt at NDR",
+            f"{run}/relay_us_per_pkt",
+            cells(lambda w: _spread_text(w["cost_at_ndr"].get("relay_us_per_pkt"))),
+        )
+        row(
+            "",
+            "next hop us/pkt",
+            None,
+            cells(lambda w: _spread_text(w["cost_at_ndr"].get("next_hop_us_per_pkt"))),
+        )
+        row(
+            "",
+            "relay core % at NDR",
+            None,
+            cells(lambda w: _spread_text(w["cost_at_ndr"].get("relay_core_busy"), 100)),
+        )
+        row("", "limit", None, cells(lambda w: "load (*)" if w["limit"] == "load" else "relay"))
+        if any(w.get("projected_pps_one_core") for w in have.values()):
+            row(
+                "",
+                "projected kpps/core *",
+                None,
+                cells(lambda w: _num((w.get("projected_pps_one_core") or 0) / 1e3 or None)),
+            )
+    for q, label in (("p50", "RTT p50 us"), ("p99", "RTT p99 us"), ("p999", "RTT p99.9 us")):
         row(
             f"latency {s['ping_rate']:.0f}/s" if q == "p50" else "",
-            f"RTT {q} us",
-            f"latency/rtt_{q}_us",
-            vals,
+            label,
+            f"latency/{q}" if q != "p999" else None,
+            {n: _spread_text((relays[n].get("latency") or {}).get(q)) for n in names},
         )
     cps = {n: (relays[n].get("control_plane") or {}) for n in names}
     row(
         f"control plane x{s['allocations']}",
-        "ops/s",
-        "control_plane/ops_per_s",
-        {n: c.get("ops_per_s") for n, c in cps.items()},
-    )
-    row(
-        "",
-        "driver CPU %",
-        "-",
-        {n: (100 * c["driver_cpu_s"] / c["elapsed_s"] if c else None) for n, c in cps.items()},
-    )
-    row(
-        "",
         "relay CPU us/op",
-        "control_plane/relay_cpu_us_per_op",
+        "control_plane/relay_us_per_op",
         {
-            n: (1e6 * c["relay_cpu_s"] / c["succeeded"] if c.get("succeeded") else None)
+            n: _num(1e6 * c["relay_cpu_s"] / c["succeeded"])
             for n, c in cps.items()
+            if c.get("succeeded")
         },
     )
     row(
         "",
-        "RSS MiB",
-        "control_plane/rss_bytes",
-        {n: (c["rss_bytes"] / 2**20 if c else None) for n, c in cps.items()},
+        "ops/s (driver-bound?)",
+        None,
+        {
+            n: f"{_num(c['ops_per_s'])}"
+            + (" (d)" if c["driver_cpu_s"] > 0.9 * c["elapsed_s"] else "")
+            for n, c in cps.items()
+            if c
+        },
     )
-    row(
-        "",
-        "RSS B/alloc",
-        "control_plane/rss_per_allocation_bytes",
-        {n: c.get("rss_per_allocation_bytes") for n, c in cps.items()},
+    row("", "RSS MiB", None, {n: _num(c["rss_bytes"] / 2**20) for n, c in cps.items() if c})
+    row("", "live allocations", None, {n: _num(c["succeeded"]) for n, c in cps.items() if c})
+    lines.append("")
+    lines.append(
+        f"turnutils_uclient -m 10 -z 0 -n {s['uclient_messages']} -l 100 to a turnutils_peer "
+        "echo (uclient prints averages, not percentiles):"
     )
-    row("", "live allocations", "-", {n: c.get("succeeded") for n, c in cps.items()})
+    for n in names:
+        for u in relays[n].get("uclient", []):
+            lines.append(f"  {n:<7} {u['mode']:<8} {uclient_text(u)}")
     for n in names:
         for e in relays[n].get("errors", []):
             lines.append(f"! {n}: {e}")
     lines += [
         "",
-        "generator: live frames (BPF_PROG_TEST_RUN, XDP_TX of a crafted frame from the sender's "
-        "namespace), pinned to the load tools' CPU with routing and the sink.",
-        "kpps: datagrams counted by a sink on the receiving host per second of sending; loss: "
-        "1 - delivered/sent.",
-        "CPU s/Mpkt: relay process + the NAPI thread receiving on the relay's interface (runs "
-        "XDP), per million delivered (see cpu_accounting in the JSON).",
-        "relay CPU %: that time over the run's; well below 100 means the relay was not the "
-        "bottleneck (the generator's core was).",
-        "control plane: driver CPU near 100% means the Python driver set the pace; relay CPU "
-        "us/op is the relay's own cost.",
-        "ratios: relay / coturn (higher kpps and ops/s are better; lower CPU, RTT, RSS are "
-        "better).",
+        "NDR/PDR kpps: datagrams counted by a sink on the receiving host per second of sending,",
+        "  at the highest offered rate with loss <= 0.1 % / 1 %; each relay at its own rates.",
+        "relay us/pkt: the relay core's busy time (less its background) per delivered datagram;",
+        "  next hop us/pkt: the router's NAPI thread taking in the relay's output (not added in).",
+        "(*) limit 'load': at NDR the relay core was under "
+        f"{100 * LOAD_LIMITED_BUSY:.0f} % busy or the top rate passed: the generator's core "
+        "(generator, routing, sink,",
+        "  return path), not the relay, set the rate; projected kpps/core = 1 / relay us/pkt, a",
+        "  projection from the measured cost, not a measurement.",
+        "control plane: relay CPU us per authenticated Allocate+CreatePermission+ChannelBind (the",
+        "  headline); (d): the Python driver was >90 % busy, so ops/s is the driver's pace.",
+        "ratios: relay / coturn.",
     ]
     return "\n".join(lines)
+
+
+# --- the README's table --------------------------------------------------------------------------
+
+README_BEGIN = "<!-- bench-table:begin (generated: xdpturn-lab bench --readme FILE) -->"
+README_END = "<!-- bench-table:end -->"
+
+
+def readme_table(result: dict[str, Any], source: str) -> str:
+    """The README's benchmark section body, from one results file."""
+    relays = result["relays"]
+    names = [n for n in ("xdp", "python", "coturn") if n in relays]
+    prov = result.get("provenance", {})
+    m = result["machine"]
+    dirty = " (tree dirty: not a committed state)" if prov.get("dirty") else ""
+    out = [
+        f"From `{source}` (commit `{(prov.get('commit') or '?')[:12]}`{dirty}; "
+        f"`{' '.join(result.get('command', []))}`; {m['cpu_model']}, {m['cores']} cores, "
+        f"kernel {m['kernel']}). Median of {result['settings']['search']['confirm']} trials "
+        "(min-max).",
+        "",
+    ]
+    busy = [n for n in names if relays[n].get("background_relay_core_busy", 0) > BUSY_MACHINE]
+    if busy:
+        out += [
+            f"**Not a measurement for {', '.join(busy)}**: the relay core was busy with other "
+            "load before the run.",
+            "",
+        ]
+    out += [
+        "| workload | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    by = {n: {w["name"]: w for w in relays[n].get("throughput", [])} for n in names}
+    runs = list(dict.fromkeys(k for n in names for k in by[n]))
+    for run in runs:
+        cells = []
+        for n in names:
+            w = by[n].get(run)
+            if not w:
+                cells.append("-")
+                continue
+            text = _spread_text((w.get("ndr") or {}).get("delivered_pps"), 1e-3)
+            cost = _median(w.get("cost_at_ndr"), "relay_us_per_pkt")
+            text += f", {_num(cost)} us/pkt" if cost else ""
+            if w["limit"] == "load":
+                proj = w.get("projected_pps_one_core")
+                text += " **load-limited**"
+                if proj:
+                    text += f" (projection: {_num(proj / 1e3)} kpps/core)"
+            cells.append(text)
+        out.append(f"| {run}: NDR kpps, relay CPU | " + " | ".join(cells) + " |")
+    for q in ("p50", "p99", "p999"):
+        cells = [_spread_text((relays[n].get("latency") or {}).get(q)) for n in names]
+        rate = result["settings"]["ping_rate"]
+        out.append(f"| RTT {q} us at {rate:.0f}/s | " + " | ".join(cells) + " |")
+    cells = []
+    for n in names:
+        cp = relays[n].get("control_plane") or {}
+        cells.append(
+            _num(1e6 * cp["relay_cpu_s"] / cp["succeeded"]) if cp.get("succeeded") else "-"
+        )
+    out.append(
+        "| relay CPU us per Allocate+CreatePermission+ChannelBind | " + " | ".join(cells) + " |"
+    )
+    for mode in ("default", "-c"):
+        cells = []
+        for n in names:
+            u = next((u for u in relays[n].get("uclient", []) if u["mode"] == mode), None)
+            cells.append(uclient_text(u) if u else "-")
+        out.append(f"| turnutils_uclient -m 10 ({mode}) | " + " | ".join(cells) + " |")
+    out += [
+        "",
+        "NDR: highest offered rate with loss <= 0.1 %, each relay searched at its own rates. "
+        "relay CPU: its core's busy time per delivered datagram (docs/performance.md, "
+        '"Accounting"). **load-limited**: the generator\'s core, not the relay, set the rate; '
+        "the projection divides one core by the measured cost and is not a measurement.",
+    ]
+    return "\n".join(out)
+
+
+def rewrite_readme(readme: str, result: dict[str, Any], source: str) -> str:
+    """`readme` with the text between the markers replaced by `readme_table`."""
+    try:
+        head, rest = readme.split(README_BEGIN, 1)
+        _, tail = rest.split(README_END, 1)
+    except ValueError:
+        raise ValueError(f"README has no {README_BEGIN!r} ... {README_END!r} markers") from None
+    return f"{head}{README_BEGIN}\n{readme_table(result, source)}\n{README_END}{tail}"

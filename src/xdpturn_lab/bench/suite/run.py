@@ -15,6 +15,7 @@ import datetime as dt
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -22,8 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from xdpturn.proto.addr import Family
 from xdpturn_lab.bench import tools
-from xdpturn_lab.bench.suite import RELAYS, report, system, workloads
+from xdpturn_lab.bench.suite import RELAYS, report, system, uclient, workloads
 from xdpturn_lab.bench.suite.relays import (
     GENERATOR_CPU,
     RELAY_CPU,
@@ -32,39 +34,90 @@ from xdpturn_lab.bench.suite.relays import (
     XdpturnRelay,
     raise_fd_limit,
 )
+from xdpturn_lab.bench.suite.search import SearchSettings
 from xdpturn_lab.testbed import Relay, Testbed, Topology, cleanup_stale
 
 PING_SIZE = 100
 BACKGROUND_WINDOW = 0.5  # seconds
+SIZES_FULL = (100, 1200)
+Workload = workloads.Workload
+WORKLOADS_FULL = (
+    Workload("cd->udp", "ipv4", 100),
+    Workload("udp->cd", "ipv4", 100),
+    Workload("cd->udp", "ipv4", 1200),
+    Workload("udp->cd", "ipv4", 1200),
+    Workload("cd->udp", "ipv6", 1200),
+    Workload("udp->cd", "ipv6", 1200),
+    Workload("cd->udp", "cross", 1200),
+    Workload("udp->cd", "cross", 1200),
+    Workload("hairpin", "ipv4", 1200),
+)
+WORKLOADS_QUICK = (
+    Workload("cd->udp", "ipv4", 100),
+    Workload("udp->cd", "ipv4", 100),
+    Workload("hairpin", "ipv4", 100),
+)
 
 
 @dataclass(frozen=True)
 class Settings:
     quick: bool
-    duration: float  # seconds per throughput run
-    sizes: tuple[int, ...]
-    families: tuple[str, ...]
-    hairpin_families: tuple[str, ...]
+    workloads: tuple[workloads.Workload, ...]
+    search: SearchSettings
+    ceiling_s: float
     ping_rate: float
     ping_count: int
+    ping_runs: int
     allocations: int
     concurrency: int
+    uclient_messages: int  # per client, in each mode
 
     @classmethod
     def make(cls, quick: bool, duration: float | None) -> Settings:
         if quick:
-            return cls(True, duration or 1.0, (100,), ("ipv4",), ("ipv4",), 2000, 2000, 500, 100)
+            confirm = duration or 0.5
+            return cls(
+                quick=True,
+                workloads=WORKLOADS_QUICK,
+                search=SearchSettings(
+                    trial_s=min(0.5, confirm),
+                    confirm_s=confirm,
+                    confirm=3,
+                    max_trials=4,
+                    precision=0.2,
+                ),
+                ceiling_s=0.5,
+                ping_rate=2000,
+                ping_count=2000,
+                ping_runs=3,
+                allocations=500,
+                concurrency=100,
+                uclient_messages=200,
+            )
+        confirm = duration or 1.5
         return cls(
-            False,
-            duration or 3.0,
-            (100, 1200),
-            ("ipv4", "ipv6", "cross"),
-            ("ipv4",),
-            5000,
-            10000,
-            10000,
-            200,
+            quick=False,
+            workloads=WORKLOADS_FULL,
+            search=SearchSettings(
+                trial_s=min(1.0, confirm),
+                confirm_s=confirm,
+                confirm=3,
+                max_trials=7,
+                precision=0.05,
+            ),
+            ceiling_s=2.0,
+            ping_rate=5000,
+            ping_count=10000,
+            ping_runs=3,
+            allocations=10000,
+            concurrency=200,
+            uclient_messages=1000,
         )
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["workloads"] = [w.name for w in self.workloads]
+        return d
 
 
 def _log(msg: str) -> None:
@@ -72,20 +125,11 @@ def _log(msg: str) -> None:
 
 
 def _round_down(x: float) -> float:
-    """Two significant digits, down: the fixed offered rate every relay gets."""
+    """Two significant digits, down: the top rate every relay's search starts from."""
     if x <= 0:
         return 1.0
     scale = 10 ** (math.floor(math.log10(x)) - 1)
     return float(math.floor(x / scale) * scale)
-
-
-def _same_load(plan: workloads.LoadPlan, runs: list[dict[str, Any]]) -> workloads.LoadPlan:
-    """The plan for the relays after the first: each run at the rate the first relay was offered
-    (rounded down). The generator's core also carries the path back from the relay, so with the
-    fast path first (it leaves that core the least) that is the most this testbed offers through
-    a relay, and every relay gets the same load."""
-    per_run = {r["name"]: _round_down(r["offered_pps"]) for r in runs if r["sent"]}
-    return dataclasses.replace(plan, per_run=per_run)
 
 
 def _make_relay(name: str, tb: Testbed) -> RelayUnderTest:
@@ -93,6 +137,19 @@ def _make_relay(name: str, tb: Testbed) -> RelayUnderTest:
     if name == "coturn":
         return CoturnRelay(tb, node, relay_threads=len(RELAY_CPU.split(",")))
     return XdpturnRelay(tb, node, fastpath=name == "xdp")
+
+
+async def _latency_runs(
+    hosts: workloads.Hosts, relay: RelayUnderTest, settings: Settings
+) -> list[dict[str, Any]]:
+    runs = []
+    for i in range(settings.ping_runs):
+        _log(f"  {relay.name}: latency run {i + 1} of {settings.ping_runs}")
+        ping = await workloads.latency(
+            hosts, relay, settings.ping_rate, settings.ping_count, PING_SIZE
+        )
+        runs.append(report.ping_json(ping, settings.ping_rate, PING_SIZE))
+    return runs
 
 
 async def _bench_relay(
@@ -103,41 +160,36 @@ async def _bench_relay(
 ) -> dict[str, Any]:
     rss_idle = system.rss_bytes(relay.pid)
     errors: list[str] = []
+    out: dict[str, Any] = {"info": relay.info(), "errors": errors}
     # Latency first, with NAPI in softirq as a NIC's interrupt would run it: threaded NAPI adds
     # two thread wake-ups per hop, which would swamp a fast path's round trip.
-    _log(f"  {relay.name}: latency")
-    latency: dict[str, Any] | None = None
     try:
-        ping = await workloads.latency(
-            hosts, relay, settings.ping_rate, settings.ping_count, PING_SIZE
-        )
-        latency = report.ping_json(ping, settings.ping_rate, PING_SIZE)
+        out["latency_runs"] = await _latency_runs(hosts, relay, settings)
     except Exception as e:
         errors.append(f"latency: {e!r}")
     # For throughput, the relay host's receive path (NAPI, which runs XDP) gets its own thread on
     # the relay's core, and the path draining the relay's output one ahead of the generator on
     # the generator's core (see system.pin_napi). Undone before the next relay.
+    counters = None
+    if isinstance(relay, XdpturnRelay) and relay.name == "xdp":
+        counters = relay.route_packets
     relay_napi = system.pin_napi(hosts.relay.netns, workloads.HOST_IF, RELAY_CPU)
     try:
         out_napi = system.pin_napi(hosts.tb.inet_netns, "to-relay", GENERATOR_CPU, realtime=True)
         try:
-            pinned = dataclasses.replace(hosts, relay_napi=tuple(relay_napi))
-            loads, load_errors = await workloads.throughput(pinned, relay, plan, _log)
+            pinned = dataclasses.replace(
+                hosts, relay_napi=tuple(relay_napi), return_napi=tuple(out_napi)
+            )
+            loads, load_errors = await workloads.throughput(pinned, relay, plan, _log, counters)
         finally:
             system.unpin_napi(hosts.tb.inet_netns, "to-relay")
     finally:
         system.unpin_napi(hosts.relay.netns, workloads.HOST_IF)
     errors += load_errors
-    out: dict[str, Any] = {
-        "info": relay.info(),
-        "throughput": [r.to_json() for r in loads],
-        "errors": errors,
-        "napi_threads": {"relay_rx": relay_napi, "relay_output": out_napi},
-    }
-    if latency is not None:
-        out["latency"] = latency
-    if isinstance(relay, XdpturnRelay) and relay.name == "xdp":
-        out["fastpath_counters"] = relay.fastpath_counters()
+    out["throughput"] = [r.to_json() for r in loads]
+    out["napi_threads"] = {"relay_rx": relay_napi, "relay_output": out_napi}
+    if counters is not None:
+        out["fastpath_counters"] = relay.fastpath_counters()  # type: ignore[attr-defined]
     _log(f"  {relay.name}: control plane, {settings.allocations} allocations")
     try:
         cp = await workloads.control_plane(
@@ -149,30 +201,62 @@ async def _bench_relay(
     return out
 
 
-def run(settings: Settings, only: Sequence[str], out_dir: Path) -> dict[str, Any]:
+def _uclient_runs(
+    hosts: workloads.Hosts, relay: RelayUnderTest, settings: Settings
+) -> list[dict[str, Any]]:
+    """Issue 13's workload, after the control plane (its thousands of allocations are gone by
+    then only if the relay was restarted: it runs against a fresh relay, see `run`)."""
+    runs = []
+    for mode in uclient.MODES:
+        _log(f"  {relay.name}: turnutils_uclient ({mode} mode)")
+        r = uclient.run(
+            relay,
+            str(relay.server(Family.IPV4).ip),
+            workloads.gen_prefix(hosts.client.netns),
+            hosts.peer,
+            tools.netns_prefix(hosts.peer.netns),
+            mode,
+            settings.uclient_messages,
+            timeout=60.0,
+        )
+        runs.append(r.to_json())
+    return runs
+
+
+def _command() -> list[str]:
+    """The command line as typed (`python -m xdpturn_lab` for the module form)."""
+    first = Path(sys.argv[0])
+    head = ["python", "-m", "xdpturn_lab"] if first.name == "__main__.py" else [first.name]
+    return [*head, *sys.argv[1:]]
+
+
+def _results_path(out: Path, started: dt.datetime) -> Path:
+    """`out` itself if it names a .json file, else `<out>/<UTC time>.json`."""
+    if out.suffix == ".json":
+        return out
+    return out / f"{started.strftime('%Y-%m-%dT%H%M%SZ')}.json"
+
+
+def run(settings: Settings, only: Sequence[str], out: Path) -> dict[str, Any]:
     if os.geteuid() != 0:
         raise SystemExit("xdpturn-lab bench: needs root (namespaces, XDP, nftables)")
+    started = dt.datetime.now(dt.UTC)
+    json_path = _results_path(out, started)
+    if json_path.exists():
+        raise SystemExit(f"xdpturn-lab bench: {json_path} exists; results are never overwritten")
+    if "coturn" in only and shutil.which("turnserver") is None:
+        raise SystemExit("xdpturn-lab bench: turnserver not found (Debian's coturn package)")
     tools.build()
     raise_fd_limit()
     cleanup_stale()
-    started = dt.datetime.now(dt.UTC)
     result: dict[str, Any] = {
-        "format": 2,
+        "format": 3,
         "started": started.isoformat(timespec="seconds"),
-        "command": ["xdpturn-lab", "bench", *sys.argv[2:]] if sys.argv[1:2] == ["bench"] else [],
+        "command": _command(),
+        "cwd": os.getcwd(),
+        "provenance": system.provenance(),
         "machine": system.machine(),
-        "settings": {
-            "quick": settings.quick,
-            "duration_s": settings.duration,
-            "sizes": list(settings.sizes),
-            "families": list(settings.families),
-            "hairpin_families": list(settings.hairpin_families),
-            "ping_rate": settings.ping_rate,
-            "ping_count": settings.ping_count,
-            "allocations": settings.allocations,
-            "concurrency": settings.concurrency,
-            "relays": list(only),
-        },
+        "settings": {**settings.to_json(), "relays": list(only)},
         "placement": {
             "relay_cpu": RELAY_CPU,
             "generator_cpu": GENERATOR_CPU,
@@ -191,56 +275,93 @@ def run(settings: Settings, only: Sequence[str], out_dir: Path) -> dict[str, Any
         system.napi_mode(hosts.relay.netns, workloads.HOST_IF)
         system.napi_mode(tb.inet_netns, "to-relay")
         _log("generator ceiling (no relay in the way)")
-        ceilings = [workloads.ceiling(hosts, size, settings.duration) for size in settings.sizes]
+        sizes = sorted({w.size for w in settings.workloads})
+        ceilings = [workloads.ceiling(hosts, size, settings.ceiling_s) for size in sizes]
         direct = workloads.ping_direct(hosts, settings.ping_rate, settings.ping_count, PING_SIZE)
         result["generator"] = {
-            "ceiling": [c.to_json() for c in ceilings],
+            "ceiling": [
+                {"size": size, **c.to_json()} for size, c in zip(sizes, ceilings, strict=True)
+            ],
             "latency": report.ping_json(direct, settings.ping_rate, PING_SIZE),
         }
         plan = workloads.LoadPlan(
-            duration=settings.duration,
-            sizes=settings.sizes,
-            families=settings.families,
-            hairpin_families=settings.hairpin_families,
-            target_pps={c.size: _round_down(c.offered_pps) for c in ceilings},
+            workloads=settings.workloads,
+            top_pps={
+                size: _round_down(c.offered_pps) for size, c in zip(sizes, ceilings, strict=True)
+            },
+            search_settings=settings.search,
         )
-        result["settings"]["target_pps"] = {str(k): v for k, v in plan.target_pps.items()}
+        result["settings"]["top_pps"] = {str(k): v for k, v in plan.top_pps.items()}
         for name in only:
             _log(f"relay {name}")
-            relay = _make_relay(name, tb)
             # Whatever else keeps the relay's core busy (other tests on a shared machine) shows
-            # here: a fixed measurement window before the relay starts.
+            # here: a fixed measurement window before the relay starts. It is subtracted from
+            # the relay core's time in every trial (report.CPU_ACCOUNTING).
             before = system.cpu_sample(None, RELAY_CPU)
             time.sleep(BACKGROUND_WINDOW)
             idle = system.cpu_sample(None, RELAY_CPU) - before
+            relay = _make_relay(name, tb)
             relay.start()
             try:
                 result["relays"][name] = asyncio.run(_bench_relay(hosts, relay, settings, plan))
-                result["placement"].setdefault("napi_threads", {})[name] = result["relays"][
-                    name
-                ].pop("napi_threads")
-                result["relays"][name]["background_relay_core_busy"] = idle.relay_cpu / idle.wall
             finally:
                 relay.stop()
-            if not plan.per_run:
-                plan = _same_load(plan, result["relays"][name]["throughput"])
-                result["settings"]["offered_pps_per_run"] = dict(plan.per_run)
+            entry = result["relays"][name]
+            result["placement"].setdefault("napi_threads", {})[name] = entry.pop(
+                "napi_threads", None
+            )
+            entry["background_relay_core_busy"] = idle.relay_cpu / idle.wall
+            # uclient against a fresh relay: the control plane left 10,000 allocations behind.
+            relay = _make_relay(name, tb)
+            relay.start()
+            try:
+                entry["uclient"] = _uclient_runs(hosts, relay, settings)
+            except Exception as e:
+                entry["errors"].append(f"uclient: {e!r}")
+            finally:
+                relay.stop()
     result["finished"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    report.derive(result)
-    result["table"] = report.table(result)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = started.strftime("%Y-%m-%dT%H%M%SZ")
-    json_path = out_dir / f"{stem}.json"
-    png_path = out_dir / f"{stem}.png"
+    png_path = json_path.with_suffix(".png")
     result["files"] = {"json": str(json_path), "chart": str(png_path)}
-    json_path.write_text(json.dumps(result, indent=1) + "\n")
+    try:
+        report.derive(result)
+        result["table"] = report.table(result)
+    except Exception as e:  # the measurements are kept even if the report has a bug
+        result["report_error"] = repr(e)
+        _write_new(json_path, result)
+        raise
+    _write_new(json_path, result)
     from xdpturn_lab.bench import chart
 
     chart.render(result, png_path)
     return result
 
 
+def _write_new(path: Path, result: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("x") as f:  # never overwrite, even if one appeared meanwhile
+        f.write(json.dumps(result, indent=1) + "\n")
+
+
+def write_readme(results: Path, readme: Path = system.REPO / "README.md") -> None:
+    """Rewrite README.md's benchmark table from `results` (named in it by its path)."""
+    result = json.loads(results.read_text())
+    try:
+        source = str(results.resolve().relative_to(system.REPO))
+    except ValueError:
+        source = str(results)
+    readme.write_text(report.rewrite_readme(readme.read_text(), result, source))
+
+
 def main(args: argparse.Namespace) -> int:
+    if args.readme:
+        try:
+            write_readme(Path(args.readme))
+        except (OSError, ValueError, KeyError) as e:
+            print(f"xdpturn-lab bench: --readme: {e}", file=sys.stderr)
+            return 2
+        print(f"rewrote README.md's benchmark table from {args.readme}")
+        return 0
     only = [n.strip() for n in args.only.split(",") if n.strip()]
     bad = [n for n in only if n not in RELAYS]
     if bad or not only:

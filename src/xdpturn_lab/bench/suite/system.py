@@ -14,6 +14,7 @@ import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 _TICK = float(os.sysconf("SC_CLK_TCK"))
@@ -51,13 +52,17 @@ class CpuSample:
     user: float  # seconds, all CPUs
     process: float  # seconds of utime+stime of the relay process (0 without one)
     napi: float  # seconds of the relay interface's NAPI thread (receive path, XDP, XDP_TX)
+    return_napi: float  # seconds of the next hop's NAPI thread taking in the relay's output
     relay_cpu: float  # busy seconds of the relay's core (user+system+irq+softirq+steal)
+    relay_softirq: float  # softirq seconds of the relay's core
 
     def __sub__(self, earlier: CpuSample) -> CpuDelta:
         return CpuDelta(
             wall=self.wall - earlier.wall,
             relay_cpu=self.relay_cpu - earlier.relay_cpu,
+            relay_softirq=self.relay_softirq - earlier.relay_softirq,
             napi=self.napi - earlier.napi,
+            return_napi=self.return_napi - earlier.return_napi,
             softirq=self.softirq - earlier.softirq,
             system=self.system - earlier.system,
             user=self.user - earlier.user,
@@ -69,7 +74,9 @@ class CpuSample:
 class CpuDelta:
     wall: float
     relay_cpu: float
+    relay_softirq: float
     napi: float
+    return_napi: float
     softirq: float
     system: float
     user: float
@@ -86,22 +93,28 @@ def process_cpu(pid: int | None) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICK
 
 
-def cpu_sample(pid: int | None, relay_cpu: str, napi: Sequence[int] = ()) -> CpuSample:
-    """Machine-wide times, the relay core's busy time, the relay process's time and that of the
-    NAPI threads `napi` (kernel threads: their work shows as their system time)."""
+def cpu_sample(
+    pid: int | None, relay_cpu: str, napi: Sequence[int] = (), return_napi: Sequence[int] = ()
+) -> CpuSample:
+    """Machine-wide times, the relay core's busy and softirq time, the relay process's time and
+    that of the NAPI threads `napi` and `return_napi` (kernel threads: their work shows as their
+    system time)."""
     with open("/proc/stat") as f:
         lines = f.read().splitlines()
     # cpu user nice system idle iowait irq softirq steal ...
     cpu = lines[0].split()
     user, nice, system, softirq = (int(cpu[i]) for i in (1, 2, 3, 7))
-    busy = 0
+    busy = relay_softirq = 0
     for line in lines[1:]:
         words = line.split()
         if words and words[0] == f"cpu{relay_cpu}":
             busy = sum(int(words[i]) for i in (1, 2, 3, 6, 7, 8))
+            relay_softirq = int(words[7])
     return CpuSample(
         relay_cpu=busy / _TICK,
+        relay_softirq=relay_softirq / _TICK,
         napi=sum(process_cpu(t) for t in napi),
+        return_napi=sum(process_cpu(t) for t in return_napi),
         wall=time.monotonic(),
         softirq=softirq / _TICK,
         system=system / _TICK,
@@ -249,3 +262,33 @@ def unpin_napi(netns_name: str, ifname: str) -> None:
 
 def alive(pids: Sequence[int]) -> bool:
     return all(os.path.exists(f"/proc/{pid}") for pid in pids)
+
+
+# --- provenance ---------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[4]
+
+
+def _out(argv: Sequence[str]) -> str | None:
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=10, cwd=REPO)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def provenance() -> dict[str, Any]:
+    """What produced a results file: the commit, whether the tree differed from it (and where),
+    and the versions of the tools involved."""
+    git = ["git", "-c", f"safe.directory={REPO}"]
+    status = _out([*git, "status", "--porcelain"])
+    changed = [line[3:] for line in (status or "").splitlines()]
+    turnserver = _out(["turnserver", "--version"])
+    return {
+        "commit": _out([*git, "rev-parse", "HEAD"]),
+        "branch": _out([*git, "rev-parse", "--abbrev-ref", "HEAD"]),
+        "dirty": bool(changed) if status is not None else None,
+        "changed_files": changed,
+        "turnserver_version": turnserver.splitlines()[-1] if turnserver else None,
+        "kernel_version": platform.version(),
+    }

@@ -24,7 +24,7 @@ from xdpturn.client.turn import LostHandler, Receiver, TurnClient, UdpTransport
 from xdpturn.proto.addr import Family, TransportAddr
 from xdpturn.proto.auth import mint_rest_credentials
 from xdpturn_lab.bench import livegen, tools
-from xdpturn_lab.bench.suite import system
+from xdpturn_lab.bench.suite import search, system
 from xdpturn_lab.bench.suite.relays import GENERATOR_CPU, RELAY_CPU, RelayUnderTest
 from xdpturn_lab.testbed.counters import LinkCounters, link_counters
 from xdpturn_lab.testbed.scenario import netns_socket
@@ -52,6 +52,7 @@ class Hosts:
     client: RelayNode
     peer: RelayNode
     relay_napi: tuple[int, ...] = ()  # the NAPI thread(s) receiving on the relay's interface
+    return_napi: tuple[int, ...] = ()  # the next hop's, taking in the relay's output
 
     def ip(self, host: RelayNode, family: Family) -> str:
         return str(host.public_ipv4 if family is Family.IPV4 else host.public_ipv6)
@@ -141,96 +142,99 @@ async def bind(turn: Turn, peer: TransportAddr) -> int:
 # --- throughput ----------------------------------------------------------------------------------
 
 
-@dataclass
-class LoadResult:
-    name: str  # e.g. "cd->udp ipv4 100B"
-    direction: str  # "cd->udp", "udp->cd" or "hairpin"
-    family: str
-    size: int  # application payload bytes per datagram
-    target_pps: float | None  # None: as fast as the generator goes
-    sent: int
-    offered_pps: float
-    delivered: int  # counted by the sink on the receiving host
-    delivered_pps: float
-    delivered_payload_mbps: float  # application payload, megabits per second
-    loss: float  # 1 - delivered / sent
-    rx_link_packets: int  # the receiving interface's rx counter (includes anything else arriving)
-    relay_rx_packets: int  # what reached the relay's interface (rx counter), 0 with no relay
-    elapsed_s: float
-    cpu: dict[str, float] = field(default_factory=dict)  # seconds, see measure_load
+@dataclass(frozen=True)
+class Probe:
+    """What a trial measures beside the generator and the sink: the relay process, its network
+    namespace, the NAPI thread(s) receiving on its interface (relay core) and the one(s) taking in
+    its output at the next hop (generator core)."""
 
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+    relay_pid: int | None = None
+    relay_ns: str | None = None
+    relay_napi: tuple[int, ...] = ()
+    return_napi: tuple[int, ...] = ()
 
 
-def measure_load(
-    name: str,
-    direction: str,
-    family: str,
-    size: int,
-    target_pps: float | None,
-    send: livegen.LiveSend,
-    sender_ns: str,
-    receiver_ns: str,
-    port: int,
-    relay_pid: int | None,
-    relay_ns: str | None,
-    napi: Sequence[int] = (),
-    *,
-    warm: str | None = None,
-) -> LoadResult:
-    """One bounded load run: sink on, generator loaded, counters, send for the command's duration,
-    counters once the sink's count settles, sink off. `warm`: an address the receiving host pokes
-    first, so the routers on the way know its neighbour before the first frame."""
-    if warm is not None:
-        livegen.poke(receiver_ns, warm)
-    system.sink_on(receiver_ns, port)
-    try:
-        with send.start(gen_prefix(sender_ns)) as gen:
-            gen.wait_ready()  # the generator's start-up is outside the measured window
-            link0 = _link(receiver_ns)
-            relay0 = _link(relay_ns) if relay_ns else None
-            cpu0 = system.cpu_sample(relay_pid, RELAY_CPU, napi)
-            gen.go()
-            sent = gen.result()
-        delivered = system.sink_settled(receiver_ns)
-        cpu = system.cpu_sample(relay_pid, RELAY_CPU, napi) - cpu0
-        link = _link(receiver_ns) - link0
-        relay_rx = _link(relay_ns).rx_packets - relay0.rx_packets if relay_ns and relay0 else 0
-    finally:
-        system.sink_off(receiver_ns)
-    elapsed = max(sent.elapsed_s, 1e-9)
-    return LoadResult(
-        name=name,
-        direction=direction,
-        family=family,
-        size=size,
-        target_pps=target_pps,
-        sent=sent.sent,
-        offered_pps=sent.sent / elapsed,
-        delivered=delivered,
-        delivered_pps=delivered / elapsed,
-        delivered_payload_mbps=delivered * size * 8 / elapsed / 1e6,
-        loss=1.0 - delivered / sent.sent if sent.sent else 0.0,
-        rx_link_packets=link.rx_packets,
-        relay_rx_packets=relay_rx,
-        elapsed_s=elapsed,
-        cpu={
-            "wall_s": cpu.wall,
-            "relay_core_busy_s": cpu.relay_cpu,
-            "relay_napi_s": cpu.napi,
-            "relay_process_s": cpu.process,
-            "softirq_s": cpu.softirq,
-            "machine_busy_s": cpu.softirq + cpu.system + cpu.user,
-        },
-    )
+class LoadRunner:
+    """One workload's traffic: the sink on the receiving host and one generator process, kept for
+    all the trials of a rate search; `trial(rate, seconds)` runs one and measures it."""
+
+    def __init__(
+        self,
+        send: livegen.LiveSend,
+        sender_ns: str,
+        receiver_ns: str,
+        port: int,
+        probe: Probe,
+        *,
+        warm: str | None = None,
+    ) -> None:
+        self._send = send
+        self._sender_ns = sender_ns
+        self._receiver_ns = receiver_ns
+        self._port = port
+        self._probe = probe
+        self._warm = warm
+        self._gen: livegen.LiveProcess | None = None
+
+    def __enter__(self) -> LoadRunner:
+        if self._warm is not None:
+            livegen.poke(self._receiver_ns, self._warm)
+        system.sink_on(self._receiver_ns, self._port)
+        try:
+            self._gen = self._send.start(gen_prefix(self._sender_ns))
+            self._gen.wait_ready()  # the generator's start-up is outside every trial
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if self._gen is not None:
+                self._gen.__exit__(None, None, None)
+        finally:
+            system.sink_off(self._receiver_ns)
+
+    def trial(self, rate: float | None, seconds: float) -> search.Trial:
+        assert self._gen is not None
+        p = self._probe
+        count0 = system.sink_count(self._receiver_ns)
+        link0 = _link(self._receiver_ns)
+        relay0 = _link(p.relay_ns) if p.relay_ns else None
+        cpu0 = system.cpu_sample(p.relay_pid, RELAY_CPU, p.relay_napi, p.return_napi)
+        self._gen.go_at(rate, seconds)
+        sent = self._gen.result()
+        delivered = system.sink_settled(self._receiver_ns) - count0
+        cpu = system.cpu_sample(p.relay_pid, RELAY_CPU, p.relay_napi, p.return_napi) - cpu0
+        link = _link(self._receiver_ns) - link0
+        relay_rx = _link(p.relay_ns).rx_packets - relay0.rx_packets if relay0 and p.relay_ns else 0
+        return search.Trial(
+            requested_pps=rate,
+            duration_s=seconds,
+            sent=sent.sent,
+            delivered=delivered,
+            elapsed_s=max(sent.elapsed_s, 1e-9),
+            extra={
+                "rx_link_packets": link.rx_packets,
+                "relay_rx_packets": relay_rx,
+                "cpu": {
+                    "wall_s": cpu.wall,
+                    "relay_core_busy_s": cpu.relay_cpu,
+                    "relay_core_softirq_s": cpu.relay_softirq,
+                    "relay_process_s": cpu.process,
+                    "relay_napi_s": cpu.napi,
+                    "return_napi_s": cpu.return_napi,
+                    "machine_busy_s": cpu.softirq + cpu.system + cpu.user,
+                },
+            },
+        )
 
 
 def _link(ns: str) -> LinkCounters:
     return link_counters(ns, HOST_IF)
 
 
-def ceiling(hosts: Hosts, size: int, duration: float) -> LoadResult:
+def ceiling(hosts: Hosts, size: int, duration: float) -> search.Trial:
     """The generator with no relay in the way: the same frames from the client host through the
     internet router straight to the peer host's sink, as fast as they go."""
     client_ip = hosts.ip(hosts.client, Family.IPV4)
@@ -242,20 +246,10 @@ def ceiling(hosts: Hosts, size: int, duration: float) -> LoadResult:
         rate=None,
         duration=duration,
     )
-    return measure_load(
-        f"ceiling ipv4 {size}B",
-        "direct",
-        "ipv4",
-        size,
-        None,
-        send,
-        hosts.client.netns,
-        hosts.peer.netns,
-        CEILING_PORT,
-        None,
-        None,
-        warm=client_ip,
-    )
+    with LoadRunner(
+        send, hosts.client.netns, hosts.peer.netns, CEILING_PORT, Probe(), warm=client_ip
+    ) as runner:
+        return runner.trial(None, duration)
 
 
 def ping_direct(hosts: Hosts, rate: float, count: int, size: int) -> tools.PingResult:
@@ -272,46 +266,128 @@ def ping_direct(hosts: Hosts, rate: float, count: int, size: int) -> tools.PingR
 
 
 @dataclass(frozen=True)
-class LoadPlan:
-    duration: float
-    sizes: tuple[int, ...]
-    families: tuple[str, ...]
-    hairpin_families: tuple[str, ...]
-    target_pps: dict[int, float | None]  # per size
-    # Per run name (e.g. "cd->udp ipv4 100B"): what the first relay was offered, so the others
-    # get the same load (see run.py); runs not named here get `target_pps`.
-    per_run: dict[str, float] = field(default_factory=dict)
+class Workload:
+    direction: str  # "cd->udp", "udp->cd" or "hairpin"
+    family: str  # a key of FAMILIES
+    size: int  # application payload bytes
 
-    def rate(self, name: str, size: int) -> float | None:
-        return self.per_run.get(name, self.target_pps[size])
+    @property
+    def name(self) -> str:
+        return f"{self.direction} {self.family} {self.size}B"
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    workloads: tuple[Workload, ...]
+    top_pps: dict[int, float | None]  # per size: the highest rate a search starts from
+    search_settings: search.SearchSettings
+
+
+@dataclass
+class WorkloadResult:
+    workload: Workload
+    result: search.SearchResult
+    # The XDP program's per-route packet counters moved by the whole search (xdp only).
+    fastpath_routes: dict[str, int] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        w = self.workload
+        d: dict[str, Any] = {
+            "name": w.name,
+            "direction": w.direction,
+            "family": w.family,
+            "size": w.size,
+            **self.result.to_json(),
+        }
+        every = [*self.result.trials, *(t for g in self.result.goals.values() for t in g.confirms)]
+        # Confirming trials shared by both goals are counted once.
+        unique = list({id(t): t for t in every}.values())
+        d["totals"] = {
+            "sent": sum(t.sent for t in unique),
+            "delivered": sum(t.delivered for t in unique),
+        }
+        if self.fastpath_routes is not None:
+            d["fastpath_routes"] = self.fastpath_routes
+        return d
+
+
+Counters = Callable[[], dict[str, int]]  # route -> packets, cumulative
 
 
 async def throughput(
-    hosts: Hosts, relay: RelayUnderTest, plan: LoadPlan, log: Callable[[str], None]
-) -> tuple[list[LoadResult], list[str]]:
-    """Every (family, size, direction) of the plan, then the hairpins; a family that fails to set
-    up (e.g. a relay without IPv6 relaying) is reported in the errors and skipped."""
-    results: list[LoadResult] = []
+    hosts: Hosts,
+    relay: RelayUnderTest,
+    plan: LoadPlan,
+    log: Callable[[str], None],
+    counters: Counters | None = None,
+) -> tuple[list[WorkloadResult], list[str]]:
+    """A rate search for every workload of the plan, one family's allocation at a time; a family
+    that fails to set up (e.g. a relay without IPv6 relaying) is reported in the errors."""
+    results: list[WorkloadResult] = []
     errors: list[str] = []
-    for fam in plan.families:
+    families = list(dict.fromkeys((w.family, w.direction == "hairpin") for w in plan.workloads))
+    for fam, hairpin in families:
+        mine = [
+            w for w in plan.workloads if w.family == fam and (w.direction == "hairpin") == hairpin
+        ]
         try:
-            results += await _one_family(hosts, relay, plan, fam, log)
+            setup = _hairpin if hairpin else _one_family
+            results += await setup(hosts, relay, plan, fam, mine, log, counters)
         except Exception as e:
-            errors.append(f"{fam}: {e!r}")
-            log(f"  {relay.name}: {fam} failed: {e!r}")
-    for fam in plan.hairpin_families:
-        try:
-            results += await _hairpin(hosts, relay, plan, fam, log)
-        except Exception as e:
-            errors.append(f"hairpin {fam}: {e!r}")
-            log(f"  {relay.name}: hairpin {fam} failed: {e!r}")
+            label = f"hairpin {fam}" if hairpin else fam
+            errors.append(f"{label}: {e!r}")
+            log(f"  {relay.name}: {label} failed: {e!r}")
     return results, errors
 
 
+def _searched(
+    w: Workload,
+    relay: RelayUnderTest,
+    hosts: Hosts,
+    plan: LoadPlan,
+    log: Callable[[str], None],
+    counters: Counters | None,
+    send: livegen.LiveSend,
+    sender_ns: str,
+    receiver_ns: str,
+    port: int,
+    warm: str,
+) -> WorkloadResult:
+    probe = Probe(relay.pid, hosts.relay.netns, hosts.relay_napi, hosts.return_napi)
+    before = counters() if counters else None
+    with LoadRunner(send, sender_ns, receiver_ns, port, probe, warm=warm) as runner:
+
+        def run(rate: float | None, seconds: float) -> search.Trial:
+            t = runner.trial(rate, seconds)
+            log(
+                f"  {relay.name}: {w.name}: asked {'max' if rate is None else f'{rate:,.0f}'}"
+                f" pps, offered {t.offered_pps:,.0f}, delivered {t.delivered_pps:,.0f},"
+                f" loss {100 * t.loss:.3f} %"
+            )
+            return t
+
+        result = search.search(run, plan.top_pps[w.size], plan.search_settings)
+    moved = None
+    if counters is not None and before is not None:
+        after = counters()
+        moved = {
+            k: after.get(k, 0) - before.get(k, 0)
+            for k in after
+            if after.get(k, 0) != before.get(k, 0)
+        }
+    return WorkloadResult(w, result, moved)
+
+
 async def _one_family(
-    hosts: Hosts, relay: RelayUnderTest, plan: LoadPlan, fam: str, log: Callable[[str], None]
-) -> list[LoadResult]:
-    results: list[LoadResult] = []
+    hosts: Hosts,
+    relay: RelayUnderTest,
+    plan: LoadPlan,
+    fam: str,
+    workloads: Sequence[Workload],
+    log: Callable[[str], None],
+    counters: Counters | None,
+) -> list[WorkloadResult]:
+    results: list[WorkloadResult] = []
     client_family, peer_family = FAMILIES[fam]
     server = relay.server(client_family)
     peer_addr = TransportAddr.parse(_fmt(hosts.ip(hosts.peer, peer_family), PEER_PORT))
@@ -320,64 +396,57 @@ async def _one_family(
     try:
         channel = await bind(turn, peer_addr)
         relayed = turn.relayed(peer_family)
-        for size in plan.sizes:
-            name = f"cd->udp {fam} {size}B"
-            rate = plan.rate(name, size)
-            log(f"  {relay.name}: {name}")
-            send = livegen.make(
-                hosts.client.netns,
-                turn.sock.getsockname()[:2],
-                _addr(server),
-                size,
-                rate=rate,
-                duration=plan.duration,
-                channel=channel,
-            )
-            results.append(
-                measure_load(
-                    name,
-                    "cd->udp",
-                    fam,
-                    size,
-                    rate,
-                    send,
+        for w in workloads:
+            log(f"  {relay.name}: {w.name}")
+            if w.direction == "cd->udp":
+                send = livegen.make(
                     hosts.client.netns,
-                    hosts.peer.netns,
-                    PEER_PORT,
-                    relay.pid,
-                    hosts.relay.netns,
-                    hosts.relay_napi,
-                    warm=str(relayed.ip),
+                    turn.sock.getsockname()[:2],
+                    _addr(server),
+                    w.size,
+                    rate=None,
+                    duration=plan.search_settings.trial_s,
+                    channel=channel,
                 )
-            )
-            name = f"udp->cd {fam} {size}B"
-            rate = plan.rate(name, size)
-            log(f"  {relay.name}: {name}")
-            send = livegen.make(
-                hosts.peer.netns,
-                _addr(peer_addr),
-                _addr(relayed),
-                size,
-                rate=rate,
-                duration=plan.duration,
-            )
-            results.append(
-                measure_load(
-                    name,
-                    "udp->cd",
-                    fam,
-                    size,
-                    rate,
-                    send,
-                    hosts.peer.netns,
-                    hosts.client.netns,
-                    turn.local_port,
-                    relay.pid,
-                    hosts.relay.netns,
-                    hosts.relay_napi,
-                    warm=str(server.ip),
+                results.append(
+                    _searched(
+                        w,
+                        relay,
+                        hosts,
+                        plan,
+                        log,
+                        counters,
+                        send,
+                        hosts.client.netns,
+                        hosts.peer.netns,
+                        PEER_PORT,
+                        str(relayed.ip),
+                    )
                 )
-            )
+            else:
+                send = livegen.make(
+                    hosts.peer.netns,
+                    _addr(peer_addr),
+                    _addr(relayed),
+                    w.size,
+                    rate=None,
+                    duration=plan.search_settings.trial_s,
+                )
+                results.append(
+                    _searched(
+                        w,
+                        relay,
+                        hosts,
+                        plan,
+                        log,
+                        counters,
+                        send,
+                        hosts.peer.netns,
+                        hosts.client.netns,
+                        turn.local_port,
+                        str(server.ip),
+                    )
+                )
     finally:
         await turn.client.close()
         peer_sock.close()
@@ -385,8 +454,14 @@ async def _one_family(
 
 
 async def _hairpin(
-    hosts: Hosts, relay: RelayUnderTest, plan: LoadPlan, fam: str, log: Callable[[str], None]
-) -> list[LoadResult]:
+    hosts: Hosts,
+    relay: RelayUnderTest,
+    plan: LoadPlan,
+    fam: str,
+    workloads: Sequence[Workload],
+    log: Callable[[str], None],
+    counters: Counters | None,
+) -> list[WorkloadResult]:
     """Both hosts allocate on the same relay and bind channels to each other's relayed address."""
     client_family, peer_family = FAMILIES[fam]
     server = relay.server(client_family)
@@ -394,38 +469,34 @@ async def _hairpin(
         open_turn(hosts.client.netns, server, relay.secret, peer_family, f"hpa-{fam}"),
         open_turn(hosts.peer.netns, server, relay.secret, peer_family, f"hpb-{fam}"),
     )
-    results: list[LoadResult] = []
+    results: list[WorkloadResult] = []
     try:
         await asyncio.gather(bind(a, b.relayed(peer_family)), bind(b, a.relayed(peer_family)))
         assert a.channel is not None
-        for size in plan.sizes:
-            name = f"hairpin {fam} {size}B"
-            rate = plan.rate(name, size)
-            log(f"  {relay.name}: {name}")
+        for w in workloads:
+            log(f"  {relay.name}: {w.name}")
             send = livegen.make(
                 hosts.client.netns,
                 a.sock.getsockname()[:2],
                 _addr(server),
-                size,
-                rate=rate,
-                duration=plan.duration,
+                w.size,
+                rate=None,
+                duration=plan.search_settings.trial_s,
                 channel=a.channel,
             )
             results.append(
-                measure_load(
-                    name,
-                    "hairpin",
-                    fam,
-                    size,
-                    rate,
+                _searched(
+                    w,
+                    relay,
+                    hosts,
+                    plan,
+                    log,
+                    counters,
                     send,
                     hosts.client.netns,
                     hosts.peer.netns,
                     b.local_port,
-                    relay.pid,
-                    hosts.relay.netns,
-                    hosts.relay_napi,
-                    warm=str(server.ip),
+                    str(server.ip),
                 )
             )
     finally:
