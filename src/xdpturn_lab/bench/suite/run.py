@@ -83,7 +83,7 @@ class Settings:
                     trial_s=min(0.5, confirm),
                     confirm_s=confirm,
                     confirm=3,
-                    max_trials=4,
+                    max_trials=6,
                     precision=0.2,
                 ),
                 ceiling_s=0.5,
