@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(clang-16 llvm-16 libbpf-dev bpftool iproute2 nftables ethtool coturn tcpdump make python3-venv)
+APT_PACKAGES=(clang-16 llvm-16 libbpf-dev bpftool iproute2 nftables ethtool coturn tcpdump make python3-venv chromium)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
