@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import urllib.request
 from collections.abc import Coroutine
 from typing import Any, TypeVar
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from xdpturn.fastpath import FastPathCounters
 from xdpturn.proto.addr import Family
@@ -13,6 +16,7 @@ from xdpturn_lab.testbed.scenario import RelayProcess, Report, TurnEndpoint
 
 T = TypeVar("T")
 
+METRICS = "127.0.0.1:9478"  # where a test's relay serves /metrics (`--metrics`), in its namespace
 SCENARIO_TIMEOUT = 90.0  # seconds for a whole asyncio scenario, set-up included
 
 # Pass reasons that mean a relayed datagram missed the fast path. Others (ARP/ND, STUN on the
@@ -39,6 +43,23 @@ def run(coro: Coroutine[Any, Any, T], timeout: float = SCENARIO_TIMEOUT) -> T:
         return await asyncio.wait_for(coro, timeout)
 
     return asyncio.run(bounded())
+
+
+def relayed_packets(tb: Testbed, relay: str) -> dict[tuple[str, str], float]:
+    """xdpturn_relayed_packets_total by (path, route), scraped from the relay's /metrics (at
+    METRICS) inside its namespace."""
+
+    def fetch() -> str:
+        with urllib.request.urlopen(f"http://{METRICS}/metrics", timeout=5) as response:
+            body: bytes = response.read()
+            return body.decode()
+
+    out: dict[tuple[str, str], float] = {}
+    for family in text_string_to_metric_families(tb.call(relay, fetch)):
+        for sample in family.samples:
+            if sample.name == "xdpturn_relayed_packets_total":
+                out[(sample.labels["path"], sample.labels["route"])] = sample.value
+    return out
 
 
 def route_deltas(before: FastPathCounters, after: FastPathCounters) -> dict[str, int]:

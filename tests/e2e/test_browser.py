@@ -15,15 +15,13 @@ from __future__ import annotations
 import base64
 import random
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.chromium import Chromium, executable
-from tests.e2e.helpers import channel_route
+from tests.e2e.helpers import METRICS, channel_route, relayed_packets
 from tests.support import unavailable
 from xdpturn.proto.addr import Family, TransportAddr
 from xdpturn.proto.auth import mint_rest_credentials
@@ -33,7 +31,6 @@ from xdpturn_lab.testbed.scenario import TURN_PORT, RelayProcess
 pytestmark = [pytest.mark.kernel, pytest.mark.interop]
 
 PAGE = (Path(__file__).parent / "webrtc_peer.html").as_uri()
-METRICS = "127.0.0.1:9478"  # inside the relay's namespace
 SIGNAL_TIMEOUT = 15.0  # seconds for gathering, connecting or the echo, each
 MESSAGES = 300
 FRAMES = 90  # video frames the Gateway must decode (a few seconds of the fake camera)
@@ -46,33 +43,17 @@ KERNEL_SHARE = 0.95
 def echo_messages(count: int) -> list[dict[str, str]]:
     """Text and binary messages of varied sizes, edge sizes first, the same in every run."""
     rng = random.Random(10)
-    sizes = [0, 1, 2, 255, 1024, 1200, 1201, 16_384, 65_535]
+    sizes = [0, 1, 2, 256, 1024, 1200, 1201, 16_384, 65_535]
     sizes += [rng.choice((rng.randint(1, 300), rng.randint(300, 20_000))) for _ in range(count)]
     messages: list[dict[str, str]] = []
     for i, size in enumerate(sizes[:count]):
         if i % 3 == 2:
             # Non-ASCII text: each "é€😀" is 2, 3 and 4 bytes of UTF-8.
-            messages.append({"text": ("é€😀" + "xdpturn " * (size // 8 + 1))[: max(size // 4, 0)]})
+            messages.append({"text": ("é€😀" + "xdpturn " * (size // 8 + 1))[: size // 4]})
         else:
             payload = bytes(range(256)) if i == 3 else rng.randbytes(size)
             messages.append({"binary": base64.b64encode(payload).decode()})
     return messages
-
-
-def relayed_packets(tb: Testbed) -> dict[tuple[str, str], float]:
-    """Relayed datagrams by (path, route), scraped from /metrics inside the relay's namespace."""
-
-    def fetch() -> str:
-        with urllib.request.urlopen(f"http://{METRICS}/metrics", timeout=5) as response:
-            body: bytes = response.read()
-            return body.decode()
-
-    out: dict[tuple[str, str], float] = {}
-    for family in text_string_to_metric_families(tb.call("relay", fetch)):
-        for sample in family.samples:
-            if sample.name == "xdpturn_relayed_packets_total":
-                out[(sample.labels["path"], sample.labels["route"])] = sample.value
-    return out
 
 
 def turn_server(relay: RelayProcess, transport: Family, user: str) -> dict[str, Any]:
@@ -116,7 +97,7 @@ def test_chromium_pages_call_each_other_through_the_relay(
         Chromium(world, "gateway") as gateway,
     ):
         relay.wait_for("metrics listening")
-        before = relayed_packets(world)
+        before = relayed_packets(world, "relay")
         for page in (client, gateway):
             page.open(PAGE)
         # Signalling: each page's description, all candidates included, handed to the other.
@@ -132,7 +113,7 @@ def test_chromium_pages_call_each_other_through_the_relay(
         echoed = client.run("echo", messages, ms, timeout=bound)
         frames = gateway.run("decoded", FRAMES, ms, timeout=bound)
         pairs = {page.node: page.run("selectedPair") for page in (client, gateway)}
-        after = relayed_packets(world)
+        after = relayed_packets(world, "relay")
         allocations = [r for r in relay.records if r.get("message") == "allocation opened"]
         # Hanging up releases every allocation (Refresh with lifetime 0), the second one of the
         # Client's included if bundling had not released it already.
