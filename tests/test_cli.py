@@ -44,6 +44,8 @@ def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
         ("--public-ipv4", "0.0.0.0", "clients cannot reach"),
         ("--user", "alice", "expected NAME:PASSWORD"),
         ("--allow-peer", "10.0.0.1/8", "expected a network such as 10.0.0.0/8"),
+        ("--deny-peer", "192.0.2.0/33", "expected a network such as 10.0.0.0/8"),
+        ("--unauthenticated-rate", "-1", "expected a rate per second >= 0"),
         ("--max-allocations", "0", "expected a whole number >= 1"),
         ("--max-allocations-per-user", "many", "expected a whole number >= 1"),
         ("--max-allocations-per-ip", "-1", "expected a whole number >= 1"),
@@ -101,6 +103,8 @@ def test_environment_variables_configure_serve_and_the_command_line_wins(
         "XDPTURN_AUTH_SECRET_FILE": str(secrets),
         "XDPTURN_USER": "alice:pw:with:colons",
         "XDPTURN_ALLOW_PEER": "10.0.0.0/8,fd00::/8",
+        "XDPTURN_DENY_PEER": "10.9.0.0/16",
+        "XDPTURN_UNAUTHENTICATED_RATE": "5",
         "XDPTURN_MAX_ALLOCATIONS": "7",
         "XDPTURN_FASTPATH": "generic",
         "XDPTURN_INTERFACE": "eth0,eth1",
@@ -112,10 +116,13 @@ def test_environment_variables_configure_serve_and_the_command_line_wins(
     assert config.auth_secrets == ["a", "b", "file-one", "file-two"]
     assert config.users == {"alice": "pw:with:colons"}
     assert [str(n) for n in config.allow_peers] == ["10.0.0.0/8", "fd00::/8"]
+    assert [str(n) for n in config.deny_peers] == ["10.9.0.0/16"]
     assert config.max_allocations == 7 and config.max_allocations_per_ip is None
     assert config.fastpath is FastPathMode.GENERIC and config.interfaces == ["eth0", "eth1"]
     assert config.realm == "cli.example"
     server = config.server_config()  # public addresses derived from the specific listeners
+    assert [str(n) for n in server.deny_peers] == ["10.9.0.0/16"]
+    assert (server.unauthenticated_rate, server.unauthenticated_burst) == (5.0, 10)
     assert server.public_ipv4 == ipaddress.IPv4Address("127.0.0.1")
     assert server.public_ipv6 == ipaddress.IPv6Address("::1")
 

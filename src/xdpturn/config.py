@@ -70,6 +70,9 @@ class ServeConfig:
     auth_secrets: list[str] = field(default_factory=list)
     users: dict[str, str] = field(default_factory=dict)
     allow_peers: list[IPNetwork] = field(default_factory=list)
+    deny_peers: list[IPNetwork] = field(default_factory=list)
+    # Answers per second to unauthenticated UDP requests, per client IP (0: no limit).
+    unauthenticated_rate: float = 20.0
     max_allocations_per_user: int | None = None
     max_allocations_per_ip: int | None = None
     max_allocations: int | None = None
@@ -163,6 +166,10 @@ class ServeConfig:
             public_ipv6=v6 if isinstance(v6, ipaddress.IPv6Address) else None,
             auth=Authenticator(secrets=list(self.auth_secrets), users=dict(self.users)),
             allow_peers=list(self.allow_peers),
+            deny_peers=list(self.deny_peers),
+            unauthenticated_rate=self.unauthenticated_rate,
+            # Two seconds' worth at once: room for a few clients behind one NAT starting together.
+            unauthenticated_burst=max(1, int(2 * self.unauthenticated_rate)),
             max_allocations=self.max_allocations,
             max_allocations_per_user=self.max_allocations_per_user,
             max_allocations_per_ip=self.max_allocations_per_ip,
@@ -291,6 +298,16 @@ def parse_seconds(text: str) -> float:
     return value
 
 
+def parse_rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise ValueError(f"expected a rate per second >= 0 such as 20 (0: no limit), got {text!r}")
+    return value
+
+
 def parse_readable_file(text: str) -> Path:
     path = Path(text)
     try:
@@ -378,10 +395,28 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     Option(
         "allow_peer",
         "CIDR",
-        "peer network that relays may reach even though it is private or local (those are "
-        "refused by default); repeatable",
+        "peer network that relays may reach even though the default policy refuses it "
+        "(private, local, special-purpose); the most specific --allow-peer/--deny-peer "
+        "prefix decides; repeatable",
         parse_cidr,
         repeatable=True,
+    ),
+    Option(
+        "deny_peer",
+        "CIDR",
+        "peer network that relays may not reach, on top of the default policy; wins over an "
+        "--allow-peer of the same prefix; repeatable",
+        parse_cidr,
+        repeatable=True,
+    ),
+    Option(
+        "unauthenticated_rate",
+        "N",
+        "answers per second (burst: twice that) to unauthenticated UDP requests (401/438 "
+        "challenges, Binding) per client IP, so forged sources cannot use the relay as a "
+        "reflector; beyond it requests are dropped and counted; 0: no limit",
+        parse_rate,
+        default=("20",),
     ),
     Option("max_allocations_per_user", "N", "allocation quota per username", parse_positive),
     Option("max_allocations_per_ip", "N", "allocation quota per client IP address", parse_positive),
@@ -536,6 +571,8 @@ def load_serve_config(
         auth_secrets=secrets,
         users=dict(cast(list[tuple[str, str]], values["user"])),
         allow_peers=cast(list[IPNetwork], values["allow_peer"]),
+        deny_peers=cast(list[IPNetwork], values["deny_peer"]),
+        unauthenticated_rate=cast(float, one("unauthenticated_rate")),
         max_allocations_per_user=cast("int | None", one("max_allocations_per_user")),
         max_allocations_per_ip=cast("int | None", one("max_allocations_per_ip")),
         max_allocations=cast("int | None", one("max_allocations")),

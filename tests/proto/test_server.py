@@ -99,17 +99,6 @@ def test_stale_nonce_is_438_with_a_fresh_nonce_that_works(h: Harness) -> None:
     assert client.refresh().cls == MessageClass.SUCCESS
 
 
-def test_nonce_is_bound_to_the_client_ip(h: Harness) -> None:
-    first = h.client("192.0.2.10:5000")
-    first.allocate()
-    second = h.client("192.0.2.11:5000")
-    second.nonce = first.nonce
-    msg = second.message(
-        Method.ALLOCATE, (AttrType.REQUESTED_TRANSPORT, stun.encode_requested_transport(17))
-    )
-    assert error_code(second.send(msg, renew_nonce=False)) == 438
-
-
 def test_rest_api_credentials_and_secret_rotation() -> None:
     config = ServerConfig(
         realm=REALM,
@@ -177,9 +166,8 @@ def test_retransmitted_allocate_gets_the_same_answer_and_a_new_one_437(h: Harnes
     answer = [c for c in h.commands() if isinstance(c, SendToClient)]
     assert error_code(stun.decode(answer[0].data)) == 437
 
-    client2 = h.client("192.0.2.99:1")
-    client2.allocate()  # learn nonce
-    client2.flow = flow_of("192.0.2.99:2")
+    client2 = h.client("192.0.2.99:2")
+    assert error_code(client2.request(Method.REFRESH)) == 437  # learns the nonce
     msg = client2.message(
         Method.ALLOCATE, (AttrType.REQUESTED_TRANSPORT, stun.encode_requested_transport(17))
     )
@@ -190,7 +178,7 @@ def test_retransmitted_allocate_gets_the_same_answer_and_a_new_one_437(h: Harnes
     again = [c.data for c in h.commands() if isinstance(c, SendToClient)]
     assert original == again
     assert stun.decode(original[0]).cls == MessageClass.SUCCESS
-    assert len(h.server.allocations()) == 3
+    assert len(h.server.allocations()) == 2
 
 
 def test_allocate_without_requested_transport_is_400_and_tcp_is_442(h: Harness) -> None:

@@ -52,6 +52,7 @@ from xdpturn.proto.commands import (
     SendToPeer,
 )
 from xdpturn.proto.policy import PeerPolicy
+from xdpturn.proto.ratelimit import SourceBuckets
 from xdpturn.proto.stun import AttrType, Message, MessageClass, Method
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -88,6 +89,9 @@ class Drop(Enum):
     BAD_INDICATION = "bad_indication"
     FAMILY_MISMATCH = "family_mismatch"
     SELF_NOT_ALLOCATION = "self_not_allocation"  # to the relay's own address, not a live port
+    PEER_DENIED = "peer_denied"  # a Send indication to a peer the policy refuses
+    # An answer to an unauthenticated request (challenge, Binding) over the per-source limit.
+    UNAUTHENTICATED_RATE = "unauthenticated_rate"
 
 
 class TurnError(Exception):
@@ -116,10 +120,16 @@ class ServerConfig:
     public_ipv6: ipaddress.IPv6Address | None = None
     auth: Authenticator = field(default_factory=Authenticator)
     allow_peers: list[IPNetwork] = field(default_factory=list)
+    deny_peers: list[IPNetwork] = field(default_factory=list)
     max_allocations: int | None = None
     max_allocations_per_user: int | None = None
     max_allocations_per_ip: int | None = None
     software: str = "xdpturn"
+    # Answers to unauthenticated UDP requests, per client IP: `unauthenticated_burst` at once,
+    # then `unauthenticated_rate` per second (0: no limit); at most that many IPs tracked.
+    unauthenticated_rate: float = 20.0
+    unauthenticated_burst: int = 40
+    unauthenticated_sources: int = 65536
 
 
 @dataclass(frozen=True)
@@ -186,12 +196,17 @@ class TurnServer:
         self._ports = ports
         self._rng = rng if rng is not None else random.Random()
         self._nonce_key = self._rng.randbytes(16)
-        self._policy = PeerPolicy(config.allow_peers)
         self._public: dict[Family, IPAddress] = {}
         if config.public_ipv4 is not None:
             self._public[Family.IPV4] = config.public_ipv4
         if config.public_ipv6 is not None:
             self._public[Family.IPV6] = config.public_ipv6
+        self._policy = PeerPolicy(config.allow_peers, config.deny_peers, self._public.values())
+        self._unauthenticated: SourceBuckets[IPAddress] = SourceBuckets(
+            config.unauthenticated_rate,
+            config.unauthenticated_burst,
+            config.unauthenticated_sources,
+        )
         self._by_flow: dict[ClientFlow, _Allocation] = {}
         self._by_port: dict[int, _Allocation] = {}
         self._per_user: Counter[str] = Counter()
@@ -326,7 +341,7 @@ class TurnServer:
             return
         self.stats[f"request:{_method_name(message.method)}"] += 1
         if message.method == Method.BINDING:
-            self._binding(message, flow)
+            self._binding(message, flow, now)
             return
         self._authenticated_request(message, data, flow, now)
 
@@ -348,10 +363,14 @@ class TurnServer:
         if peer.family not in alloc.families:
             self._drop(Drop.FAMILY_MISMATCH)
             return
+        to_self = self._is_self(peer)
+        if not to_self and not self._policy.permits(peer.ip):
+            self._drop(Drop.PEER_DENIED)
+            return
         if not alloc.has_permission(peer.ip, now):
             self._drop(Drop.NO_PERMISSION)
             return
-        self._send_to_peer(alloc, peer, payload, now, self._is_self(peer))
+        self._send_to_peer(alloc, peer, payload, now, to_self)
 
     # Relaying
 
@@ -414,7 +433,9 @@ class TurnServer:
 
     # Requests
 
-    def _binding(self, message: Message, flow: ClientFlow) -> None:
+    def _binding(self, message: Message, flow: ClientFlow, now: float) -> None:
+        if not self._may_answer_unauthenticated(flow, now):
+            return
         unknown = stun.unknown_required_attributes(message)
         if unknown:
             error = TurnError(420)
@@ -437,9 +458,11 @@ class TurnServer:
             request = self._authenticate(message, data, flow, now)
         except TurnError as error:
             self.stats["auth_failure"] += 1
-            self._respond_error(flow, message, error, None)
+            if self._may_answer_unauthenticated(flow, now):
+                self._respond_error(flow, message, error, None)
             return
         try:
+            self._check_peer_attributes(message)
             unknown = stun.unknown_required_attributes(message)
             if unknown:
                 unknown_error = TurnError(420)
@@ -452,6 +475,25 @@ class TurnServer:
             self._respond_error(flow, message, error, request)
             return
         self._respond(flow, response, request, message)
+
+    def _may_answer_unauthenticated(self, flow: ClientFlow, now: float) -> bool:
+        """Spend a token of the client IP's budget for answers to unauthenticated requests.
+        Only UDP: a TCP/TLS source completed a handshake, so it cannot be forged."""
+        if flow.transport is not Transport.UDP or self._unauthenticated.take(flow.client.ip, now):
+            return True
+        self._drop(Drop.UNAUTHENTICATED_RATE)
+        return False
+
+    def _check_peer_attributes(self, message: Message) -> None:
+        """Every XOR-PEER-ADDRESS of any request passes the peer policy, whatever the method
+        makes of it, so no request carries a refused peer past this point."""
+        for attr, value in message.attributes:
+            if attr == AttrType.XOR_PEER_ADDRESS:
+                peer = PeerAddr(_decode(stun.decode_xor_address, value, message.transaction_id))
+                # The relay's own addresses, canonical spelling, pass: packets to them stay
+                # inside, delivered to the allocation on that port or dropped.
+                if not self._is_self(peer) and not self._policy.permits(peer.ip):
+                    raise TurnError(403, "Peer address refused by policy")
 
     def _dispatch(self, request: _Request, now: float) -> Message | bytes:
         """The response: a message to encode, or bytes already encoded (Allocate's, which is
@@ -499,12 +541,14 @@ class TurnServer:
         return error
 
     def _make_nonce(self, flow: ClientFlow, now: float) -> str:
-        # Stateless: expiry and a MAC over it and the client's IP; no table to fill up.
+        # Stateless: expiry and a MAC over it and the client's transport address (IP and port,
+        # as coturn binds it); no table to fill up. From another port the nonce is stale: 438
+        # with a fresh one.
         expiry = f"{int(now) + NONCE_LIFETIME:x}"
         return f"{expiry}.{self._nonce_mac(expiry, flow)}"
 
     def _nonce_mac(self, expiry: str, flow: ClientFlow) -> str:
-        message = f"{expiry}|{flow.client.ip}".encode()
+        message = f"{expiry}|{flow.client}".encode()
         return hmac.new(self._nonce_key, message, hashlib.sha256).hexdigest()[:24]
 
     def _nonce_valid(self, nonce: str, flow: ClientFlow, now: float) -> bool:
@@ -695,9 +739,7 @@ class TurnServer:
         peer = PeerAddr(_decode(stun.decode_xor_address, value, transaction_id))
         if peer.family not in alloc.families:
             raise TurnError(443)
-        # The relay's own addresses are always allowed: packets to them stay inside.
-        if not self._is_self(peer) and not self._policy.permits(peer.ip):
-            raise TurnError(403)
+        # The peer policy was applied to every XOR-PEER-ADDRESS before dispatch.
         return peer
 
     def _permit(self, alloc: _Allocation, ip: IPAddress, now: float) -> None:
