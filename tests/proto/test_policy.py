@@ -39,6 +39,8 @@ def test_dangerous_spelling_is_refused(spelling: str) -> None:
         ("2002:a01:203:4::5", ["10.1.2.3"]),
         ("2001:0:a01:203:8000:f227:f5fe:fdfc", ["10.1.2.3", "10.1.2.3"]),
         ("2001:db8::1", []),
+        ("::1", []),
+        ("::", []),
         ("64:ff9b:1::a01:203", []),  # local use: the embedding is the network's own choice
     ],
 )
@@ -78,6 +80,10 @@ def test_deny_wins_over_allow_for_the_same_prefix() -> None:
 def test_operator_rule_beats_the_registry_row_of_the_same_length() -> None:
     assert PeerPolicy(allow=[net("127.0.0.0/8")]).permits(ip("127.0.0.1"))
     assert not PeerPolicy(deny=[net("2001:db8::/32")]).permits(ip("2001:db8::7"))
+
+
+def test_ipv6_loopback_opens_on_its_own() -> None:
+    assert PeerPolicy(allow=[net("::1/128")]).permits(ip("::1"))
 
 
 def test_allowing_an_ipv4_range_opens_its_embedded_spellings() -> None:

@@ -143,8 +143,9 @@ def embedded_ipv4(ip: ipaddress.IPv6Address) -> tuple[ipaddress.IPv4Address, ...
     if ip in _MAPPED or ip in _NAT64:
         return (low32,)
     if ip in _COMPATIBLE:
-        # ::/128 and ::1 are rows of their own, more specific, and decide first.
-        return (low32,)
+        # The unspecified address and loopback are not IPv4-compatible addresses (they have
+        # rows of their own, which an operator may open).
+        return (low32,) if value > 1 else ()
     if ip in _SIX_TO_FOUR:
         return (ipaddress.IPv4Address((value >> 80) & 0xFFFFFFFF),)  # bits 16-48
     if ip in _TEREDO:

@@ -336,13 +336,21 @@ def long_term_key(username: str, realm: str, password: str, *, sha256: bool = Fa
     return hashlib.md5(text, usedforsecurity=False).digest()
 
 
+# At most this many types are listed in a 420's UNKNOWN-ATTRIBUTES: the answer to an
+# unauthenticated request stays small, however many unknown attributes it carried.
+MAX_UNKNOWN_LISTED = 16
+
+
 def unknown_required_attributes(msg: Message) -> list[int]:
-    """Comprehension-required attribute types (< 0x8000) not in AttrType."""
-    unknown: list[int] = []
+    """Comprehension-required attribute types (< 0x8000) not in AttrType, in order of first
+    appearance, at most MAX_UNKNOWN_LISTED of them."""
+    unknown: dict[int, None] = {}  # ordered, and a set for the membership test
     for kind, _ in msg.attributes:
-        if kind < 0x8000 and kind not in _KNOWN_ATTRS and kind not in unknown:
-            unknown.append(kind)
-    return unknown
+        if kind < 0x8000 and kind not in _KNOWN_ATTRS:
+            unknown[kind] = None
+            if len(unknown) == MAX_UNKNOWN_LISTED:
+                break
+    return list(unknown)
 
 
 def response(request: Message, cls: MessageClass = MessageClass.SUCCESS) -> Message:
