@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import ipaddress
+import struct
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.fuzz.invariants import max_unauthenticated_answer
 from tests.proto.harness import (
     PEER,
     PEER_V6,
@@ -630,11 +632,45 @@ def test_wrong_integrity_is_401(h: Harness) -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.binary(max_size=200), st.sampled_from([b"", b"\x00\x01", b"\x40\x00", b"\x00\x03"]))
-def test_arbitrary_bytes_never_raise(junk: bytes, prefix: bytes) -> None:
+@given(
+    junk=st.binary(max_size=200),
+    prefix=st.sampled_from([b"", b"\x40\x00", b"\x7f\xff"]),
+    # A STUN header that frames the junk: Binding, Allocate, Refresh, CreatePermission and
+    # ChannelBind requests, a Send indication, a response.
+    stun_type=st.none() | st.sampled_from([0x001, 0x003, 0x004, 0x008, 0x009, 0x016, 0x103]),
+    transport=st.sampled_from([Transport.UDP, Transport.TCP]),
+)
+def test_junk_gets_at_most_a_bounded_unsigned_answer_and_changes_nothing(
+    junk: bytes, prefix: bytes, stun_type: int | None, transport: Transport
+) -> None:
     h = Harness()
-    h.server.handle_client_datagram(prefix + junk, flow_of("192.0.2.1:1"), h.now)
-    h.server.handle_peer_datagram(prefix + junk, 50000, PEER, h.now)
+    owner = h.client()
+    owner.allocate()
+    owner.bind(0x4000, PEER)
+    h.take()
+    before = h.server.allocations()
+    if stun_type is None:
+        data = prefix + junk
+    else:
+        junk += bytes(-len(junk) % 4)
+        data = struct.pack("!HHI", stun_type, len(junk), stun.MAGIC_COOKIE) + bytes(12) + junk
+    stranger = flow_of("192.0.2.99:7000", transport)
+    h.server.handle_client_datagram(data, stranger, h.now)
+    h.server.handle_peer_datagram(data, owner.relay_port, PeerAddr(addr("198.51.100.99:1")), h.now)
+    h.server.handle_peer_datagram(data, owner.relay_port + 1, PEER, h.now)
+    commands = h.commands()
+    # Only a STUN request is answered (Binding, or a challenge), unsigned, to its sender.
+    assert all(isinstance(c, SendToClient) and c.flow == stranger for c in commands)
+    assert len(commands) <= 1
+    for command in commands:
+        assert isinstance(command, SendToClient)
+        answer = stun.decode(command.data)
+        assert answer.cls in (MessageClass.SUCCESS, MessageClass.ERROR)
+        assert answer.get(AttrType.MESSAGE_INTEGRITY) is None
+        assert len(command.data) <= max_unauthenticated_answer(REALM)
+        assert stun.decode(data).cls == MessageClass.REQUEST
+    assert h.server.allocations() == before
+    assert h.ports.open.keys() == {owner.relay_port}
 
 
 def test_close_releases_everything(h: Harness) -> None:

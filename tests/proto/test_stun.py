@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
 import ipaddress
@@ -13,6 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.fuzz.invariants import exercise_codec
 from xdpturn.proto import stun
 from xdpturn.proto.addr import Family, TransportAddr
 from xdpturn.proto.stun import AttrType, Message, MessageClass, Method, StunDecodeError
@@ -550,40 +550,9 @@ def test_error_code_round_trip(code: int, reason: str) -> None:
     assert stun.decode_error_code(stun.encode_error_code(code, reason)) == (code, reason)
 
 
-def _exercise(data: bytes) -> None:
-    """Everything a receiver might do with untrusted bytes; only StunDecodeError may escape."""
-    stun.is_stun(data)
-    stun.verify_integrity(data, b"key")
-    try:
-        msg = stun.decode(data)
-    except StunDecodeError:
-        return
-    stun.integrity_algorithm(msg)
-    stun.unknown_required_attributes(msg)
-    decoders = [
-        lambda v: stun.decode_xor_address(v, msg.transaction_id),
-        stun.decode_address,
-        stun.decode_error_code,
-        stun.decode_address_error_code,
-        stun.decode_u32,
-        stun.decode_channel_number,
-        stun.decode_requested_transport,
-        stun.decode_address_family,
-        stun.decode_unknown_attributes,
-        stun.decode_even_port,
-        stun.decode_reservation_token,
-        stun.decode_icmp,
-        stun.decode_text,
-    ]
-    for _, value in msg.attributes:
-        for decoder in decoders:
-            with contextlib.suppress(StunDecodeError):
-                decoder(value)
-
-
 @given(st.binary(max_size=200))
 def test_arbitrary_bytes_only_raise_decode_error(data: bytes) -> None:
-    _exercise(data)
+    exercise_codec(data)
 
 
 @given(
@@ -596,7 +565,7 @@ def test_valid_header_with_random_attributes(body: list[tuple[int, bytes]], tid:
         struct.pack("!HH", kind, len(value)) + value + bytes(-len(value) % 4)
         for kind, value in body
     )
-    _exercise(struct.pack("!HHI", 0x0003, len(raw), stun.MAGIC_COOKIE) + tid + raw)
+    exercise_codec(struct.pack("!HHI", 0x0003, len(raw), stun.MAGIC_COOKIE) + tid + raw)
 
 
 @given(
@@ -610,5 +579,5 @@ def test_mutated_vectors_only_raise_decode_error(
     data = bytearray(seed)
     for position, xor in edits:
         data[position % len(data)] ^= xor
-    _exercise(bytes(data))
-    _exercise(bytes(data[:cut]))
+    exercise_codec(bytes(data))
+    exercise_codec(bytes(data[:cut]))
