@@ -364,11 +364,12 @@ class TurnServer:
             self._drop(Drop.FAMILY_MISMATCH)
             return
         to_self = self._is_self(peer)
-        if not to_self and not self._policy.permits(peer.ip):
-            self._drop(Drop.PEER_DENIED)
-            return
         if not alloc.has_permission(peer.ip, now):
-            self._drop(Drop.NO_PERMISSION)
+            # Judged here, off the per-datagram path: a permission only ever exists for an IP
+            # the policy allowed (_check_peer_attributes ran before it was installed), and the
+            # policy does not change while the server runs.
+            refused = not to_self and not self._policy.permits(peer.ip)
+            self._drop(Drop.PEER_DENIED if refused else Drop.NO_PERMISSION)
             return
         self._send_to_peer(alloc, peer, payload, now, to_self)
 
