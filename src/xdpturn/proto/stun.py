@@ -163,6 +163,13 @@ class _Parsed:
     offsets: list[int]
 
 
+# Plain ints for the parser's per-attribute comparisons: reading an IntEnum member off its class
+# costs ~0.2 us on Python 3.11, several times per attribute of every datagram.
+_FINGERPRINT = int(AttrType.FINGERPRINT)
+_MESSAGE_INTEGRITY = int(AttrType.MESSAGE_INTEGRITY)
+_MESSAGE_INTEGRITY_SHA256 = int(AttrType.MESSAGE_INTEGRITY_SHA256)
+
+
 def _parse(data: bytes) -> _Parsed:
     if len(data) < HEADER_LENGTH:
         raise StunDecodeError(f"shorter than a STUN header ({len(data)} bytes)")
@@ -185,32 +192,34 @@ def _parse(data: bytes) -> _Parsed:
     seen_sha256 = False
     seen_fingerprint = False
     pos = HEADER_LENGTH
-    while pos < len(data):
-        if pos + 4 > len(data):
+    total = len(data)
+    while pos < total:
+        if pos + 4 > total:
             raise StunDecodeError("truncated attribute header")
         kind, size = struct.unpack_from("!HH", data, pos)
         end = pos + 4 + size
-        if pos + 4 + _padded(size) > len(data):
+        next_pos = pos + 4 + ((size + 3) & ~3)  # values are padded to 4 bytes
+        if next_pos > total:
             raise StunDecodeError(f"attribute 0x{kind:04x} overruns the message")
         value = bytes(data[pos + 4 : end])
         if seen_fingerprint:
             raise StunDecodeError("attribute after FINGERPRINT")
         keep = True
-        if kind == AttrType.FINGERPRINT:
+        if kind == _FINGERPRINT:
             if size != 4:
                 raise StunDecodeError("FINGERPRINT is not 4 bytes")
             expected = (zlib.crc32(data[:pos]) ^ FINGERPRINT_XOR) & 0xFFFFFFFF
             if struct.unpack("!I", value)[0] != expected:
                 raise StunDecodeError("FINGERPRINT mismatch")
             seen_fingerprint = True
-        elif kind == AttrType.MESSAGE_INTEGRITY_SHA256:
+        elif kind == _MESSAGE_INTEGRITY_SHA256:
             if seen_sha256:
                 keep = False
             else:
                 if not 16 <= size <= 32 or size % 4:
                     raise StunDecodeError(f"MESSAGE-INTEGRITY-SHA256 of {size} bytes")
                 seen_sha256 = True
-        elif kind == AttrType.MESSAGE_INTEGRITY:
+        elif kind == _MESSAGE_INTEGRITY:
             if seen_integrity or seen_sha256:
                 keep = False  # RFC 8489 section 14.5/14.6: only listed attributes may follow
             else:
@@ -222,7 +231,7 @@ def _parse(data: bytes) -> _Parsed:
         if keep:
             msg.attributes.append((kind, value))
             offsets.append(pos)
-        pos += 4 + _padded(size)
+        pos = next_pos
     return _Parsed(msg, offsets)
 
 
