@@ -1,5 +1,5 @@
-"""The peer policy through the server, for every way a peer address enters and for UDP and TCP
-clients alike: a refused peer gets 403 (or, in a Send indication, a counted drop) and changes
+"""The peer policy through the server, for every way a peer address enters and for UDP, TCP and
+TLS clients alike: a refused peer gets 403 (or, in a Send indication, a counted drop) and changes
 nothing."""
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ REQUESTS: dict[str, Callable[[Client, PeerAddr], Message]] = {
     "refresh_with_peer": refresh_naming_a_peer,
 }
 WAYS = [*REQUESTS, "send_indication"]
-TRANSPORTS = [Transport.UDP, Transport.TCP]
+TRANSPORTS = [Transport.UDP, Transport.TCP, Transport.TLS]
 
 
 def peer_of(text: str) -> PeerAddr:
