@@ -9,7 +9,7 @@ import ipaddress
 import pytest
 
 from tests.server.helpers import behind_nat_config, recv, rest_credentials, run, sockaddr, udp
-from xdpturn.client import TurnClient
+from xdpturn.client import TurnClient, TurnClientError
 from xdpturn.proto.addr import Family, TransportAddr
 from xdpturn.server import RelayServer
 
@@ -90,5 +90,34 @@ def test_two_allocations_reach_each_other_through_the_relay_itself(
                 stats = server.core.stats
                 assert stats["relayed:loopback:packets"] == 200
                 assert stats["relayed:client_to_peer:packets"] == 0  # nothing left a socket
+
+    run(main(), "uvloop")
+
+
+@pytest.mark.parametrize(
+    "peer_host",
+    # Loopback is allowed in this set-up, but not these: --deny-peer, and the relay's own
+    # public addresses in another spelling (NAT64 and 6to4 of PUBLIC_V4, 203.0.113.1).
+    ["127.0.0.3", "64:ff9b::cb00:7101", "2002:cb00:7101::1"],
+)
+def test_the_runtime_refuses_denied_peers_with_403(peer_host: str) -> None:
+    config = behind_nat_config(deny_peers=[ipaddress.ip_network("127.0.0.3/32")])
+
+    async def main() -> None:
+        async with RelayServer(config) as server:
+            listen = server.listen_addresses[0]
+            username, password = rest_credentials()
+            async with await TurnClient.connect(listen, username, password) as client:
+                family = Family.IPV6 if ":" in peer_host else Family.IPV4
+                await client.allocate(family=family)
+                peer = TransportAddr(ipaddress.ip_address(peer_host), 4000)
+                with pytest.raises(TurnClientError) as refused:
+                    await client.create_permission(peer)
+                assert refused.value.code == 403
+                await client.create_permission(
+                    TransportAddr(
+                        ipaddress.ip_address("127.0.0.2" if family is Family.IPV4 else "::1"), 4000
+                    )
+                )
 
     run(main(), "uvloop")
