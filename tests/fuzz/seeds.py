@@ -9,7 +9,6 @@ import hashlib
 from pathlib import Path
 
 from tests.fuzz.invariants import CLIENTS, PEERS, PUBLIC_V4, RELAY_PORT_LOW, step
-from tests.proto.test_stun import ALL_VECTORS
 from xdpturn.proto import stun
 from xdpturn.proto.addr import Family, TransportAddr
 from xdpturn.proto.channel_data import encode_channel_data
@@ -47,7 +46,22 @@ SEND = stun.encode(
 
 
 def codec_seeds() -> list[bytes]:
-    return [*ALL_VECTORS, ALLOCATE, PERMIT, BIND, SEND, request(Method.BINDING)]
+    key = stun.long_term_key("user", "realm", "password")
+    signed = Message(Method.ALLOCATE, MessageClass.REQUEST, TID, [UDP, DUAL])
+    signed.add(AttrType.USERNAME, b"user").add(AttrType.REALM, b"realm")
+    signed.add(AttrType.NONCE, b"0123456789abcdef")
+    error = stun.error_response(Message(Method.ALLOCATE, MessageClass.REQUEST, TID), 401)
+    error.add(AttrType.REALM, b"realm")
+    return [
+        ALLOCATE,
+        PERMIT,
+        BIND,
+        SEND,
+        request(Method.BINDING),
+        stun.encode(signed, integrity_key=key, fingerprint=True),
+        stun.encode(signed, integrity_key=key, sha256=True, fingerprint=True),
+        stun.encode(error, fingerprint=True),
+    ]
 
 
 def server_seeds() -> list[bytes]:
