@@ -84,6 +84,7 @@ def test_default_limit_bounds_reflection_from_one_forged_source() -> None:
         h.now += 0.001
         answered += len(unauthenticated_allocate(h, flow))
     config = h.config
+    assert config.unauthenticated_burst <= answered
     assert answered <= config.unauthenticated_burst + 10 * config.unauthenticated_rate + 1
     assert h.server.stats["drop:unauthenticated_rate"] == 10_000 - answered
 
