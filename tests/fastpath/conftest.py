@@ -1,13 +1,15 @@
-"""A namespace with real routes and neighbours for bpf_fib_lookup, and the loaded program.
+"""A namespace with real routes and neighbours, and the loaded program.
 
 Topology inside one namespace (nothing leaves it; documentation prefixes only):
 
     rly0 (192.0.2.1/24, 2001:db8:1::1/64)       <-> cli0   clients .10/.11, ::10/::11
     rly1 (198.51.100.1/25, 2001:db8:2::1/64)    <-> peer1  peers .20, ::20
-    rly2 (198.51.100.129/25, 2001:db8:3::1/64)  <-> peer2  MTU 1280, forwarding off
+    rly2 (198.51.100.129/25, 2001:db8:3::1/64)  <-> peer2  MTU 1280
 
 The relay's public addresses (what clients are told, as behind 1:1 NAT) are 203.0.113.1 and
 2001:db8:ffff::1; its local ones are rly0's. Neighbours are permanent entries with fixed MACs.
+Every forwarding sysctl is 0, as on a host: the loader's next_hops carry the routes. Tests of the
+bpf_fib_lookup fallback switch forwarding on for one device (`forwarding`).
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ import json
 import os
 import socket
 import subprocess
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pytest
@@ -85,10 +89,6 @@ def _build(ns: str) -> tuple[dict[str, int], dict[str, str]]:
     ip("addr", "add", "2001:db8:3::1/64", "dev", "rly2", "nodad")
     for dev, addr, lladdr in NEIGHBOURS:
         ip("neigh", "replace", addr, "lladdr", lladdr, "nud", "permanent", "dev", dev)
-    # bpf_fib_lookup only routes for an ingress device with forwarding on; rly2 keeps it off.
-    for dev in ("rly0", "rly1"):
-        for fam in ("ipv4", "ipv6"):
-            sh("ip", "netns", "exec", ns, "sysctl", "-qw", f"net.{fam}.conf.{dev}.forwarding=1")
     ifindex: dict[str, int] = {}
     mac: dict[str, str] = {}
     with netns.entered(ns):
@@ -107,19 +107,53 @@ def lab() -> Iterator[Lab]:
     try:
         ifindex, mac = _build(ns)
         # No interfaces: the program is loaded and configured but only run by BPF_PROG_TEST_RUN.
-        fp = XdpFastPath(
-            FastPathConfig(
-                mode=FastPathMode.AUTO,
-                interfaces=[],
-                turn_port=TURN_PORT,
-                public_ipv4=PUBLIC4,
-                public_ipv6=PUBLIC6,
-                local_ipv4=LOCAL4,
-                local_ipv6=LOCAL6,
+        # Made inside the namespace: it resolves next hops from that namespace's tables.
+        with netns.entered(ns):
+            fp = XdpFastPath(
+                FastPathConfig(
+                    mode=FastPathMode.AUTO,
+                    interfaces=[],
+                    turn_port=TURN_PORT,
+                    public_ipv4=PUBLIC4,
+                    public_ipv6=PUBLIC6,
+                    local_ipv4=LOCAL4,
+                    local_ipv6=LOCAL6,
+                )
             )
-        )
         yield Lab(ns, ifindex, mac, fp)
     finally:
         if fp is not None:
             fp.close()
         netns.delete(ns)
+
+
+@contextmanager
+def forwarding(ns: str, dev: str) -> Iterator[None]:
+    """Forwarding on for `dev` (both families) inside the block: bpf_fib_lookup answers then."""
+
+    def set_to(value: str) -> None:
+        for fam in ("ipv4", "ipv6"):
+            sh(
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                "sysctl",
+                "-qw",
+                f"net.{fam}.conf.{dev}.forwarding={value}",
+            )
+
+    set_to("1")
+    try:
+        yield
+    finally:
+        set_to("0")
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Wait until `condition()` holds (netlink events reach the loader's thread asynchronously)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true within {timeout} s")
+        time.sleep(0.01)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +14,7 @@ from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop
 from scapy.layers.l2 import ARP, Ether
 from scapy.packet import Raw
 
-from tests.fastpath.conftest import LOCAL4, LOCAL6, PUBLIC4, TURN_PORT, Lab
+from tests.fastpath.conftest import LOCAL4, LOCAL6, PUBLIC4, TURN_PORT, Lab, forwarding
 from tests.fastpath.packets import RELAY_MAC_IN, channel_data, route, run, taddr, udp_frame
 from xdpturn.fastpath import libbpf as bpf
 from xdpturn.fastpath.maps import reason_names
@@ -36,6 +37,7 @@ ROUTES = (
     route(C4, 0x4003, RELAY, "100.64.0.1:6000"),  # no route at all
     route(C4, 0x4004, RELAY, "198.51.100.130:6000"),  # behind rly2, MTU 1280
     route(C4, 0x4005, RELAY, f"{PUBLIC4}:50999"),  # the relay itself, no allocation there
+    route(C4, 0x4006, RELAY, "198.51.100.131:6000"),  # behind rly2, no neighbour
 )
 
 
@@ -70,6 +72,7 @@ class Case:
     reason: str
     frame: bytes
     ingress: str = "rly0"
+    forwarding: bool = False  # on for the ingress device: the bpf_fib_lookup fallback answers
 
 
 def cases() -> Iterator[Case]:
@@ -124,10 +127,13 @@ def cases() -> Iterator[Case]:
     )
     yield Case("ttl_expired", udp_frame(taddr(C4), TURN4, cd, ttl=1))
     yield Case("ttl_expired", udp_frame(taddr(P4), taddr(f"{LOCAL4}:{RELAY}"), b"x", ttl=0), "rly1")
-    yield Case("too_big", chd4(0x4004, b"y" * 1253))  # 20 + 8 + 1253 = 1281 > 1280
-    yield Case("no_neighbour", chd4(0x4002))
-    yield Case("fib_failed", chd4(0x4003))
-    yield Case("forwarding_disabled", chd4(0x4000), "rly2")
+    yield Case("too_big", chd4(0x4004, b"y" * 1253))  # 20 + 8 + 1253 = 1281 > 1280 (next_hops)
+    # Not in next_hops (no neighbour, no route), and the FIB cannot be asked on a host.
+    yield Case("no_next_hop", chd4(0x4002))
+    yield Case("no_next_hop", chd4(0x4003))
+    # Where forwarding is on, bpf_fib_lookup answers for what next_hops lacks.
+    yield Case("no_neighbour", chd4(0x4006), forwarding=True)
+    yield Case("fib_failed", chd4(0x4003), forwarding=True)
 
 
 ALL = list(cases())
@@ -148,7 +154,8 @@ def installed(lab: Lab) -> Iterator[Lab]:
 def test_pass(installed: Lab, case: Case) -> None:
     fp = installed.fastpath
     before = fp.counters().passes
-    out = run(fp, installed.ns, installed.ifindex[case.ingress], case.frame)
+    with forwarding(installed.ns, case.ingress) if case.forwarding else nullcontext():
+        out = run(fp, installed.ns, installed.ifindex[case.ingress], case.frame)
     assert out.action == bpf.XDP_PASS
     assert out.frame == case.frame, "a passed packet must reach the stack unchanged"
     after = fp.counters().passes
@@ -164,7 +171,7 @@ def test_just_fits_the_mtu(installed: Lab) -> None:
 
 
 def test_every_reason_has_a_case(installed: Lab) -> None:
-    untestable = {"adjust_failed", "internal_drop", "no_config"}  # see test_no_config below
+    untestable = {"adjust_failed", "no_config"}  # see test_no_config below
     covered = {c.reason for c in ALL}
     names = set(installed.fastpath.counters().passes)
     assert names - covered - untestable == set()

@@ -8,12 +8,13 @@ import logging
 
 import pytest
 
-from tests.fastpath.conftest import Lab, sh, unique_ns
+from tests.fastpath.conftest import Lab, sh, unique_ns, wait_for
 from tests.fastpath.packets import route
 from xdpturn.fastpath import (
     FastPathConfig,
     FastPathMode,
     NullFastPath,
+    maps,
     open_fastpath,
 )
 from xdpturn.fastpath import libbpf as bpf
@@ -99,24 +100,47 @@ def test_attach_native_on_veth_and_detach_on_close(caplog: pytest.LogCaptureFixt
 
 
 @pytest.mark.kernel
-def test_local_address_defaults_to_the_interface() -> None:
+def test_relay_addresses_are_every_address_of_every_interface() -> None:
     ns = unique_ns("xdpturn-att")
     netns.create(ns)
     try:
-        sh("ip", "-n", ns, "link", "add", "rly0", "type", "veth", "peer", "name", "cli0")
-        sh("ip", "-n", ns, "addr", "add", "192.0.2.7/24", "dev", "rly0")
-        sh("ip", "-n", ns, "addr", "add", "2001:db8::7/64", "dev", "rly0", "nodad")
+        for dev, peer in (("rly0", "cli0"), ("rly1", "peer1")):
+            sh("ip", "-n", ns, "link", "add", dev, "type", "veth", "peer", "name", peer)
+        addrs = {
+            "rly0": ["192.0.2.7/24", "192.0.2.8/24", "2001:db8::7/64", "2001:db8::8/64"],
+            "rly1": ["198.51.100.7/24", "2001:db8:1::7/64"],
+        }
+        for dev, cidrs in addrs.items():
+            for cidr in cidrs:
+                sh("ip", "-n", ns, "addr", "add", cidr, "dev", dev, "nodad")
         with netns.entered(ns):
-            fp = XdpFastPath(FastPathConfig(mode=FastPathMode.GENERIC, interfaces=["rly0"]))
-            try:
-                assert fp.mode == "generic"
-                raw = fp.config_map.lookup(b"\x00" * 4)
-                assert raw is not None
-                assert raw[4:8] == ipaddress.IPv4Address("192.0.2.7").packed  # local_ipv4
-                assert raw[0:4] == raw[4:8]  # public defaults to local
-                assert raw[24:40] == ipaddress.IPv6Address("2001:db8::7").packed
-            finally:
-                fp.close()
+            fp = XdpFastPath(
+                FastPathConfig(
+                    mode=FastPathMode.GENERIC,
+                    interfaces=["rly0", "rly1"],
+                    public_ipv4=ipaddress.IPv4Address("203.0.113.1"),
+                )
+            )
+        try:
+            assert fp.mode == "generic"
+            keeper = fp.next_hops
+            assert keeper is not None
+            want = {ipaddress.ip_address(c.split("/")[0]) for cs in addrs.values() for c in cs}
+            want.add(ipaddress.IPv4Address("203.0.113.1"))
+            assert keeper.relay_addrs == want
+            for ip in want:
+                assert fp.relay_addrs_map.lookup(bytes(maps.addr_key(ip))) == b"\x01"
+            # No source configured: each destination's next hop gives it.
+            raw = fp.config_map.lookup(b"\x00" * 4)
+            assert raw is not None and raw[:20] == b"\x00" * 20
+            # An address added while running is the relay's too; one removed is not.
+            sh("ip", "-n", ns, "addr", "add", "192.0.2.9/24", "dev", "rly0")
+            sh("ip", "-n", ns, "addr", "del", "192.0.2.8/24", "dev", "rly0")
+            added, gone = ipaddress.IPv4Address("192.0.2.9"), ipaddress.IPv4Address("192.0.2.8")
+            wait_for(lambda: added in keeper.relay_addrs and gone not in keeper.relay_addrs)
+            assert fp.relay_addrs_map.lookup(bytes(maps.addr_key(gone))) is None
+        finally:
+            fp.close()
     finally:
         netns.delete(ns)
 

@@ -88,9 +88,10 @@ async def relay_with_ops(
 class FakeFastPath:
     """A FastPath whose counters are whatever the test says."""
 
-    def __init__(self, mode: str, counters: FastPathCounters) -> None:
+    def __init__(self, mode: str, counters: FastPathCounters, problem: str | None = None) -> None:
         self._mode = mode
         self._counters = counters
+        self._problem = problem
         self.installed: list[ChannelRoute] = []
 
     @property
@@ -105,6 +106,9 @@ class FakeFastPath:
 
     def counters(self) -> FastPathCounters:
         return self._counters
+
+    def problem(self) -> str | None:
+        return self._problem
 
     def close(self) -> None:
         pass
@@ -219,6 +223,7 @@ def test_fast_path_counters_show_per_route_and_pass_reason() -> None:
         assert snapshot["fastpath"] == {
             "mode": "native",
             "configured": "auto",
+            "problem": None,
             "passes": {"no_channel": 2, "not_turn": 5},
         }
 
@@ -235,6 +240,22 @@ def test_readyz_is_503_when_the_fast_path_is_not_as_configured() -> None:
             assert status == 503 and b"fast path is generic, configured xdp" in body
             assert (await http(ops.bound_address, "/healthz"))[0] == 200
             assert value(await scrape(ops.bound_address), "xdpturn_ready") == 0
+
+    run(main())
+
+
+def test_readyz_is_503_while_attached_but_not_carrying() -> None:
+    config = loopback_config(fastpath=FastPathMode.AUTO, interfaces=["lo"])
+    problem = "the kernel relayed nothing while 40 packets of bound channels passed as no_next_hop"
+
+    async def main() -> None:
+        server = RelayServer(config, fastpath=FakeFastPath("native", FastPathCounters(), problem))
+        async with relay_with_ops(server) as (ops, _):
+            status, _, body = await http(ops.bound_address, "/readyz")
+            assert status == 503 and f"fast path not carrying: {problem}".encode() in body
+            snapshot = json.loads((await http(ops.bound_address, "/status"))[2])
+            assert snapshot["fastpath"]["problem"] == problem
+            assert snapshot["not_ready"] == [f"fast path not carrying: {problem}"]
 
     run(main())
 

@@ -146,6 +146,9 @@ class RecordingFastPath:
     def counters(self) -> FastPathCounters:
         return FastPathCounters()
 
+    def problem(self) -> str | None:
+        return None
+
     def close(self) -> None:
         self.closed = True
 

@@ -43,10 +43,11 @@ class FastPathConfig:
 @dataclass
 class FastPathCounters:
     """Totals over all CPUs: per route name (e.g. "ipv4_channel_to_ipv6_udp"), packets and bytes;
-    per pass reason (e.g. "not_turn", "no_channel", "fragment"), packets."""
+    per pass reason (e.g. "not_turn", "no_channel", "fragment") and per drop reason, packets."""
 
     routes: dict[str, tuple[int, int]] = field(default_factory=dict)
     passes: dict[str, int] = field(default_factory=dict)
+    drops: dict[str, int] = field(default_factory=dict)
 
 
 class FastPath(Protocol):
@@ -60,6 +61,10 @@ class FastPath(Protocol):
     def remove(self, route: ChannelRoute) -> None: ...
 
     def counters(self) -> FastPathCounters: ...
+
+    def problem(self) -> str | None:
+        """Why the kernel is not carrying bound channels although attached; None when it is (or
+        has none to carry, or is off: `mode` says that)."""
 
     def close(self) -> None:
         """Detach the program and free its maps."""
@@ -80,6 +85,9 @@ class NullFastPath:
 
     def counters(self) -> FastPathCounters:
         return FastPathCounters()
+
+    def problem(self) -> str | None:
+        return None
 
     def close(self) -> None:
         pass

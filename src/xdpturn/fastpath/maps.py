@@ -75,11 +75,29 @@ class Config(ctypes.BigEndianStructure):
     """struct xdpturn_config (config[0]); an all-zero address is unset."""
 
     _fields_ = (
-        ("public_ipv4", _Addr4),
         ("local_ipv4", _Addr4),
-        ("public_ipv6", _Addr16),
         ("local_ipv6", _Addr16),
         ("turn_port", ctypes.c_uint16),
+        ("pad", _Pad2),
+    )
+
+
+class AddrKey(ctypes.BigEndianStructure):
+    """struct xdpturn_addr_key: the key of relay_addrs and next_hops."""
+
+    _fields_ = (("addr", _Addr16), ("family", ctypes.c_uint8), ("pad", _Pad3))
+
+
+class NextHop(ctypes.Structure):
+    """struct xdpturn_next_hop. Addresses and MACs are bytes as on the wire; ifindex and mtu are
+    host order (the program compares them with host-order values)."""
+
+    _fields_ = (
+        ("src", _Addr16),
+        ("ifindex", ctypes.c_uint32),
+        ("smac", ctypes.c_uint8 * 6),
+        ("dmac", ctypes.c_uint8 * 6),
+        ("mtu", ctypes.c_uint16),
         ("pad", _Pad2),
     )
 
@@ -97,13 +115,17 @@ MIRRORS: dict[str, type[ctypes.Structure] | type[ctypes.BigEndianStructure]] = {
     "xdpturn_udp_key": UdpKey,
     "xdpturn_udp_value": UdpValue,
     "xdpturn_config": Config,
+    "xdpturn_addr_key": AddrKey,
+    "xdpturn_next_hop": NextHop,
     "xdpturn_route_stats": RouteStats,
 }
 
 ROUTE_ENUM = "xdpturn_route"
 REASON_ENUM = "xdpturn_reason"
+DROP_ENUM = "xdpturn_drop"
 _ROUTE_PREFIX = "XDPTURN_ROUTE_"
 _REASON_PREFIX = "XDPTURN_PASS_"
+_DROP_PREFIX = "XDPTURN_DROP_"
 
 
 class LayoutError(Exception):
@@ -124,7 +146,7 @@ def check_layout(obj_path: Path, btf: BtfInfo | None = None) -> None:
         py_fields = {f[0]: getattr(mirror, f[0]).offset * 8 for f in mirror._fields_}
         if py_fields != c.member_bit_offsets:
             problems.append(f"{cname}: fields {py_fields} in Python, {c.member_bit_offsets} in C")
-    for enum in (ROUTE_ENUM, REASON_ENUM):
+    for enum in (ROUTE_ENUM, REASON_ENUM, DROP_ENUM):
         if enum not in btf.enums:
             problems.append(f"enum {enum} not in BTF")
     if problems:
@@ -147,6 +169,11 @@ def route_names(btf: BtfInfo) -> list[str]:
 def reason_names(btf: BtfInfo) -> list[str]:
     """Pass-reason names by index, e.g. "no_channel"."""
     return _names(btf.enums[REASON_ENUM], _REASON_PREFIX)
+
+
+def drop_names(btf: BtfInfo) -> list[str]:
+    """Drop-reason names by index, e.g. "rewritten_truncated"."""
+    return _names(btf.enums[DROP_ENUM], _DROP_PREFIX)
 
 
 def family_of(ip: IPAddress) -> int:
@@ -196,20 +223,33 @@ def udp_entry(
     return key, value
 
 
+def addr_key(ip: IPAddress) -> AddrKey:
+    return AddrKey(addr=_Addr16(*addr16(ip)), family=family_of(ip))
+
+
+def next_hop_entry(
+    dst: IPAddress, ifindex: int, src: IPAddress, smac: bytes, dmac: bytes, mtu: int
+) -> tuple[AddrKey, NextHop]:
+    value = NextHop(
+        src=_Addr16(*addr16(src)),
+        ifindex=ifindex,
+        smac=(ctypes.c_uint8 * 6)(*smac),
+        dmac=(ctypes.c_uint8 * 6)(*dmac),
+        mtu=min(mtu, 0xFFFF),
+    )
+    return addr_key(dst), value
+
+
 def make_config(
     turn_port: int,
-    public_ipv4: ipaddress.IPv4Address | None,
     local_ipv4: ipaddress.IPv4Address | None,
-    public_ipv6: ipaddress.IPv6Address | None,
     local_ipv6: ipaddress.IPv6Address | None,
 ) -> Config:
     def packed(ip: IPAddress | None, size: int) -> bytes:
         return ip.packed if ip is not None else b"\x00" * size
 
     return Config(
-        public_ipv4=_Addr4(*packed(public_ipv4, 4)),
         local_ipv4=_Addr4(*packed(local_ipv4, 4)),
-        public_ipv6=_Addr16(*packed(public_ipv6, 16)),
         local_ipv6=_Addr16(*packed(local_ipv6, 16)),
         turn_port=turn_port,
     )

@@ -7,17 +7,16 @@ raised: Python relays whatever the kernel does not.
 from __future__ import annotations
 
 import ctypes
-import ipaddress
-import json
 import logging
 import os
 import socket
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from xdpturn.fastpath import FastPathConfig, FastPathCounters, FastPathMode, maps
 from xdpturn.fastpath import libbpf as bpf
+from xdpturn.fastpath.health import CarryingCheck
+from xdpturn.fastpath.nexthop import NextHops
 from xdpturn.proto.addr import ClientAddr, IPAddress
 from xdpturn.proto.commands import ChannelRoute
 
@@ -35,34 +34,6 @@ class _Attachment:
     prog_id: int
 
 
-def interface_address(ifname: str, version: int) -> IPAddress | None:
-    """The first global address of `ifname` in IP `version` (4 or 6), or None."""
-    res = subprocess.run(
-        ["ip", "-j", f"-{version}", "addr", "show", "dev", ifname, "scope", "global"],
-        check=False,
-        capture_output=True,
-        text=True,
-    )
-    if res.returncode != 0:
-        return None  # no such interface: attaching reports it
-    out = res.stdout
-    for link in json.loads(out or "[]"):
-        for info in link.get("addr_info", []):
-            if "local" in info:
-                return ipaddress.ip_address(info["local"])
-    return None
-
-
-def _forwarding_enabled(ifname: str) -> bool:
-    # bpf_fib_lookup refuses to route for an ingress device without forwarding (FWD_DISABLED).
-    try:
-        v4 = Path(f"/proc/sys/net/ipv4/conf/{ifname}/forwarding").read_text().strip()
-        v6 = Path(f"/proc/sys/net/ipv6/conf/{ifname}/forwarding").read_text().strip()
-    except OSError:
-        return True
-    return v4 == "1" and v6 == "1"
-
-
 class XdpFastPath:
     """Implements the FastPath protocol with the XDP program. Raises on load/attach failure."""
 
@@ -73,12 +44,15 @@ class XdpFastPath:
         self._attachments: list[_Attachment] = []
         self._routes: dict[tuple[ClientAddr, int], ChannelRoute] = {}
         self._port_users: dict[int, int] = {}
+        self._next_hops: NextHops | None = None
+        self._check = CarryingCheck()
         self._obj = bpf.BpfObject(object_path)
         try:
             btf = bpf.read_btf(object_path)
             maps.check_layout(object_path, btf)
             self._route_names = maps.route_names(btf)
             self._reason_names = maps.reason_names(btf)
+            self._drop_names = maps.drop_names(btf)
             self.prog_fd = self._obj.program_fd(PROGRAM_NAME)
             self.chan_to_udp = self._obj.map("chan_to_udp")
             self.udp_to_chan = self._obj.map("udp_to_chan")
@@ -86,37 +60,45 @@ class XdpFastPath:
             self.config_map = self._obj.map("config")
             self.route_stats = self._obj.map("route_stats")
             self.pass_stats = self._obj.map("pass_stats")
+            self.drop_stats = self._obj.map("drop_stats")
             self._write_config()
+            fixed: list[IPAddress] = [
+                ip
+                for ip in (
+                    config.public_ipv4,
+                    config.public_ipv6,
+                    config.local_ipv4,
+                    config.local_ipv6,
+                )
+                if ip is not None
+            ]
+            self.next_hops_map = self._obj.map("next_hops")
+            self.relay_addrs_map = self._obj.map("relay_addrs")
+            self._next_hops = NextHops(
+                self.next_hops_map,
+                self.relay_addrs_map,
+                config.interfaces,
+                fixed,
+                tick=self.problem,
+            )
             for ifname in config.interfaces:
                 self._attach(ifname)
+            self._next_hops.start()
         except BaseException:
             self.close()
             raise
 
     def _write_config(self) -> None:
         c = self._config
-        first = c.interfaces[0] if c.interfaces else None
-        local4 = c.local_ipv4
-        local6 = c.local_ipv6
-        if first is not None:
-            if local4 is None:
-                found4 = interface_address(first, 4)
-                local4 = found4 if isinstance(found4, ipaddress.IPv4Address) else None
-            if local6 is None:
-                found6 = interface_address(first, 6)
-                local6 = found6 if isinstance(found6, ipaddress.IPv6Address) else None
-        # Without NAT the public address is the local one.
-        public4 = c.public_ipv4 or local4
-        public6 = c.public_ipv6 or local6
-        cfg = maps.make_config(c.turn_port, public4, local4, public6, local6)
+        # Without a configured source address, each destination's next hop supplies one: the
+        # address the kernel would choose, as for a socket bound to the wildcard.
+        cfg = maps.make_config(c.turn_port, c.local_ipv4, c.local_ipv6)
         self.config_map.update(b"\x00" * 4, bytes(cfg))
         log.info(
-            "fast path config: turn port %d, IPv4 public %s local %s, IPv6 public %s local %s",
+            "fast path config: turn port %d, source IPv4 %s, IPv6 %s",
             c.turn_port,
-            public4,
-            local4,
-            public6,
-            local6,
+            c.local_ipv4 or "per route",
+            c.local_ipv6 or "per route",
         )
 
     def _attach(self, ifname: str) -> None:
@@ -141,13 +123,6 @@ class XdpFastPath:
             self._attachments.append(_Attachment(ifname, ifindex, flags, prog_id))
             kind = "native" if flags == bpf.XDP_FLAGS_DRV_MODE else "generic"
             log.info("XDP program attached to %s (%s mode)", ifname, kind)
-            if not _forwarding_enabled(ifname):
-                log.warning(
-                    "forwarding is off on %s: the fast path passes every packet "
-                    "(reason forwarding_disabled); enable net.ipv4/ipv6.conf.%s.forwarding",
-                    ifname,
-                    ifname,
-                )
             return
         assert last is not None
         raise last
@@ -176,6 +151,9 @@ class XdpFastPath:
             self.remove(old)
         ck, cv = maps.chan_entry(route.client, route.channel, route.relay_port, route.peer)
         uk, uv = maps.udp_entry(route.client, route.channel, route.relay_port, route.peer)
+        if self._next_hops is not None:
+            self._next_hops.add(route.client.ip)
+            self._next_hops.add(route.peer.ip)
         try:
             # The reverse direction first: a ChannelData packet never finds half a route.
             self.udp_to_chan.update(bytes(uk), bytes(uv))
@@ -184,6 +162,7 @@ class XdpFastPath:
         except OSError as e:
             log.warning("fast path: install %s failed: %s", route, e)
             self._delete_quietly(bytes(ck), bytes(uk))
+            self._release_next_hops(route)
             return
         self._routes[ident] = route
 
@@ -195,10 +174,21 @@ class XdpFastPath:
         ck, _ = maps.chan_entry(route.client, route.channel, route.relay_port, route.peer)
         uk, _ = maps.udp_entry(route.client, route.channel, route.relay_port, route.peer)
         self._delete_quietly(bytes(ck), bytes(uk))
+        self._release_next_hops(route)
         try:
             self._port_use(route.relay_port, -1)
         except OSError as e:
             log.warning("fast path: releasing port %d failed: %s", route.relay_port, e)
+
+    def _release_next_hops(self, route: ChannelRoute) -> None:
+        if self._next_hops is not None:
+            self._next_hops.release(route.client.ip)
+            self._next_hops.release(route.peer.ip)
+
+    @property
+    def next_hops(self) -> NextHops | None:
+        """The next-hop keeper (None once closed)."""
+        return self._next_hops
 
     def _delete_quietly(self, chan_key: bytes, udp_key: bytes) -> None:
         for m, key in ((self.chan_to_udp, chan_key), (self.udp_to_chan, udp_key)):
@@ -232,10 +222,21 @@ class XdpFastPath:
         for i, name in enumerate(self._reason_names):
             raws = self.pass_stats.lookup_percpu(i.to_bytes(4, "little"))
             out.passes[name] = sum(int.from_bytes(r, "little") for r in raws)
+        for i, name in enumerate(self._drop_names):
+            raws = self.drop_stats.lookup_percpu(i.to_bytes(4, "little"))
+            out.drops[name] = sum(int.from_bytes(r, "little") for r in raws)
         return out
+
+    def problem(self) -> str | None:
+        if not self._attachments:
+            return None  # not attached: the mode says so
+        return self._check.update(self.counters(), self.routes)
 
     def close(self) -> None:
         """Detach from every interface (only if our program is still the one attached), free."""
+        if self._next_hops is not None:
+            self._next_hops.close()
+            self._next_hops = None
         while self._attachments:
             a = self._attachments.pop()
             try:

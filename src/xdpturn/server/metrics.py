@@ -2,7 +2,8 @@
 
     GET  /metrics  Prometheus text format
     GET  /healthz  200 while the process runs its event loop
-    GET  /readyz   200 when listening, the fast path is as configured and not draining; else 503
+    GET  /readyz   200 when listening, the fast path is as configured and carrying bound channels,
+                   and not draining; else 503
     GET  /status   JSON for `xdpturn status` (?top=N allocations, default 10)
     POST /drain    start draining (`xdpturn drain`); only from a loopback address
 
@@ -68,6 +69,9 @@ def not_ready(server: RelayServer, drainer: Drainer) -> list[str]:
         mode, configured = server.fastpath.mode, server.config.fastpath
         if mode not in EXPECTED_MODES[configured]:
             reasons.append(f"fast path is {mode}, configured {configured.value}")
+        problem = server.fastpath.problem()
+        if problem is not None:
+            reasons.append(f"fast path not carrying: {problem}")
     if drainer.draining:
         reasons.append("draining")
     return reasons

@@ -69,6 +69,7 @@ def status_snapshot(ops: OpsServer, *, top: int = 10, now: float | None = None) 
         "fastpath": {
             "mode": server.fastpath.mode,
             "configured": server.config.fastpath.value,
+            "problem": server.fastpath.problem(),
             "passes": dict(sorted(counters.passes.items())),
         },
         "allocations": {
@@ -151,6 +152,7 @@ def render(snapshot: Mapping[str, Any], previous: Mapping[str, Any] | None, sour
     lines.append(
         f"xdpturn {snapshot['version']} at {source}   up {_duration(snapshot['uptime_seconds'])}"
         f"   {state}   fast path: {fp['mode']} (configured {fp['configured']})"
+        + ("" if fp.get("problem") is None else "   NOT CARRYING")
     )
     allocs = snapshot["allocations"]
     families = ", ".join(f"{k} {v}" for k, v in allocs["by_family"].items() if v)

@@ -6,7 +6,7 @@
  *     another allocation's client as ChannelData when the peer is the relay itself);
  *   - an allocation port with routes: UDP from a peer -> from_ipv{4,6}_udp/ (ChannelData to the client).
  * Anything the program cannot route goes to the stack (XDP_PASS) with its reason counted; Python
- * handles it. The program drops nothing it has not rewritten (see XDPTURN_PASS_INTERNAL_DROP).
+ * handles it. The program drops nothing it has not rewritten (see enum xdpturn_drop).
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -22,6 +22,7 @@
 #include "csum.h"
 #include "maps.h"
 #include "emit.h"
+#include "leaves.h"
 
 #include "from_ipv4_channel/to_ipv4_udp.h"
 #include "from_ipv4_channel/to_ipv6_udp.h"
@@ -119,38 +120,14 @@ static __always_inline int parse_ipv6(struct cursor *c, struct packet *p)
 	return PARSE_OK;
 }
 
-static __always_inline int ip_eq(const union xdpturn_ip *a, const __u8 *b16)
-{
-	union xdpturn_ip b;
-
-	__builtin_memcpy(&b, b16, 16);
-	return a->w[0] == b.w[0] && a->w[1] == b.w[1] && a->w[2] == b.w[2] && a->w[3] == b.w[3];
-}
-
-static __always_inline int ipv4_eq(const union xdpturn_ip *a, const __u8 *b4)
-{
-	__be32 b;
-
-	__builtin_memcpy(&b, b4, 4);
-	return b != 0 && a->w[3] == b;
-}
-
-static __always_inline int ipv6_set(const __u8 *b16)
-{
-	union xdpturn_ip b;
-
-	__builtin_memcpy(&b, b16, 16);
-	return (b.w[0] | b.w[1] | b.w[2] | b.w[3]) != 0;
-}
-
 /* Is `ip` (of `family`) one of the relay's own addresses, public or local? */
-static __always_inline int is_relay_addr(const union xdpturn_ip *ip, __u8 family,
-					 const struct xdpturn_config *cfg)
+static __always_inline int is_relay_addr(const union xdpturn_ip *ip, __u8 family)
 {
-	if (family == XDPTURN_FAMILY_IPV4)
-		return ipv4_eq(ip, cfg->public_ipv4) || ipv4_eq(ip, cfg->local_ipv4);
-	return (ipv6_set(cfg->public_ipv6) && ip_eq(ip, cfg->public_ipv6)) ||
-	       (ipv6_set(cfg->local_ipv6) && ip_eq(ip, cfg->local_ipv6));
+	struct xdpturn_addr_key key = {};
+
+	__builtin_memcpy(key.addr, ip, 16);
+	key.family = family;
+	return bpf_map_lookup_elem(&relay_addrs, &key) != NULL;
 }
 
 /* Sum of the ChannelData header and the 0-3 padding bytes after its payload: what disappears from
@@ -216,7 +193,7 @@ static __always_inline int handle_channel(struct xdp_md *ctx, struct cursor *c, 
 
 	union xdpturn_ip peer;
 	__builtin_memcpy(&peer, route->peer_addr, 16);
-	if (!is_relay_addr(&peer, route->peer_family, cfg)) {
+	if (!is_relay_addr(&peer, route->peer_family)) {
 		if (p->family == XDPTURN_FAMILY_IPV4)
 			return route->peer_family == XDPTURN_FAMILY_IPV4
 				       ? from_ipv4_channel_to_ipv4_udp(ctx, p, route, cfg)
@@ -315,7 +292,7 @@ int xdpturn(struct xdp_md *ctx)
 	cfg = bpf_map_lookup_elem(&config, &zero);
 	if (!cfg || cfg->turn_port == 0)
 		return exit_pass(XDPTURN_PASS_NO_CONFIG);
-	if (!is_relay_addr(&p.dst, p.family, cfg))
+	if (!is_relay_addr(&p.dst, p.family))
 		return exit_pass(XDPTURN_PASS_NOT_TURN);
 	/* Over IPv6 a zero UDP checksum is invalid (RFC 8200 section 8.1); the stack decides. */
 	if (p.family == XDPTURN_FAMILY_IPV6 && p.udp_check == 0)

@@ -51,15 +51,20 @@ enum xdpturn_reason {
 	XDPTURN_PASS_ZERO_CHECKSUM,       /* UDP checksum 0 where the output needs one (IPv6) */
 	XDPTURN_PASS_TTL_EXPIRED,         /* TTL/hop limit <= 1 */
 	XDPTURN_PASS_TOO_BIG,             /* the output exceeds the egress MTU */
-	XDPTURN_PASS_NO_NEIGHBOUR,        /* next hop has no resolved neighbour entry */
-	XDPTURN_PASS_FORWARDING_DISABLED, /* bpf_fib_lookup needs forwarding on the ingress device */
+	XDPTURN_PASS_NO_NEIGHBOUR,        /* bpf_fib_lookup: next hop has no resolved neighbour */
+	XDPTURN_PASS_NO_NEXT_HOP,         /* not in next_hops (yet) and the FIB cannot be asked */
 	XDPTURN_PASS_FIB_FAILED,          /* no route, blackhole, unreachable, ... */
 	XDPTURN_PASS_ADJUST_FAILED,       /* bpf_xdp_adjust_head refused (no headroom); untouched */
 	XDPTURN_PASS_NO_CONFIG,           /* the config entry was never written */
-	/* Not a pass: the buffer was already rewritten and cannot go to the stack (XDP_DROP). The
-	 * bounds re-check after bpf_xdp_adjust_head that leads here cannot fail in practice. */
-	XDPTURN_PASS_INTERNAL_DROP,
 	XDPTURN_PASS_COUNT,
+};
+
+/* Why the program dropped a packet (XDP_DROP). Only a buffer that is already rewritten and then
+ * fails the bounds re-check after bpf_xdp_adjust_head, which cannot happen in practice: it can no
+ * longer go to the stack. Counted apart from the pass reasons, because it is not a pass. */
+enum xdpturn_drop {
+	XDPTURN_DROP_REWRITTEN_TRUNCATED = 0,
+	XDPTURN_DROP_COUNT,
 };
 
 /* chan_to_udp: ChannelData from a client on a channel -> the peer and allocation port. */
@@ -96,15 +101,31 @@ struct xdpturn_udp_value {
 	__u8 pad[3];
 };
 
-/* config[0]. public_*: what clients are told (a peer equal to one is the relay itself); local_*:
- * interface addresses used as source (they differ from the public ones behind 1:1 NAT). An
- * all-zero address is unset. turn_port 0: not configured, everything passes. */
+/* config[0]. local_*: the source address of everything sent in that family when the relay is
+ * told one (it binds there); all-zero: the next hop's source (next_hops, or the FIB's choice).
+ * turn_port 0: not configured, everything passes. */
 struct xdpturn_config {
-	__u8 public_ipv4[4];
 	__u8 local_ipv4[4];
-	__u8 public_ipv6[16];
 	__u8 local_ipv6[16];
 	__be16 turn_port;
+	__u8 pad[2];
+};
+
+/* An address of some family: the key of relay_addrs and next_hops. */
+struct xdpturn_addr_key {
+	__u8 addr[16];
+	__u8 family;
+	__u8 pad[3];
+};
+
+/* next_hops value: how to reach a client or peer address without the FIB, resolved by the
+ * loader from the kernel's routes and neighbours (kept current from netlink events). */
+struct xdpturn_next_hop {
+	__u8 src[16];   /* the source address the kernel would choose for this destination */
+	__u32 ifindex;  /* egress device */
+	__u8 smac[6];   /* the egress device's MAC */
+	__u8 dmac[6];   /* the neighbour's: the gateway's, or the destination's on a link */
+	__u16 mtu;      /* host order: the largest IP packet the route allows */
 	__u8 pad[2];
 };
 

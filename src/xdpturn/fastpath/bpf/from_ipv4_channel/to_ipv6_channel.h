@@ -5,42 +5,15 @@
 #ifndef XDPTURN_FROM_IPV4_CHANNEL_TO_IPV6_CHANNEL_H
 #define XDPTURN_FROM_IPV4_CHANNEL_TO_IPV6_CHANNEL_H
 
-#include "../emit.h"
+#include "../leaves.h"
 
+/* Eth+IPv4+UDP+ChannelData (46) -> Eth+IPv6+UDP+ChannelData (66): grow the front by 20. */
 static __always_inline int from_ipv4_channel_to_ipv6_channel(struct xdp_md *ctx, const struct packet *in,
-                                                           const struct xdpturn_udp_value *route,
-                                                           const struct xdpturn_config *cfg)
+                                                             const struct xdpturn_udp_value *route,
+                                                             const struct xdpturn_config *cfg)
 {
-	struct egress eg = {};
-	struct ethhdr *eth;
-	struct ipv6hdr *ip6;
-	struct udphdr *udp;
-	struct channel_hdr *chd;
-	__u16 check = 0;
-	int reason;
-
-	egress_to_client(&eg, route, cfg, in->udp_len);
-	reason = egress_prepare(ctx, in, &eg);
-	if (reason >= 0)
-		return exit_pass(reason);
-	/* A zero IPv4 checksum stays zero (egress_prepare passed the IPv6 case). */
-	if (in->udp_check)
-		check = csum_udp_replace(in->udp_check, csum_in_fields(in) + in->channel,
-					 csum_out_fields(&eg) + route->channel);
-
-	/* Eth+IPv4+UDP+ChannelData (46) -> Eth+IPv6+UDP+ChannelData (66): grow the front by 20. */
-	eth = egress_frame(ctx, -20, sizeof(*eth) + sizeof(*ip6) + sizeof(*udp) + sizeof(*chd), &reason);
-	if (!eth)
-		return exit_pass(reason);
-	ip6 = (void *)(eth + 1);
-	udp = (void *)(ip6 + 1);
-	chd = (void *)(udp + 1);
-
-	write_eth(eth, &eg);
-	write_ipv6(ip6, in, &eg);
-	write_udp(udp, &eg, check);
-	chd->channel = route->channel; /* the length and payload stay where they are */
-	return egress_send(ctx, &eg, XDPTURN_ROUTE_IPV4_CHANNEL_TO_IPV6_CHANNEL);
+	return channel_to_channel(ctx, in, route, cfg, XDPTURN_FAMILY_IPV6, -20,
+				  XDPTURN_ROUTE_IPV4_CHANNEL_TO_IPV6_CHANNEL);
 }
 
 #endif /* XDPTURN_FROM_IPV4_CHANNEL_TO_IPV6_CHANNEL_H */

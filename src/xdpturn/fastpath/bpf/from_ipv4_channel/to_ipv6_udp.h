@@ -4,39 +4,15 @@
 #ifndef XDPTURN_FROM_IPV4_CHANNEL_TO_IPV6_UDP_H
 #define XDPTURN_FROM_IPV4_CHANNEL_TO_IPV6_UDP_H
 
-#include "../emit.h"
+#include "../leaves.h"
 
+/* Eth+IPv4+UDP+ChannelData (46) -> Eth+IPv6+UDP (62): grow the front by 16. */
 static __always_inline int from_ipv4_channel_to_ipv6_udp(struct xdp_md *ctx, const struct packet *in,
-                                                       const struct xdpturn_chan_value *route,
-                                                       const struct xdpturn_config *cfg)
+                                                         const struct xdpturn_chan_value *route,
+                                                         const struct xdpturn_config *cfg)
 {
-	struct egress eg = {};
-	struct ethhdr *eth;
-	struct ipv6hdr *ip6;
-	struct udphdr *udp;
-	__u16 check = 0;
-	int reason;
-
-	egress_to_peer(&eg, route, cfg, in->chan_len);
-	reason = egress_prepare(ctx, in, &eg);
-	if (reason >= 0)
-		return exit_pass(reason);
-	/* A zero IPv4 checksum stays zero (egress_prepare passed the IPv6 case). */
-	if (in->udp_check)
-		check = csum_udp_replace(in->udp_check, csum_in_fields(in) + in->chan_strip_sum,
-					 csum_out_fields(&eg));
-
-	/* Eth+IPv4+UDP+ChannelData (46) -> Eth+IPv6+UDP (62): grow the front by 16. */
-	eth = egress_frame(ctx, -16, sizeof(*eth) + sizeof(*ip6) + sizeof(*udp), &reason);
-	if (!eth)
-		return exit_pass(reason);
-	ip6 = (void *)(eth + 1);
-	udp = (void *)(ip6 + 1);
-
-	write_eth(eth, &eg);
-	write_ipv6(ip6, in, &eg);
-	write_udp(udp, &eg, check);
-	return egress_send(ctx, &eg, XDPTURN_ROUTE_IPV4_CHANNEL_TO_IPV6_UDP);
+	return channel_to_udp(ctx, in, route, cfg, XDPTURN_FAMILY_IPV6, -16,
+			      XDPTURN_ROUTE_IPV4_CHANNEL_TO_IPV6_UDP);
 }
 
 #endif /* XDPTURN_FROM_IPV4_CHANNEL_TO_IPV6_UDP_H */

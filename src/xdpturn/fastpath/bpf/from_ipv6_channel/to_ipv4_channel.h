@@ -5,42 +5,15 @@
 #ifndef XDPTURN_FROM_IPV6_CHANNEL_TO_IPV4_CHANNEL_H
 #define XDPTURN_FROM_IPV6_CHANNEL_TO_IPV4_CHANNEL_H
 
-#include "../emit.h"
+#include "../leaves.h"
 
+/* Eth+IPv6+UDP+ChannelData (66) -> Eth+IPv4+UDP+ChannelData (46): shrink the front by 20. */
 static __always_inline int from_ipv6_channel_to_ipv4_channel(struct xdp_md *ctx, const struct packet *in,
-                                                           const struct xdpturn_udp_value *route,
-                                                           const struct xdpturn_config *cfg)
+                                                             const struct xdpturn_udp_value *route,
+                                                             const struct xdpturn_config *cfg)
 {
-	struct egress eg = {};
-	struct ethhdr *eth;
-	struct iphdr *ip;
-	struct udphdr *udp;
-	struct channel_hdr *chd;
-	__u16 check = 0;
-	int reason;
-
-	egress_to_client(&eg, route, cfg, in->udp_len);
-	reason = egress_prepare(ctx, in, &eg);
-	if (reason >= 0)
-		return exit_pass(reason);
-	/* A zero IPv4 checksum stays zero (egress_prepare passed the IPv6 case). */
-	if (in->udp_check)
-		check = csum_udp_replace(in->udp_check, csum_in_fields(in) + in->channel,
-					 csum_out_fields(&eg) + route->channel);
-
-	/* Eth+IPv6+UDP+ChannelData (66) -> Eth+IPv4+UDP+ChannelData (46): shrink the front by 20. */
-	eth = egress_frame(ctx, 20, sizeof(*eth) + sizeof(*ip) + sizeof(*udp) + sizeof(*chd), &reason);
-	if (!eth)
-		return exit_pass(reason);
-	ip = (void *)(eth + 1);
-	udp = (void *)(ip + 1);
-	chd = (void *)(udp + 1);
-
-	write_eth(eth, &eg);
-	write_ipv4(ip, in, &eg);
-	write_udp(udp, &eg, check);
-	chd->channel = route->channel; /* the length and payload stay where they are */
-	return egress_send(ctx, &eg, XDPTURN_ROUTE_IPV6_CHANNEL_TO_IPV4_CHANNEL);
+	return channel_to_channel(ctx, in, route, cfg, XDPTURN_FAMILY_IPV4, 20,
+				  XDPTURN_ROUTE_IPV6_CHANNEL_TO_IPV4_CHANNEL);
 }
 
 #endif /* XDPTURN_FROM_IPV6_CHANNEL_TO_IPV4_CHANNEL_H */

@@ -1,0 +1,276 @@
+"""How the XDP program reaches clients and peers without `bpf_fib_lookup`: the `next_hops` map.
+
+`bpf_fib_lookup` answers only for an ingress device with forwarding on, and switching forwarding on
+makes a host a router (and, for IPv6, deaf to router advertisements). So the loader does the
+lookup the kernel would do for a socket: for every address an installed route sends to, it asks
+the kernel for the route (`RTM_GETROUTE`: egress device, gateway, preferred source, MTU) and the
+neighbour entry of the next hop (its MAC), and writes the answer into `next_hops`. A destination
+whose neighbour is not resolved gets no entry: its packets go to Python, whose sending resolves
+the neighbour; the netlink event that follows writes the entry and the kernel carries the rest.
+
+A thread watches netlink (routes, neighbours, addresses, links) and rewrites what an event may
+have changed: a new default gateway, a neighbour that changed MAC or went away, an MTU, an
+address. The same thread keeps `relay_addrs` (the relay's own addresses) current.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl import (
+    RTMGRP_IPV4_IFADDR,
+    RTMGRP_IPV4_ROUTE,
+    RTMGRP_IPV6_IFADDR,
+    RTMGRP_IPV6_ROUTE,
+    RTMGRP_LINK,
+    RTMGRP_NEIGH,
+)
+
+from xdpturn.fastpath import maps
+from xdpturn.fastpath.libbpf import Map
+from xdpturn.proto.addr import IPAddress
+
+log = logging.getLogger("xdpturn.fastpath")
+
+RTN_UNICAST = 1
+# Neighbour states whose MAC the kernel itself would use (bpf_fib_lookup accepts the same).
+_NUD_USABLE = 0x02 | 0x04 | 0x08 | 0x10 | 0x80  # REACHABLE, STALE, DELAY, PROBE, PERMANENT
+TICK = 5.0
+_GROUPS = (
+    RTMGRP_LINK
+    | RTMGRP_NEIGH
+    | RTMGRP_IPV4_IFADDR
+    | RTMGRP_IPV6_IFADDR
+    | RTMGRP_IPV4_ROUTE
+    | RTMGRP_IPV6_ROUTE
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    """A destination's next hop, as written to `next_hops`."""
+
+    ifindex: int
+    neighbour: IPAddress  # the gateway, or the destination itself on a link
+    src: IPAddress
+    smac: bytes
+    dmac: bytes
+    mtu: int
+
+
+class NextHops:
+    """Keeps `next_hops` and `relay_addrs` equal to what the kernel's tables say.
+
+    Thread-safe: `add`/`release` run on the server's loop, netlink events on the watcher thread.
+    Netlink sockets are opened in the calling thread's network namespace.
+    """
+
+    def __init__(
+        self,
+        next_hops: Map,
+        relay_addrs: Map,
+        interfaces: Iterable[str],
+        fixed_addrs: Iterable[IPAddress],
+        tick: Callable[[], object] | None = None,
+    ) -> None:
+        self._next_hops = next_hops
+        self._relay_addrs = relay_addrs
+        self._interfaces = list(interfaces)
+        self._fixed = set(fixed_addrs)  # public and configured addresses, always the relay's
+        self._tick = tick  # called every TICK seconds by the watcher (the health check's log)
+        self._lock = threading.Lock()
+        self._users: dict[IPAddress, int] = {}
+        self._written: dict[IPAddress, Resolved] = {}
+        self._own: set[IPAddress] = set()
+        self._ipr = IPRoute()
+        # Events are only a cue to look again, so the watcher reads them as raw bytes from a plain
+        # netlink socket (a pyroute2 socket cannot be read from a thread other than its creator's).
+        self._mon = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        try:
+            self._mon.bind((0, _GROUPS))
+            self._mon.setblocking(False)
+            with self._lock:
+                self._sync_relay_addrs()
+        except BaseException:
+            self._ipr.close()
+            self._mon.close()
+            raise
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._watch, name="xdpturn-nexthops", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._ipr.close()
+        self._mon.close()
+
+    @property
+    def relay_addrs(self) -> set[IPAddress]:
+        with self._lock:
+            return set(self._own)
+
+    def resolved(self, ip: IPAddress) -> Resolved | None:
+        """The next hop written for `ip`, or None while there is none."""
+        with self._lock:
+            return self._written.get(ip)
+
+    def add(self, ip: IPAddress) -> None:
+        """`ip` is a destination of an installed route: keep its next hop."""
+        with self._lock:
+            self._users[ip] = self._users.get(ip, 0) + 1
+            if self._users[ip] == 1:
+                self._refresh([ip])
+
+    def release(self, ip: IPAddress) -> None:
+        with self._lock:
+            users = self._users.get(ip, 0) - 1
+            if users > 0:
+                self._users[ip] = users
+                return
+            self._users.pop(ip, None)
+            if self._written.pop(ip, None) is not None:
+                self._delete(ip)
+
+    def refresh_all(self) -> None:
+        """Resolve every destination again (what a netlink event triggers)."""
+        with self._lock:
+            self._sync_relay_addrs()
+            self._refresh(list(self._users))
+
+    # --- resolution -------------------------------------------------------------------------
+
+    def _resolve(self, ip: IPAddress) -> Resolved | None:
+        try:
+            route = self._ipr.route("get", dst=str(ip))[0]
+        except (NetlinkError, OSError, IndexError):
+            return None  # unreachable, no route: Python answers with what the stack says
+        if route["type"] != RTN_UNICAST:
+            return None  # local, blackhole, prohibit...
+        ifindex = route.get_attr("RTA_OIF")
+        src = route.get_attr("RTA_PREFSRC")
+        if ifindex is None or src is None:
+            return None
+        gateway = route.get_attr("RTA_GATEWAY")
+        neighbour = ipaddress.ip_address(gateway) if gateway else ip
+        if neighbour.version != ip.version:
+            return None  # an IPv4 route via an IPv6 gateway (RTA_VIA): leave it to the stack
+        try:
+            neigh = self._ipr.get_neighbours(dst=str(neighbour), ifindex=ifindex)
+            link = self._ipr.get_links(ifindex)[0]
+        except (NetlinkError, OSError, IndexError):
+            return None
+        dmac = next(
+            (
+                n.get_attr("NDA_LLADDR")
+                for n in neigh
+                if n["state"] & _NUD_USABLE and n.get_attr("NDA_LLADDR")
+            ),
+            None,
+        )
+        smac = link.get_attr("IFLA_ADDRESS")
+        if dmac is None or smac is None:
+            return None  # not resolved yet: the stack resolves it when Python sends
+        mtu = link.get_attr("IFLA_MTU") or 1500
+        metrics = route.get_attr("RTA_METRICS")
+        if metrics is not None and metrics.get_attr("RTAX_MTU"):
+            mtu = min(mtu, metrics.get_attr("RTAX_MTU"))
+        return Resolved(
+            ifindex=ifindex,
+            neighbour=neighbour,
+            src=ipaddress.ip_address(src),
+            smac=bytes.fromhex(smac.replace(":", "")),
+            dmac=bytes.fromhex(dmac.replace(":", "")),
+            mtu=mtu,
+        )
+
+    def _refresh(self, ips: Iterable[IPAddress]) -> None:
+        for ip in ips:
+            new = self._resolve(ip)
+            old = self._written.get(ip)
+            if new == old:
+                continue
+            try:
+                if new is None:
+                    del self._written[ip]
+                    self._delete(ip)
+                    log.info("fast path: no next hop for %s; Python relays it for now", ip)
+                else:
+                    key, value = maps.next_hop_entry(
+                        ip, new.ifindex, new.src, new.smac, new.dmac, new.mtu
+                    )
+                    self._next_hops.update(bytes(key), bytes(value))
+                    self._written[ip] = new
+                    log.debug(
+                        "fast path: next hop for %s via %s on %d", ip, new.neighbour, new.ifindex
+                    )
+            except OSError as e:
+                log.warning("fast path: next hop for %s not written: %s", ip, e)
+
+    def _delete(self, ip: IPAddress) -> None:
+        try:
+            self._next_hops.delete(bytes(maps.addr_key(ip)))
+        except OSError as e:
+            log.warning("fast path: next hop for %s not deleted: %s", ip, e)
+
+    def _sync_relay_addrs(self) -> None:
+        own = set(self._fixed)
+        for ifname in self._interfaces:
+            try:
+                index = socket.if_nametoindex(ifname)
+                for a in self._ipr.get_addr(index=index):
+                    if a["scope"] == 0:  # global: link-local addresses carry no TURN
+                        own.add(ipaddress.ip_address(a.get_attr("IFA_ADDRESS")))
+            except (OSError, NetlinkError):
+                continue  # an interface that went away has no addresses
+        for ip in own - self._own:
+            self._relay_addrs.update(bytes(maps.addr_key(ip)), b"\x01")
+        for ip in self._own - own:
+            try:
+                self._relay_addrs.delete(bytes(maps.addr_key(ip)))
+            except OSError as e:
+                log.warning("fast path: relay address %s not deleted: %s", ip, e)
+        if own != self._own:
+            log.info("fast path: relay addresses %s", ", ".join(sorted(map(str, own))) or "none")
+        self._own = own
+
+    # --- netlink events ---------------------------------------------------------------------
+
+    def _watch(self) -> None:
+        fd = self._mon.fileno()
+        next_tick = time.monotonic() + TICK
+        while not self._stop.is_set():
+            try:
+                if self._tick is not None and time.monotonic() >= next_tick:
+                    next_tick = time.monotonic() + TICK
+                    self._tick()
+                ready, _, _ = select.select([fd], [], [], 0.2)
+                if not ready:
+                    continue
+                # Drain what is queued, then resolve once for the whole batch.
+                while True:
+                    try:
+                        self._mon.recv(1 << 16)
+                    except BlockingIOError:
+                        break
+            except OSError as e:  # ENOBUFS: events were lost; resolving everything recovers
+                log.warning("fast path: netlink events lost (%s); resolving all next hops", e)
+            except Exception:  # the watcher must outlive any one bad event
+                log.exception("fast path: next-hop watcher")
+            try:
+                self.refresh_all()
+            except Exception:
+                log.exception("fast path: resolving next hops")
