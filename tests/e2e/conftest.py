@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.e2e.helpers import assert_not_a_router
 from xdpturn_lab.testbed import Relay, Site, Testbed, Topology
 from xdpturn_lab.testbed.scenario import add_internet_host, xdp_attached
 
@@ -28,11 +29,19 @@ def world() -> Iterator[Testbed]:
 @pytest.fixture(autouse=True)
 def _no_program_left_behind(request: pytest.FixtureRequest) -> Iterator[None]:
     """After each test, detach any XDP program a failed test left on a relay, so the next test's
-    relay can attach its own (it never replaces a program) and failures do not cascade."""
+    relay can attach its own (it never replaces a program) and failures do not cascade. Before
+    and after, every relay namespace is a host, not a router: all forwarding sysctls 0."""
+    tb: Testbed | None = (
+        request.getfixturevalue("world") if "world" in request.fixturenames else None
+    )
+    if tb is not None:
+        for relay in tb.relays:
+            assert_not_a_router(tb, relay.name)
     yield
-    if "world" not in request.fixturenames:
+    if tb is None:
         return
-    tb: Testbed = request.getfixturevalue("world")
+    for relay in tb.relays:
+        assert_not_a_router(tb, relay.name)
     for relay in tb.relays:
         if xdp_attached(tb, relay, relay.interface):
             subprocess.run(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import urllib.request
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -29,11 +30,14 @@ DATA_PATH_MISSES = (
     "ttl_expired",
     "too_big",
     "no_neighbour",
-    "forwarding_disabled",
+    "no_next_hop",
     "fib_failed",
     "adjust_failed",
-    "internal_drop",
 )
+# The host's own settings the relay must leave alone: it is not a router.
+FORWARDING_SYSCTLS = r"(\.forwarding|ip_forward)$"
+# Datagrams of a fast-path exchange that may still reach the relay's UDP sockets (e.g. a refresh).
+MAX_STACK_DATAGRAMS = 10
 
 
 def run(coro: Coroutine[Any, Any, T], timeout: float = SCENARIO_TIMEOUT) -> T:
@@ -71,9 +75,37 @@ def route_deltas(before: FastPathCounters, after: FastPathCounters) -> dict[str,
 
 
 def misses(before: FastPathCounters, after: FastPathCounters) -> dict[str, int]:
-    """Data-path pass reasons that grew between two readings."""
+    """Data-path pass reasons and drops that grew between two readings."""
     deltas = {r: after.passes.get(r, 0) - before.passes.get(r, 0) for r in DATA_PATH_MISSES}
+    deltas |= {f"drop:{r}": n - before.drops.get(r, 0) for r, n in after.drops.items()}
     return {r: n for r, n in deltas.items() if n}
+
+
+def forwarding_sysctls(tb: Testbed, node: str) -> dict[str, str]:
+    """Every forwarding sysctl of the node's namespace (all interfaces, both families)."""
+    out = subprocess.run(
+        ["ip", "netns", "exec", tb.netns_of(node), "sysctl", "-a", "--pattern", FORWARDING_SYSCTLS],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return dict(line.split(" = ", 1) for line in out.splitlines())
+
+
+def assert_not_a_router(tb: Testbed, node: str) -> None:
+    values = forwarding_sysctls(tb, node)
+    assert values and set(values.values()) == {"0"}, f"{node} forwards: {values}"
+
+
+def udp_in(tb: Testbed, node: str) -> int:
+    """Datagrams the node's UDP stack delivered to sockets (UDP and UDP6 InDatagrams)."""
+    with netns.entered(tb.netns_of(node)):
+        with open("/proc/thread-self/net/snmp") as f:
+            lines = [line.split() for line in f if line.startswith("Udp:")]
+        with open("/proc/thread-self/net/snmp6") as f:
+            udp6 = dict(line.split() for line in f if line.startswith("Udp6"))
+    udp = dict(zip(lines[0][1:], (int(v) for v in lines[1][1:]), strict=True))
+    return udp["InDatagrams"] + int(udp6["Udp6InDatagrams"])
 
 
 def channel_route(ingress: Family, egress: Family, kind: str = "channel") -> str:

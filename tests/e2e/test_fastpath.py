@@ -12,7 +12,9 @@ import asyncio
 import pytest
 
 from tests.e2e.helpers import (
+    MAX_STACK_DATAGRAMS,
     assert_intact,
+    assert_not_a_router,
     assert_seen_through_nat,
     channel_route,
     counters_note,
@@ -20,6 +22,7 @@ from tests.e2e.helpers import (
     route_deltas,
     run,
     udp_errors,
+    udp_in,
     udp_route,
 )
 from xdpturn.fastpath import FastPathCounters
@@ -57,6 +60,7 @@ def test_channel_to_a_plain_peer_both_ways(
         assert relay.fastpath_mode == ("native" if fastpath else "off")
         assert xdp_attached(world, relay.relay, relay.relay.interface) == fastpath
         errors_before = udp_errors(world, "client")
+        stack = [0]  # datagrams that reached the relay's UDP stack during the exchange
 
         async def scenario() -> tuple[Report, Report, FastPathCounters, FastPathCounters]:
             peer_ip = INTERNET_HOST_IPV4 if relayed is V4 else INTERNET_HOST_IPV6
@@ -68,7 +72,10 @@ def test_channel_to_a_plain_peer_both_ways(
                 await client.connect_to(peer.address)
                 peer.target = client.relayed_of(relayed)
                 before = relay.counters()
+                stack_before = udp_in(world, "relay")
                 to_peer, to_client = await exchange(client, peer, COUNT)
+                assert_not_a_router(world, "relay")
+                stack[0] = udp_in(world, "relay") - stack_before
                 return to_peer, to_client, before, relay.counters()
             finally:
                 await client.close()
@@ -84,8 +91,10 @@ def test_channel_to_a_plain_peer_both_ways(
             udp_route(relayed, transport): COUNT,
         }
         assert misses(before, after) == {}
+        assert stack[0] <= MAX_STACK_DATAGRAMS
     else:
         assert after == before == FastPathCounters()
+        assert stack[0] >= 2 * COUNT
 
 
 @pytest.mark.parametrize("allocation_open", [False, True], ids=["drained", "allocation-open"])

@@ -16,7 +16,9 @@ from dataclasses import dataclass
 import pytest
 
 from tests.e2e.helpers import (
+    MAX_STACK_DATAGRAMS,
     assert_intact,
+    assert_not_a_router,
     assert_seen_through_nat,
     channel_route,
     counters_note,
@@ -24,6 +26,7 @@ from tests.e2e.helpers import (
     route_deltas,
     run,
     udp_errors,
+    udp_in,
     udp_route,
 )
 from xdpturn.fastpath import FastPathCounters
@@ -78,6 +81,7 @@ def spec(
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_client_and_gateway_on_the_same_relay(world: Testbed, fastpath: bool, case: Case) -> None:
     errors_before = {site: udp_errors(world, site) for site in SITES}
+    stack = [0]  # datagrams that reached the relay's UDP stack during the exchange
     with RelayProcess(world, "relay", fastpath=fastpath) as relay:
 
         async def scenario() -> tuple[Report, Report, FastPathCounters, FastPathCounters]:
@@ -94,7 +98,10 @@ def test_client_and_gateway_on_the_same_relay(world: Testbed, fastpath: bool, ca
                 public = relay.server(case.relayed).ip
                 assert client.peer.ip == gateway.peer.ip == public
                 before = relay.counters()
+                stack_before = udp_in(world, "relay")
                 to_gateway, to_client = await exchange(client, gateway, COUNT)
+                assert_not_a_router(world, "relay")
+                stack[0] = udp_in(world, "relay") - stack_before
                 return to_gateway, to_client, before, relay.counters()
 
         to_gateway, to_client, before, after = run(scenario())
@@ -107,8 +114,10 @@ def test_client_and_gateway_on_the_same_relay(world: Testbed, fastpath: bool, ca
             expected[route] = expected.get(route, 0) + COUNT
         assert route_deltas(before, after) == expected
         assert misses(before, after) == {}
+        assert stack[0] <= MAX_STACK_DATAGRAMS
     else:
         assert after == before == FastPathCounters()
+        assert stack[0] >= 2 * COUNT
 
 
 def test_client_and_gateway_on_two_relays(world: Testbed, fastpath: bool) -> None:

@@ -15,7 +15,6 @@ address. The same thread keeps `relay_addrs` (the relay's own addresses) current
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import select
 import socket
@@ -24,24 +23,17 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.rtnl import (
-    RTMGRP_IPV4_IFADDR,
-    RTMGRP_IPV4_ROUTE,
-    RTMGRP_IPV6_IFADDR,
-    RTMGRP_IPV6_ROUTE,
-    RTMGRP_LINK,
-    RTMGRP_NEIGH,
-)
-
 from xdpturn.fastpath import maps
 from xdpturn.fastpath.libbpf import Map
+from xdpturn.fastpath.rtnl import RT_SCOPE_UNIVERSE, RTN_UNICAST, Rtnl
 from xdpturn.proto.addr import IPAddress
 
 log = logging.getLogger("xdpturn.fastpath")
 
-RTN_UNICAST = 1
+# rtnetlink multicast groups (linux/rtnetlink.h): links, neighbours, addresses and routes.
+RTMGRP_LINK, RTMGRP_NEIGH = 0x1, 0x4
+RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE = 0x10, 0x40
+RTMGRP_IPV6_IFADDR, RTMGRP_IPV6_ROUTE = 0x100, 0x400
 # Neighbour states whose MAC the kernel itself would use (bpf_fib_lookup accepts the same).
 _NUD_USABLE = 0x02 | 0x04 | 0x08 | 0x10 | 0x80  # REACHABLE, STALE, DELAY, PROBE, PERMANENT
 TICK = 5.0
@@ -91,9 +83,8 @@ class NextHops:
         self._users: dict[IPAddress, int] = {}
         self._written: dict[IPAddress, Resolved] = {}
         self._own: set[IPAddress] = set()
-        self._ipr = IPRoute()
-        # Events are only a cue to look again, so the watcher reads them as raw bytes from a plain
-        # netlink socket (a pyroute2 socket cannot be read from a thread other than its creator's).
+        self._rtnl = Rtnl()
+        # Events are only a cue to look again: the watcher reads them as raw bytes.
         self._mon = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -103,7 +94,7 @@ class NextHops:
             with self._lock:
                 self._sync_relay_addrs()
         except BaseException:
-            self._ipr.close()
+            self._rtnl.close()
             self._mon.close()
             raise
 
@@ -115,7 +106,7 @@ class NextHops:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        self._ipr.close()
+        self._rtnl.close()
         self._mon.close()
 
     @property
@@ -155,47 +146,22 @@ class NextHops:
 
     def _resolve(self, ip: IPAddress) -> Resolved | None:
         try:
-            route = self._ipr.route("get", dst=str(ip))[0]
-        except (NetlinkError, OSError, IndexError):
-            return None  # unreachable, no route: Python answers with what the stack says
-        if route["type"] != RTN_UNICAST:
-            return None  # local, blackhole, prohibit...
-        ifindex = route.get_attr("RTA_OIF")
-        src = route.get_attr("RTA_PREFSRC")
-        if ifindex is None or src is None:
-            return None
-        gateway = route.get_attr("RTA_GATEWAY")
-        neighbour = ipaddress.ip_address(gateway) if gateway else ip
-        if neighbour.version != ip.version:
-            return None  # an IPv4 route via an IPv6 gateway (RTA_VIA): leave it to the stack
-        try:
-            neigh = self._ipr.get_neighbours(dst=str(neighbour), ifindex=ifindex)
-            link = self._ipr.get_links(ifindex)[0]
-        except (NetlinkError, OSError, IndexError):
-            return None
-        dmac = next(
-            (
-                n.get_attr("NDA_LLADDR")
-                for n in neigh
-                if n["state"] & _NUD_USABLE and n.get_attr("NDA_LLADDR")
-            ),
-            None,
-        )
-        smac = link.get_attr("IFLA_ADDRESS")
-        if dmac is None or smac is None:
+            route = self._rtnl.route_get(ip)
+            if route.type != RTN_UNICAST or route.oif is None or route.prefsrc is None:
+                return None  # local, blackhole, prohibit...: Python answers as the stack says
+            neighbour = route.gateway or ip
+            if neighbour.version != ip.version:
+                return None  # an IPv4 route via an IPv6 gateway (RTA_VIA): left to the stack
+            neigh = self._rtnl.neighbour(route.oif, neighbour)
+            link = self._rtnl.link(route.oif)
+        except OSError:
+            return None  # unreachable, no route, a link that just went away
+        if neigh is None or not neigh.state & _NUD_USABLE or not neigh.lladdr:
             return None  # not resolved yet: the stack resolves it when Python sends
-        mtu = link.get_attr("IFLA_MTU") or 1500
-        metrics = route.get_attr("RTA_METRICS")
-        if metrics is not None and metrics.get_attr("RTAX_MTU"):
-            mtu = min(mtu, metrics.get_attr("RTAX_MTU"))
-        return Resolved(
-            ifindex=ifindex,
-            neighbour=neighbour,
-            src=ipaddress.ip_address(src),
-            smac=bytes.fromhex(smac.replace(":", "")),
-            dmac=bytes.fromhex(dmac.replace(":", "")),
-            mtu=mtu,
-        )
+        if link.address is None or len(link.address) != 6 or len(neigh.lladdr) != 6:
+            return None  # not Ethernet
+        mtu = min(link.mtu, route.mtu) if route.mtu else link.mtu
+        return Resolved(route.oif, neighbour, route.prefsrc, link.address, neigh.lladdr, mtu)
 
     def _refresh(self, ips: Iterable[IPAddress]) -> None:
         for ip in ips:
@@ -231,10 +197,10 @@ class NextHops:
         for ifname in self._interfaces:
             try:
                 index = socket.if_nametoindex(ifname)
-                for a in self._ipr.get_addr(index=index):
-                    if a["scope"] == 0:  # global: link-local addresses carry no TURN
-                        own.add(ipaddress.ip_address(a.get_attr("IFA_ADDRESS")))
-            except (OSError, NetlinkError):
+                for a in self._rtnl.addresses(index):
+                    if a.scope == RT_SCOPE_UNIVERSE:  # link-local addresses carry no TURN
+                        own.add(a.ip)
+            except OSError:
                 continue  # an interface that went away has no addresses
         for ip in own - self._own:
             self._relay_addrs.update(bytes(maps.addr_key(ip)), b"\x01")

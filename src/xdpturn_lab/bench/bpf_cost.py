@@ -2,15 +2,18 @@
 
 Each route's packet runs many times with repeat=1 (a repeat > 1 would rerun the program on the
 frame it already rewrote); the kernel times each run, and the median is reported. It builds its own
-namespace with two veth pairs, routes and permanent neighbours (documentation prefixes), so
-bpf_fib_lookup finds a next hop as on a real relay. Needs root.
+namespace with two veth pairs, routes and permanent neighbours (documentation prefixes), so the
+next hop is found as on a real relay: from the next_hops map the loader fills (forwarding off, as
+on a host), or with `--next-hop fib` from bpf_fib_lookup (forwarding on, next_hops emptied: what a
+router, or a lookup through a device of its own, costs). Needs root.
 
-    python -m xdpturn_lab.bench.bpf_cost [--runs N]
+    python -m xdpturn_lab.bench.bpf_cost [--runs N] [--next-hop map|fib|both]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import os
 import socket
@@ -21,7 +24,7 @@ import sys
 import uuid
 from dataclasses import dataclass
 
-from xdpturn.fastpath import FastPathConfig, FastPathMode
+from xdpturn.fastpath import FastPathConfig, FastPathMode, maps
 from xdpturn.fastpath import libbpf as bpf
 from xdpturn.fastpath.xdp import XdpFastPath
 from xdpturn.proto.addr import ClientAddr, PeerAddr, TransportAddr
@@ -128,7 +131,7 @@ def _cases() -> list[tuple[str, list[ChannelRoute], str, bytes]]:
     return sorted(out, key=lambda c: c[0])
 
 
-def _setup(ns: str) -> None:
+def _setup(ns: str, forwarding: bool) -> None:
     def ip(*args: str) -> None:
         subprocess.run(["ip", "-n", ns, *args], check=True, capture_output=True)
 
@@ -137,8 +140,17 @@ def _setup(ns: str) -> None:
         ip("link", "set", f"rly{i}", "up")
         ip("link", "set", peer, "up")
         for fam in ("ipv4", "ipv6"):
+            value = int(forwarding)
             subprocess.run(
-                ["ip", "netns", "exec", ns, "sysctl", "-qw", f"net.{fam}.conf.rly{i}.forwarding=1"],
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    ns,
+                    "sysctl",
+                    "-qw",
+                    f"net.{fam}.conf.rly{i}.forwarding={value}",
+                ],
                 check=True,
             )
     ip("addr", "add", "192.0.2.1/24", "dev", "rly0")
@@ -156,30 +168,41 @@ def _setup(ns: str) -> None:
         ip("neigh", "replace", addr, "lladdr", "02:00:00:00:00:42", "nud", "permanent", "dev", dev)
 
 
-def run(runs: int = 2000) -> list[RouteCost]:
-    """Median kernel-timed cost of one packet per route, over `runs` single runs."""
+NEXT_HOPS = ("map", "fib")
+
+
+def run(runs: int = 2000, next_hop: str = "map") -> list[RouteCost]:
+    """Median kernel-timed cost of one packet per route, over `runs` single runs, with the next
+    hop from the next_hops map ("map") or from bpf_fib_lookup ("fib")."""
+    if next_hop not in NEXT_HOPS:
+        raise ValueError(f"next_hop must be one of {NEXT_HOPS}, not {next_hop!r}")
     ns = f"xdpturn-bench-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     netns.create(ns)
     fp: XdpFastPath | None = None
     try:
-        _setup(ns)
-        fp = XdpFastPath(
-            FastPathConfig(
-                mode=FastPathMode.AUTO,
-                interfaces=[],
-                turn_port=TURN_PORT,
-                public_ipv4=ipaddress.IPv4Address(PUBLIC[4]),
-                public_ipv6=ipaddress.IPv6Address(PUBLIC[6]),
-                local_ipv4=ipaddress.IPv4Address(LOCAL[4]),
-                local_ipv6=ipaddress.IPv6Address(LOCAL[6]),
+        _setup(ns, forwarding=next_hop == "fib")
+        with netns.entered(ns):  # the loader reads next hops from this namespace's tables
+            fp = XdpFastPath(
+                FastPathConfig(
+                    mode=FastPathMode.AUTO,
+                    interfaces=[],
+                    turn_port=TURN_PORT,
+                    public_ipv4=ipaddress.IPv4Address(PUBLIC[4]),
+                    public_ipv6=ipaddress.IPv6Address(PUBLIC[6]),
+                    local_ipv4=ipaddress.IPv4Address(LOCAL[4]),
+                    local_ipv6=ipaddress.IPv6Address(LOCAL[6]),
+                )
             )
-        )
         results = []
         with netns.entered(ns):
             ifindex = {d: socket.if_nametoindex(d) for d in ("rly0", "rly1")}
             for name, routes, ingress, frame in _cases():
                 for r in routes:
                     fp.install(r)
+                    if next_hop == "fib":  # the program falls back to bpf_fib_lookup
+                        for ip in (r.client.ip, r.peer.ip):
+                            with contextlib.suppress(OSError):
+                                fp.next_hops_map.delete(bytes(maps.addr_key(ip)))
                 try:
                     times = []
                     verdict = 0
@@ -205,15 +228,28 @@ def run(runs: int = 2000) -> list[RouteCost]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--runs", type=int, default=2000, help="single runs per route")
+    parser.add_argument(
+        "--next-hop",
+        choices=(*NEXT_HOPS, "both"),
+        default="map",
+        help="where the program finds the next hop: next_hops map (a host), bpf_fib_lookup "
+        "(a router), or both side by side",
+    )
     args = parser.parse_args(argv)
+    kinds = NEXT_HOPS if args.next_hop == "both" else (args.next_hop,)
     try:
-        costs = run(args.runs)
+        costs = {kind: run(args.runs, kind) for kind in kinds}
     except OSError as e:
         print(f"bpf_cost: {e} (needs root, BPF and network namespaces)", file=sys.stderr)
         return 1
-    print(f"{'route':<32} {'verdict':<9} {'ns/packet':>10} {'Mpps':>8}")
-    for c in costs:
-        print(f"{c.route:<32} {c.verdict:<9} {c.ns_per_packet:>10.0f} {c.mpps:>8.2f}")
+    header = "".join(f" {'ns (' + kind + ')':>10} {'Mpps':>6}" for kind in kinds)
+    print(f"{'route':<32} {'verdict':<9}{header}")
+    first = costs[kinds[0]]
+    for i, c in enumerate(first):
+        cells = "".join(
+            f" {costs[k][i].ns_per_packet:>10.0f} {costs[k][i].mpps:>6.2f}" for k in kinds
+        )
+        print(f"{c.route:<32} {c.verdict:<9}{cells}")
     return 0
 
 

@@ -417,15 +417,6 @@ class Testbed:
             ns, ifname = rnode.upstream_netns, rnode.upstream_interface
             _check(["ip", "netns", "exec", ns, "ethtool", "-K", ifname, "tx", "off"])
             xdp.attach_pass(ns, ifname)
-            # The relay's XDP program routes with bpf_fib_lookup, which refuses (and the program
-            # passes every packet to Python) unless forwarding is on for the ingress interface.
-            netns.sysctl(
-                rnode.netns,
-                {
-                    f"net.ipv4.conf.{rnode.interface}.forwarding": "1",
-                    f"net.ipv6.conf.{rnode.interface}.forwarding": "1",
-                },
-            )
         self._wait_settled()
 
     def _wait_settled(self) -> None:
