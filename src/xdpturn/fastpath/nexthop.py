@@ -22,10 +22,11 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from xdpturn.fastpath import maps
 from xdpturn.fastpath.libbpf import Map
-from xdpturn.fastpath.rtnl import RT_SCOPE_UNIVERSE, RTN_UNICAST, Rtnl
+from xdpturn.fastpath.rtnl import RT_SCOPE_UNIVERSE, RTN_UNICAST, Link, Neighbour, Rtnl
 from xdpturn.proto.addr import IPAddress
 
 log = logging.getLogger("xdpturn.fastpath")
@@ -37,6 +38,7 @@ RTMGRP_IPV6_IFADDR, RTMGRP_IPV6_ROUTE = 0x100, 0x400
 # Neighbour states whose MAC the kernel itself would use (bpf_fib_lookup accepts the same).
 _NUD_USABLE = 0x02 | 0x04 | 0x08 | 0x10 | 0x80  # REACHABLE, STALE, DELAY, PROBE, PERMANENT
 TICK = 5.0
+_S = TypeVar("_S", socket.socket, Rtnl)
 _GROUPS = (
     RTMGRP_LINK
     | RTMGRP_NEIGH
@@ -59,11 +61,56 @@ class Resolved:
     mtu: int
 
 
+class _Lookups:
+    """Answers for one round of resolution: destinations behind one gateway share its neighbour
+    and link lookups."""
+
+    def __init__(self, rtnl: Rtnl) -> None:
+        self.rtnl = rtnl
+        self._neighbours: dict[tuple[int, IPAddress], Neighbour | None] = {}
+        self._links: dict[int, Link] = {}
+
+    def neighbour(self, ifindex: int, ip: IPAddress) -> Neighbour | None:
+        key = (ifindex, ip)
+        if key not in self._neighbours:
+            self._neighbours[key] = self.rtnl.neighbour(ifindex, ip)
+        return self._neighbours[key]
+
+    def link(self, ifindex: int) -> Link:
+        if ifindex not in self._links:
+            self._links[ifindex] = self.rtnl.link(ifindex)
+        return self._links[ifindex]
+
+
+def resolve(lookups: _Lookups, ip: IPAddress) -> Resolved | None:
+    """What the kernel would do to send to `ip`, or None when the program cannot do the same."""
+    try:
+        route = lookups.rtnl.route_get(ip)
+        if route.type != RTN_UNICAST or route.oif is None or route.prefsrc is None:
+            return None  # local, blackhole, prohibit...: Python answers as the stack says
+        neighbour = route.gateway or ip
+        if neighbour.version != ip.version:
+            return None  # an IPv4 route via an IPv6 gateway (RTA_VIA): left to the stack
+        neigh = lookups.neighbour(route.oif, neighbour)
+        link = lookups.link(route.oif)
+    except OSError:
+        return None  # unreachable, no route, a link that just went away
+    if neigh is None or not neigh.state & _NUD_USABLE or not neigh.lladdr:
+        return None  # not resolved yet: the stack resolves it when Python sends
+    if link.address is None or len(link.address) != 6 or len(neigh.lladdr) != 6:
+        return None  # not Ethernet
+    mtu = min(link.mtu, route.mtu) if route.mtu else link.mtu
+    return Resolved(route.oif, neighbour, route.prefsrc, link.address, neigh.lladdr, mtu)
+
+
 class NextHops:
     """Keeps `next_hops` and `relay_addrs` equal to what the kernel's tables say.
 
-    Thread-safe: `add`/`release` run on the server's loop, netlink events on the watcher thread.
-    Netlink sockets are opened in the calling thread's network namespace.
+    Thread-safe: `add`/`release` run on the server's loop, netlink events on the watcher thread,
+    each with its own netlink socket; `_lock` guards the bookkeeping and the map writes only, so
+    a round of resolution never holds up the loop. A resolution that loses a race with a newer
+    one is corrected by the event that made them differ. Sockets and the watcher thread are made
+    in the calling thread's network namespace.
     """
 
     def __init__(
@@ -76,27 +123,38 @@ class NextHops:
     ) -> None:
         self._next_hops = next_hops
         self._relay_addrs = relay_addrs
-        self._interfaces = list(interfaces)
+        self._ifindexes = [socket.if_nametoindex(name) for name in interfaces]
         self._fixed = set(fixed_addrs)  # public and configured addresses, always the relay's
         self._tick = tick  # called every TICK seconds by the watcher (the health check's log)
         self._lock = threading.Lock()
         self._users: dict[IPAddress, int] = {}
         self._written: dict[IPAddress, Resolved] = {}
         self._own: set[IPAddress] = set()
-        self._rtnl = Rtnl()
+        self._query_lock = threading.Lock()  # for _rtnl, which any thread may use through add()
+        self._sockets: list[socket.socket | Rtnl] = []
+        self._rtnl = self._keep(Rtnl())
+        self._watch_rtnl = self._keep(Rtnl())  # the watcher's own
         # Events are only a cue to look again: the watcher reads them as raw bytes.
-        self._mon = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+        self._mon = self._keep(
+            socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+        )
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         try:
             self._mon.bind((0, _GROUPS))
             self._mon.setblocking(False)
-            with self._lock:
-                self._sync_relay_addrs()
+            self._sync_relay_addrs(self._rtnl)
         except BaseException:
-            self._rtnl.close()
-            self._mon.close()
+            self._close_sockets()
             raise
+
+    def _keep(self, s: _S) -> _S:
+        self._sockets.append(s)
+        return s
+
+    def _close_sockets(self) -> None:
+        for s in self._sockets:
+            s.close()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._watch, name="xdpturn-nexthops", daemon=True)
@@ -106,8 +164,7 @@ class NextHops:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        self._rtnl.close()
-        self._mon.close()
+        self._close_sockets()
 
     @property
     def relay_addrs(self) -> set[IPAddress]:
@@ -123,8 +180,11 @@ class NextHops:
         """`ip` is a destination of an installed route: keep its next hop."""
         with self._lock:
             self._users[ip] = self._users.get(ip, 0) + 1
-            if self._users[ip] == 1:
-                self._refresh([ip])
+            if self._users[ip] > 1:
+                return
+        with self._query_lock:
+            found = resolve(_Lookups(self._rtnl), ip)
+        self._apply({ip: found})
 
     def release(self, ip: IPAddress) -> None:
         with self._lock:
@@ -137,54 +197,33 @@ class NextHops:
                 self._delete(ip)
 
     def refresh_all(self) -> None:
-        """Resolve every destination again (what a netlink event triggers)."""
+        """Resolve every destination again (what a netlink event triggers). Watcher thread only."""
+        self._sync_relay_addrs(self._watch_rtnl)
         with self._lock:
-            self._sync_relay_addrs()
-            self._refresh(list(self._users))
+            ips = list(self._users)
+        lookups = _Lookups(self._watch_rtnl)
+        self._apply({ip: resolve(lookups, ip) for ip in ips})
 
-    # --- resolution -------------------------------------------------------------------------
-
-    def _resolve(self, ip: IPAddress) -> Resolved | None:
-        try:
-            route = self._rtnl.route_get(ip)
-            if route.type != RTN_UNICAST or route.oif is None or route.prefsrc is None:
-                return None  # local, blackhole, prohibit...: Python answers as the stack says
-            neighbour = route.gateway or ip
-            if neighbour.version != ip.version:
-                return None  # an IPv4 route via an IPv6 gateway (RTA_VIA): left to the stack
-            neigh = self._rtnl.neighbour(route.oif, neighbour)
-            link = self._rtnl.link(route.oif)
-        except OSError:
-            return None  # unreachable, no route, a link that just went away
-        if neigh is None or not neigh.state & _NUD_USABLE or not neigh.lladdr:
-            return None  # not resolved yet: the stack resolves it when Python sends
-        if link.address is None or len(link.address) != 6 or len(neigh.lladdr) != 6:
-            return None  # not Ethernet
-        mtu = min(link.mtu, route.mtu) if route.mtu else link.mtu
-        return Resolved(route.oif, neighbour, route.prefsrc, link.address, neigh.lladdr, mtu)
-
-    def _refresh(self, ips: Iterable[IPAddress]) -> None:
-        for ip in ips:
-            new = self._resolve(ip)
-            old = self._written.get(ip)
-            if new == old:
-                continue
-            try:
-                if new is None:
-                    del self._written[ip]
-                    self._delete(ip)
-                    log.info("fast path: no next hop for %s; Python relays it for now", ip)
-                else:
+    def _apply(self, found: dict[IPAddress, Resolved | None]) -> None:
+        """Write what changed, for destinations still in use."""
+        with self._lock:
+            for ip, new in found.items():
+                if ip not in self._users or self._written.get(ip) == new:
+                    continue
+                try:
+                    if new is None:
+                        del self._written[ip]
+                        self._delete(ip)
+                        log.info("fast path: no next hop for %s; Python relays it for now", ip)
+                        continue
                     key, value = maps.next_hop_entry(
                         ip, new.ifindex, new.src, new.smac, new.dmac, new.mtu
                     )
                     self._next_hops.update(bytes(key), bytes(value))
                     self._written[ip] = new
-                    log.debug(
-                        "fast path: next hop for %s via %s on %d", ip, new.neighbour, new.ifindex
-                    )
-            except OSError as e:
-                log.warning("fast path: next hop for %s not written: %s", ip, e)
+                    log.debug("fast path: next hop for %s via %s", ip, new.neighbour)
+                except OSError as e:
+                    log.warning("fast path: next hop for %s not written: %s", ip, e)
 
     def _delete(self, ip: IPAddress) -> None:
         try:
@@ -192,16 +231,19 @@ class NextHops:
         except OSError as e:
             log.warning("fast path: next hop for %s not deleted: %s", ip, e)
 
-    def _sync_relay_addrs(self) -> None:
+    def _sync_relay_addrs(self, rtnl: Rtnl) -> None:
         own = set(self._fixed)
-        for ifname in self._interfaces:
+        for index in self._ifindexes:
             try:
-                index = socket.if_nametoindex(ifname)
-                for a in self._rtnl.addresses(index):
+                for a in rtnl.addresses(index):
                     if a.scope == RT_SCOPE_UNIVERSE:  # link-local addresses carry no TURN
                         own.add(a.ip)
             except OSError:
                 continue  # an interface that went away has no addresses
+        with self._lock:
+            self._write_relay_addrs(own)
+
+    def _write_relay_addrs(self, own: set[IPAddress]) -> None:
         for ip in own - self._own:
             self._relay_addrs.update(bytes(maps.addr_key(ip)), b"\x01")
         for ip in self._own - own:
