@@ -198,6 +198,7 @@ def test_fast_path_counters_show_per_route_and_pass_reason() -> None:
     counters = FastPathCounters(
         routes={"ipv4_channel_to_ipv4_udp": (11, 1100), "ipv4_udp_to_ipv6_channel": (3, 333)},
         passes={"not_turn": 5, "no_channel": 2},
+        drops={"rewritten_truncated": 1},
     )
     config = loopback_config(fastpath=FastPathMode.AUTO, interfaces=["lo"])
 
@@ -214,6 +215,7 @@ def test_fast_path_counters_show_per_route_and_pass_reason() -> None:
             assert value(metrics, "xdpturn_relayed_bytes_total", **labels) == nbytes
         for reason, n in counters.passes.items():
             assert value(metrics, "xdpturn_fastpath_passes_total", reason=reason) == n
+        assert value(metrics, "xdpturn_fastpath_drops_total", reason="rewritten_truncated") == 1
         modes = {
             m: value(metrics, "xdpturn_fastpath_mode", mode=m) for m in ("native", "generic", "off")
         }

@@ -206,6 +206,14 @@ class RelayCollector:
         for reason, n in sorted(counters.passes.items()):
             passes.add_metric([reason], n)
         yield passes
+        drops = CounterMetricFamily(
+            "xdpturn_fastpath_drops",
+            "Packets the XDP program dropped, by reason (none expected)",
+            labels=["reason"],
+        )
+        for reason, n in sorted(counters.drops.items()):
+            drops.add_metric([reason], n)
+        yield drops
 
 
 def make_registry(server: RelayServer, drainer: Drainer) -> CollectorRegistry:
