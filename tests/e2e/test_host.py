@@ -5,8 +5,9 @@ Three namespaces of the test's own (documentation prefixes only, no link to the 
 
     router (r0) <-> (h0) host (h1) <-> (b0) behind
 
-The router sends the host packets for `behind` (the host must drop them) and router
-advertisements (the host must accept them), while XDP programs are attached to h0 and h1.
+The router sends the host packets for `behind` (the host must drop them) and a router
+advertisement (the host must accept it, and the relay then reaches peers through the advertised
+router), while XDP programs are attached to h0 and h1.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from scapy.sendrecv import sendp
 from tests.e2e.helpers import FORWARDING_SYSCTLS
 from xdpturn.fastpath import FastPathConfig, FastPathMode
 from xdpturn.fastpath.xdp import XdpFastPath
+from xdpturn.proto.addr import ClientAddr, PeerAddr, TransportAddr
+from xdpturn.proto.commands import ChannelRoute
 from xdpturn_lab.testbed import netns
 
 pytestmark = pytest.mark.kernel
@@ -184,6 +187,27 @@ def test_host_forwards_nothing_and_accepts_router_advertisements(net: Net) -> No
         with netns.entered(net.router):
             sendp(ra, iface="r0", verbose=False)
         wait_for(accepted, "the default route and address from the router advertisement")
+        # A peer beyond that default route gets its next hop from it: the router's link-local
+        # address and the MAC the advertisement announced.
+        far = ipaddress.IPv6Address("2001:db8:ffff::9")
+        fp.install(
+            ChannelRoute(
+                ClientAddr(TransportAddr.parse("[2001:db8:1::fe]:5000")),
+                0x4000,
+                50000,
+                PeerAddr(TransportAddr(far, 7000)),
+            )
+        )
+        keeper = fp.next_hops
+        assert keeper is not None
+
+        def via_router() -> bool:
+            hop = keeper.resolved(far)
+            return hop is not None and str(hop.neighbour) == router_ll
+
+        wait_for(via_router, "the next hop through the advertised router")
+        hop = keeper.resolved(far)
+        assert hop is not None and hop.dmac == bytes.fromhex(mac.replace(":", ""))
         assert forwarding(net.host) == before
     finally:
         fp.close()

@@ -4,6 +4,7 @@ loader from netlink), and how it follows neighbour and route changes without a r
 from __future__ import annotations
 
 import ipaddress
+import logging
 from collections.abc import Iterator
 
 import pytest
@@ -197,3 +198,45 @@ def test_several_addresses_and_interfaces_source_per_route(
     finally:
         fp.remove(to_peer)
         fp.remove(to_peer6)
+
+
+def test_not_carrying_is_reported_logged_once_and_cleared(
+    lab: Lab, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An attached program whose bound channel has no next hop: every packet passes to Python.
+    with netns.entered(lab.ns):
+        fp = XdpFastPath(
+            FastPathConfig(
+                mode=FastPathMode.GENERIC,
+                interfaces=["rly2"],
+                turn_port=TURN_PORT,
+                public_ipv4=PUBLIC4,
+                local_ipv4=LOCAL4,
+            )
+        )
+    peer = "198.51.100.60"
+    r = route(CLIENT, 0x4A06, RELAY_PORT, f"{peer}:7000")
+    try:
+        fp.install(r)
+        assert fp.problem() is None  # first look: nothing to judge yet
+        with caplog.at_level(logging.WARNING, "xdpturn.fastpath"):
+            for _ in range(25):
+                assert run(fp, lab.ns, lab.ifindex["rly0"], chd(0x4A06)).action == bpf.XDP_PASS
+            problem = fp.problem()
+            assert problem is not None and "no_next_hop" in problem
+            for _ in range(25):
+                run(fp, lab.ns, lab.ifindex["rly0"], chd(0x4A06))
+            assert fp.problem() is not None
+        warnings = [r.getMessage() for r in caplog.records if "not carrying" in r.getMessage()]
+        assert len(warnings) == 1 and "ip neigh" in warnings[0]
+        # The neighbour resolves; the kernel relays again and the problem is gone.
+        sh("ip", "-n", lab.ns, "neigh", "replace", peer, "lladdr", PEER_MAC, "dev", "rly1")
+        keeper = fp.next_hops
+        assert keeper is not None
+        wait_for(lambda: keeper.resolved(ipaddress.IPv4Address(peer)) is not None)
+        assert run(fp, lab.ns, lab.ifindex["rly0"], chd(0x4A06)).action == bpf.XDP_REDIRECT
+        assert fp.problem() is None
+    finally:
+        fp.remove(r)
+        fp.close()
+        sh("ip", "-n", lab.ns, "neigh", "flush", "to", peer)
