@@ -38,6 +38,7 @@ RTMGRP_IPV6_IFADDR, RTMGRP_IPV6_ROUTE = 0x100, 0x400
 # Neighbour states whose MAC the kernel itself would use (bpf_fib_lookup accepts the same).
 _NUD_USABLE = 0x02 | 0x04 | 0x08 | 0x10 | 0x80  # REACHABLE, STALE, DELAY, PROBE, PERMANENT
 TICK = 5.0
+MIN_REFRESH_INTERVAL = 0.05  # seconds between two rounds of resolution
 _S = TypeVar("_S", socket.socket, Rtnl)
 _GROUPS = (
     RTMGRP_LINK
@@ -260,15 +261,20 @@ class NextHops:
     def _watch(self) -> None:
         fd = self._mon.fileno()
         next_tick = time.monotonic() + TICK
+        last_refresh = 0.0
         while not self._stop.is_set():
-            try:
-                if self._tick is not None and time.monotonic() >= next_tick:
-                    next_tick = time.monotonic() + TICK
+            if self._tick is not None and time.monotonic() >= next_tick:
+                next_tick = time.monotonic() + TICK
+                try:
                     self._tick()
+                except Exception:
+                    log.exception("fast path: health check")
+            try:
                 ready, _, _ = select.select([fd], [], [], 0.2)
                 if not ready:
                     continue
-                # Drain what is queued, then resolve once for the whole batch.
+                # A burst of events (a link flap, many neighbours) makes one round, not many.
+                self._stop.wait(max(0.0, last_refresh + MIN_REFRESH_INTERVAL - time.monotonic()))
                 while True:
                     try:
                         self._mon.recv(1 << 16)
@@ -276,9 +282,8 @@ class NextHops:
                         break
             except OSError as e:  # ENOBUFS: events were lost; resolving everything recovers
                 log.warning("fast path: netlink events lost (%s); resolving all next hops", e)
-            except Exception:  # the watcher must outlive any one bad event
-                log.exception("fast path: next-hop watcher")
             try:
+                last_refresh = time.monotonic()
                 self.refresh_all()
-            except Exception:
+            except Exception:  # the watcher must outlive any one bad round
                 log.exception("fast path: resolving next hops")
