@@ -63,6 +63,11 @@ def test_pdr_above_ndr_with_steady_background_loss() -> None:
     assert result.goals["ndr"].rate_pps is None and result.goals["ndr"].confirms == []
     pdr = result.goals["pdr"].rate_pps
     assert pdr is not None and 50_000 * 0.97 <= pdr <= 50_000 * 1.01
+    # The JSON and the table say why, with the numbers: loss that stays put is not overload.
+    reason = result.to_json()["ndr"]["reason"]
+    assert reason.startswith("no search trial within 0.1 % loss (all 12 search trials spent)")
+    assert "0.50 % was lost" in reason and "not overload but other load" in reason
+    assert "reason" not in result.to_json()["pdr"]
 
 
 def test_a_dead_relay_stops_the_search_below_the_floor() -> None:
@@ -70,9 +75,14 @@ def test_a_dead_relay_stops_the_search_below_the_floor() -> None:
     result = search.search(relay, 400_000, SETTINGS)
     assert result.goals["ndr"].rate_pps is None and result.goals["pdr"].rate_pps is None
     assert len(relay.calls) == 1
+    reason = result.goals["ndr"].reason
+    assert reason is not None and "the next rate would have been below 1,000 pps" in reason
+    assert "100.00 % was lost" in reason and "not overload" not in reason
 
 
-def _trial_json(delivered: int, busy_s: float, return_s: float) -> dict[str, object]:
+def _trial_json(
+    delivered: int, busy_s: float, return_s: float, own_s: float = 0.0
+) -> dict[str, object]:
     t = Trial(
         1000.0,
         1.0,
@@ -84,8 +94,8 @@ def _trial_json(delivered: int, busy_s: float, return_s: float) -> dict[str, obj
                 "wall_s": 1.2,
                 "relay_core_busy_s": busy_s,
                 "relay_core_softirq_s": 0.0,
-                "relay_process_s": 0.0,
-                "relay_napi_s": 0.0,
+                "relay_process_s": own_s / 2,
+                "relay_napi_s": own_s / 2,
                 "return_napi_s": return_s,
                 "machine_busy_s": 0.0,
             }
@@ -111,6 +121,35 @@ def test_cost_per_packet_subtracts_background_and_names_the_limit(
         assert w["projected_pps_one_core"] == pytest.approx(1e6 / expected)
     else:
         assert w["projected_pps_one_core"] is None
+
+
+@pytest.mark.parametrize(("busy_s", "own_s"), [(0.9, 0.85), (0.05, 0.0)])
+def test_a_cost_swallowed_by_the_background_is_no_measurement(busy_s: float, own_s: float) -> None:
+    """0.3 * 1.2 s subtracted from a core whose relay tasks alone used more than what is left
+    (or from a core less busy than that): no cost at all, and the reason, never 0."""
+    confirms = [_trial_json(100_000, 0.9, 0.05, own_s=0.85)] * 2
+    confirms.append(_trial_json(100_000, busy_s, 0.05, own_s=own_s))
+    w: dict[str, object] = {"load_limited": False, "name": "cd->udp", "ndr": {"confirms": confirms}}
+    report.derive_workload(w, background=0.3)
+    assert w["cost_at_ndr"] == {}
+    assert isinstance(w["cost_invalid"], str) and "changed during the run" in w["cost_invalid"]
+    assert w["projected_pps_one_core"] is None
+
+
+def test_a_workload_without_ndr_has_no_cost_and_says_why() -> None:
+    w: dict[str, object] = {"load_limited": False, "ndr": {"confirms": [], "reason": "lossy"}}
+    report.derive_workload(w, background=0.0)
+    assert w["cost_at_ndr"] == {} and w["cost_invalid"] == "no NDR: lossy"
+
+
+@pytest.mark.parametrize(
+    ("driver_s", "relay_s", "pace"),
+    [(0.3, 0.95, "relay"), (0.95, 0.5, "driver"), (0.95, 0.85, "relay"), (0.2, 0.3, "round trips")],
+)
+def test_control_plane_pace_names_what_was_busy(driver_s: float, relay_s: float, pace: str) -> None:
+    cp = {"elapsed_s": 1.0, "driver_cpu_s": driver_s, "relay_cpu_s": relay_s}
+    assert report.control_limit(cp) == pace
+    assert report.control_limit({**cp, "driver_busy": driver_s, "relay_busy": relay_s}) == pace
 
 
 def test_readme_table_is_replaced_between_the_markers_only() -> None:

@@ -9,8 +9,9 @@ from xdpturn_lab.bench import tools
 
 CPU_ACCOUNTING = (
     "relay_us_per_pkt: the relay core's busy time during the trial (/proc/stat, cpuN: user + "
-    "nice + system + irq + softirq + steal), less the same core's background rate measured for "
-    "0.5 s before the relay started times the trial's wall time, per datagram delivered. The "
+    "nice + system + irq + softirq + steal), less the same core's background rate (the mean of "
+    "0.5 s windows before the relay started and after it stopped) times the trial's wall time, "
+    "per datagram delivered. The "
     "relay process and the NAPI thread receiving on the relay's interface (XDP runs there) are "
     "pinned to that core and nothing else of the benchmark runs on it, so this is everything the "
     "relay does and makes the kernel do on the relay host: its receive path, its system calls, "
@@ -21,10 +22,17 @@ CPU_ACCOUNTING = (
     "is the same kind of work for every relay and is shown beside, not added in. The generator's "
     "own sends (which wake the relay's NAPI thread) are charged to nobody. CPU time is sampled "
     "by tick (250 Hz, no IRQ time accounting): good to a few per cent over a 1.5 s trial. "
-    "Datagrams received and dropped cost CPU too and are included."
+    "Datagrams received and dropped cost CPU too and are included. If what is left after the "
+    "subtraction is less than the relay's own tasks (process + NAPI thread) used, the "
+    "background changed during the run: the workload gets no cost (cost_invalid says why), "
+    "never a 0 or a guess."
 )
 BUSY_MACHINE = 0.1  # background on the relay core above this: the run is not a measurement
 LOAD_LIMITED_BUSY = 0.8  # a relay core less busy than this at NDR: the load, not the relay, limits
+DRIVER_BUSY = 0.9  # control-plane drivers busier than this (and the relay not): the driver's pace
+# The relay core's time left after the background is subtracted may fall this far below the relay
+# tasks' own time (tick sampling of the two differs by a few ticks) before it is no measurement.
+OWN_TIME_SLACK = 0.05
 
 
 def ping_json(p: tools.PingResult, rate: float, size: int) -> dict[str, Any]:
@@ -55,11 +63,26 @@ def _spread(xs: list[float]) -> dict[str, float] | None:
     return {"min": min(xs), "median": statistics.median(xs), "max": max(xs)}
 
 
-def _trial_cost(t: dict[str, Any], background: float) -> dict[str, float] | None:
+def _trial_cost(t: dict[str, Any], background: float) -> dict[str, float] | str:
+    """The trial's cost per delivered datagram, or why it cannot be had: never 0 or negative.
+
+    The relay's own tasks (its process and the NAPI thread receiving for it, both pinned to the
+    relay core) are part of that core's busy time, so what is left after the background is
+    subtracted cannot be less than their time. If it is, the background measured outside the
+    trial was not the background during it (other load came or went), and the figure is no
+    measurement of the relay."""
     cpu = t["cpu"]
     if not t["delivered"]:
-        return None
-    core = max(0.0, cpu["relay_core_busy_s"] - background * cpu["wall_s"])
+        return "nothing delivered"
+    core = cpu["relay_core_busy_s"] - background * cpu["wall_s"]
+    own = cpu["relay_process_s"] + cpu["relay_napi_s"]
+    if core <= 0 or core < own * (1 - OWN_TIME_SLACK):
+        return (
+            f"the relay core's background ({100 * background:.0f} % of "
+            f"{cpu['wall_s']:.2f} s) left {core:.3f} s of its {cpu['relay_core_busy_s']:.3f} s "
+            f"busy time, less than the relay's own tasks used ({own:.3f} s): other load on the "
+            "relay core changed during the run"
+        )
     return {
         "relay_us_per_pkt": 1e6 * core / t["delivered"],
         "next_hop_us_per_pkt": 1e6 * cpu["return_napi_s"] / t["delivered"],
@@ -71,11 +94,18 @@ def _trial_cost(t: dict[str, Any], background: float) -> dict[str, float] | None
 
 def derive_workload(w: dict[str, Any], background: float) -> None:
     """Cost per packet at NDR (median of the confirming trials), which limit applied, and the
-    projection where the load, not the relay, was the limit."""
+    projection where the load, not the relay, was the limit. If any confirming trial's cost is
+    not a measurement, there is no cost: `cost_at_ndr` is empty and `cost_invalid` says why."""
     ndr = w.get("ndr") or {}
-    costs = [c for t in ndr.get("confirms", []) if (c := _trial_cost(t, background))]
-    cost = {k: _spread([c[k] for c in costs]) for k in costs[0]} if costs else {}
+    found = [_trial_cost(t, background) for t in ndr.get("confirms", [])]
+    costs = [c for c in found if isinstance(c, dict)]
+    invalid = [c for c in found if isinstance(c, str)]
+    if not found:
+        invalid = [f"no NDR: {ndr.get('reason') or 'not searched'}"]
+    cost = {k: _spread([c[k] for c in costs]) for k in costs[0]} if costs and not invalid else {}
     w["cost_at_ndr"] = cost
+    if invalid:
+        w["cost_invalid"] = invalid[0]
     busy = (cost.get("relay_core_busy") or {}).get("median")
     limited = bool(w["load_limited"]) or (busy is not None and busy < LOAD_LIMITED_BUSY)
     w["limit"] = "load" if limited else "relay"
@@ -84,9 +114,34 @@ def derive_workload(w: dict[str, Any], background: float) -> None:
     w["projected_pps_one_core"] = 1e6 / per_pkt if limited and per_pkt else None
 
 
+def control_limit(cp: dict[str, Any]) -> str:
+    """What set the control plane's pace: "relay" (its process was busy), "driver" (the driver
+    processes were, and the relay was not), or "round trips" (neither: requests in flight and
+    the relay's own waits did)."""
+    elapsed = cp.get("elapsed_s") or 0.0
+    relay = cp.get("relay_busy", cp["relay_cpu_s"] / elapsed if elapsed else 0.0)
+    driver = cp.get("driver_busy", cp["driver_cpu_s"] / elapsed if elapsed else 0.0)
+    if relay >= LOAD_LIMITED_BUSY:
+        return "relay"
+    if driver > DRIVER_BUSY:
+        return "driver"
+    return "round trips"
+
+
+def background(relay: dict[str, Any]) -> float:
+    """The relay core's busy fraction with no relay: the mean of the windows before the relay
+    started and after it stopped (older files have only the first)."""
+    windows = [
+        relay[k]
+        for k in ("background_relay_core_busy", "background_relay_core_busy_after")
+        if k in relay
+    ]
+    return sum(windows) / len(windows) if windows else 0.0
+
+
 def derive(result: dict[str, Any]) -> None:
     for relay in result["relays"].values():
-        bg = relay.get("background_relay_core_busy", 0.0)
+        bg = background(relay)
         for w in relay.get("throughput", []):
             derive_workload(w, bg)
         runs = [r["rtt_us"] for r in relay.get("latency_runs", []) if r.get("rtt_us")]
@@ -112,6 +167,19 @@ def _metrics(relay: dict[str, Any]) -> dict[str, float | None]:
     if cp and cp["succeeded"]:
         m["control_plane/relay_us_per_op"] = 1e6 * cp["relay_cpu_s"] / cp["succeeded"]
     return m
+
+
+def _busy_before_or_after(relay: dict[str, Any]) -> bool:
+    return any(
+        relay.get(k, 0.0) > BUSY_MACHINE
+        for k in ("background_relay_core_busy", "background_relay_core_busy_after")
+    )
+
+
+def _cost_text(w: dict[str, Any], key: str, scale: float = 1.0) -> str:
+    if w.get("cost_invalid"):
+        return "no measurement (!)"
+    return _spread_text(w["cost_at_ndr"].get(key), scale)
 
 
 def ratios(result: dict[str, Any]) -> dict[str, dict[str, float | None]]:
@@ -196,11 +264,18 @@ def table(result: dict[str, Any]) -> str:
         )
     bg = ", ".join(
         f"{n} {100 * relays[n]['background_relay_core_busy']:.0f}%"
+        + (
+            f"/{100 * relays[n]['background_relay_core_busy_after']:.0f}%"
+            if "background_relay_core_busy_after" in relays[n]
+            else ""
+        )
         for n in names
         if "background_relay_core_busy" in relays[n]
     )
-    lines.append(f"relay core busy before each relay started (other load, subtracted): {bg}")
-    busy = [n for n in names if relays[n].get("background_relay_core_busy", 0) > BUSY_MACHINE]
+    lines.append(
+        f"relay core busy with no relay, before/after each (other load, mean subtracted): {bg}"
+    )
+    busy = [n for n in names if _busy_before_or_after(relays[n])]
     if busy:
         lines.append(
             f"!! the relay core was over {100 * BUSY_MACHINE:.0f} % busy with other load before "
@@ -253,19 +328,19 @@ def table(result: dict[str, Any]) -> str:
             "",
             "relay us/pkt at NDR",
             f"{run}/relay_us_per_pkt",
-            cells(lambda w: _spread_text(w["cost_at_ndr"].get("relay_us_per_pkt"))),
+            cells(lambda w: _cost_text(w, "relay_us_per_pkt")),
         )
         row(
             "",
             "next hop us/pkt",
             None,
-            cells(lambda w: _spread_text(w["cost_at_ndr"].get("next_hop_us_per_pkt"))),
+            cells(lambda w: _cost_text(w, "next_hop_us_per_pkt")),
         )
         row(
             "",
             "relay core % at NDR",
             None,
-            cells(lambda w: _spread_text(w["cost_at_ndr"].get("relay_core_busy"), 100)),
+            cells(lambda w: _cost_text(w, "relay_core_busy", 100)),
         )
         row("", "limit", None, cells(lambda w: "load (*)" if w["limit"] == "load" else "relay"))
         if any(w.get("projected_pps_one_core") for w in have.values()):
@@ -295,15 +370,25 @@ def table(result: dict[str, Any]) -> str:
     )
     row(
         "",
-        "ops/s (driver-bound?)",
+        "ops/s",
         None,
         {
-            n: f"{_num(c['ops_per_s'])}"
-            + (" (d)" if c["driver_cpu_s"] > 0.9 * c["elapsed_s"] else "")
+            n: f"{_num(c['ops_per_s'])}" + (" (d)" if control_limit(c) == "driver" else "")
             for n, c in cps.items()
             if c
         },
     )
+    row(
+        "",
+        "driver/relay busy %",
+        None,
+        {
+            n: f"{100 * c['driver_busy']:.0f} / {100 * c['relay_busy']:.0f}"
+            for n, c in cps.items()
+            if "driver_busy" in c
+        },
+    )
+    row("", "pace set by", None, {n: control_limit(c) for n, c in cps.items() if c})
     row("", "RSS MiB", None, {n: _num(c["rss_bytes"] / 2**20) for n, c in cps.items() if c})
     row("", "live allocations", None, {n: _num(c["succeeded"]) for n, c in cps.items() if c})
     lines.append("")
@@ -317,6 +402,13 @@ def table(result: dict[str, Any]) -> str:
     for n in names:
         for e in relays[n].get("errors", []):
             lines.append(f"! {n}: {e}")
+        for w in relays[n].get("throughput", []):
+            if w.get("cost_invalid"):
+                lines.append(f"! {n}: {w['name']}: no cost per packet: {w['cost_invalid']}")
+            for goal in ("ndr", "pdr"):
+                reason = (w.get(goal) or {}).get("reason")
+                if reason:
+                    lines.append(f"! {n}: {w['name']}: no {goal.upper()}: {reason}")
     lines += [
         "",
         "NDR/PDR kpps: datagrams counted by a sink on the receiving host per second of sending,",
@@ -329,7 +421,10 @@ def table(result: dict[str, Any]) -> str:
         "  return path), not the relay, set the rate; projected kpps/core = 1 / relay us/pkt, a",
         "  projection from the measured cost, not a measurement.",
         "control plane: relay CPU us per authenticated Allocate+CreatePermission+ChannelBind (the",
-        "  headline); (d): the Python driver was >90 % busy, so ops/s is the driver's pace.",
+        f"  headline); driver/relay busy: CPU time / wall time of each; pace set by 'relay' when "
+        f"it was >= {100 * LOAD_LIMITED_BUSY:.0f} % busy,",
+        f"  'driver' (and (d)) when the drivers were > {100 * DRIVER_BUSY:.0f} % busy, else "
+        "'round trips' (requests in flight and the relay's own waits).",
         "ratios: relay / coturn.",
     ]
     return "\n".join(lines)
@@ -355,7 +450,7 @@ def readme_table(result: dict[str, Any], source: str) -> str:
         "(min-max).",
         "",
     ]
-    busy = [n for n in names if relays[n].get("background_relay_core_busy", 0) > BUSY_MACHINE]
+    busy = [n for n in names if _busy_before_or_after(relays[n])]
     if busy:
         out += [
             f"**Not a measurement for {', '.join(busy)}**: the relay core was busy with other "
@@ -377,7 +472,7 @@ def readme_table(result: dict[str, Any], source: str) -> str:
                 continue
             text = _spread_text((w.get("ndr") or {}).get("delivered_pps"), 1e-3)
             cost = _median(w.get("cost_at_ndr"), "relay_us_per_pkt")
-            text += f", {_num(cost)} us/pkt" if cost else ""
+            text += f", {_num(cost)} us/pkt" if cost else ", no CPU measurement"
             if w["limit"] == "load":
                 proj = w.get("projected_pps_one_core")
                 text += " **load-limited**"
@@ -398,6 +493,16 @@ def readme_table(result: dict[str, Any], source: str) -> str:
     out.append(
         "| relay CPU us per Allocate+CreatePermission+ChannelBind | " + " | ".join(cells) + " |"
     )
+    cells = []
+    for n in names:
+        cp = relays[n].get("control_plane") or {}
+        text = "-"
+        if cp.get("succeeded"):
+            text = f"{_num(cp['ops_per_s'])}, pace set by {control_limit(cp)}"
+            if "driver_busy" in cp:
+                text += f" (driver {100 * cp['driver_busy']:.0f} % busy)"
+        cells.append(text)
+    out.append("| control plane ops/s | " + " | ".join(cells) + " |")
     for mode in ("default", "-c"):
         cells = []
         for n in names:

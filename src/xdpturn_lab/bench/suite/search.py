@@ -99,6 +99,7 @@ class GoalResult:
     max_loss: float
     rate_pps: float | None  # the rate the confirming trials were asked for; None: not found
     confirms: list[Trial]
+    reason: str | None = None  # why no rate was found (rate_pps None)
 
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -107,6 +108,8 @@ class GoalResult:
             "rate_pps": self.rate_pps,
             "confirms": [t.to_json() for t in self.confirms],
         }
+        if self.reason is not None:
+            d["reason"] = self.reason
         if self.confirms:
             d["offered_pps"] = _spread([t.offered_pps for t in self.confirms])
             d["delivered_pps"] = _spread([t.delivered_pps for t in self.confirms])
@@ -160,6 +163,30 @@ def next_rate(bounds: dict[str, Bounds], precision: float) -> float | None:
     return None
 
 
+def no_rate_reason(goal: str, trials: list[Trial], budget_spent: bool) -> str:
+    """Why no trial met `goal`, in the numbers a reader needs to judge it."""
+    lowest = min(trials, key=lambda t: t.offered_pps)
+    least = min(trials, key=lambda t: t.loss)
+    stop = (
+        f"all {len(trials)} search trials spent"
+        if budget_spent
+        else f"the next rate would have been below {FLOOR_PPS:,.0f} pps"
+    )
+    text = (
+        f"no search trial within {100 * GOALS[goal]:g} % loss ({stop}); at the lowest offered "
+        f"rate, {lowest.offered_pps:,.0f} pps, {100 * lowest.loss:.2f} % was lost; the least "
+        f"loss was {100 * least.loss:.2f} % at {least.offered_pps:,.0f} pps"
+    )
+    carried = max(trials, key=lambda t: t.delivered_pps)
+    if carried.delivered_pps >= lowest.offered_pps:
+        # Overload sheds only what exceeds what the relay can carry, and it carried more.
+        text += (
+            f", although {carried.delivered_pps:,.0f} pps arrived in another trial: not "
+            "overload but other load on the machine, or a broken path"
+        )
+    return text
+
+
 def search(run: RunTrial, top_pps: float | None, settings: SearchSettings) -> SearchResult:
     trials = [run(top_pps, settings.trial_s)]
     bounds = {name: Bounds() for name in GOALS}
@@ -174,10 +201,12 @@ def search(run: RunTrial, top_pps: float | None, settings: SearchSettings) -> Se
         _update(bounds, t)
     goals: dict[str, GoalResult] = {}
     confirmed: dict[float | None, list[Trial]] = {}
+    budget_spent = len(trials) >= settings.max_trials
     for name, max_loss in GOALS.items():
         b = bounds[name]
         if b.lo is None:
-            goals[name] = GoalResult(name, max_loss, None, [])
+            reason = no_rate_reason(name, trials, budget_spent)
+            goals[name] = GoalResult(name, max_loss, None, [], reason)
             continue
         # At the top: ask for the top again (as fast as it goes), not for what it happened to
         # reach, so the confirming trials see the same load.

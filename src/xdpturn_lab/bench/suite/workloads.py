@@ -23,7 +23,7 @@ from typing import Any
 from xdpturn.client.turn import LostHandler, Receiver, TurnClient, UdpTransport
 from xdpturn.proto.addr import Family, TransportAddr
 from xdpturn.proto.auth import mint_rest_credentials
-from xdpturn_lab.bench import livegen, tools
+from xdpturn_lab.bench import cpdriver, livegen, tools
 from xdpturn_lab.bench.suite import search, system
 from xdpturn_lab.bench.suite.relays import GENERATOR_CPU, RELAY_CPU, RelayUnderTest
 from xdpturn_lab.testbed.counters import LinkCounters, link_counters
@@ -548,12 +548,16 @@ class ControlResult:
     attempted: int
     succeeded: int
     failed: int
-    concurrency: int
+    concurrency: int  # sequences in flight, all driver processes together
+    driver_processes: int
     elapsed_s: float
     ops_per_s: float  # Allocate + CreatePermission + ChannelBind, all authenticated
-    driver_cpu_s: float  # this (Python) driver's own CPU time over the run
-    driver_ceiling_ops_per_s: float  # succeeded / driver_cpu_s: the driver's limit on one core
-    relay_cpu_s: float
+    driver_cpu_s: float  # the driver processes' own CPU time (utime + stime) over the run
+    driver_ceiling_ops_per_s: float  # succeeded / driver_cpu_s: the drivers' limit on one core
+    driver_busy: float  # driver_cpu_s / elapsed_s / cores they may use: >0.9, the driver's pace
+    relay_cpu_s: float  # the relay process's utime + stime over the run: the headline's numerator
+    relay_busy: float  # relay_cpu_s / elapsed_s
+    retransmissions: int
     rss_idle_bytes: int
     rss_bytes: int  # with `succeeded` allocations live
     rss_per_allocation_bytes: float
@@ -563,57 +567,68 @@ class ControlResult:
         return asdict(self)
 
 
-async def control_plane(
-    hosts: Hosts, relay: RelayUnderTest, count: int, concurrency: int, rss_idle: int
+def control_plane(
+    hosts: Hosts,
+    relay: RelayUnderTest,
+    count: int,
+    concurrency: int,
+    processes: int,
+    rss_idle: int,
 ) -> ControlResult:
     """`count` clients, `concurrency` at a time, each Allocate + CreatePermission + ChannelBind
-    (authenticated, after the 401 challenge); then the relay's RSS with all of them live. The
-    allocations are left behind (sockets closed) for the relay's shutdown to clean up."""
+    (authenticated, after the 401 challenge), from `processes` driver processes (`cpdriver`) on
+    the generator's core; then the relay's RSS with all of them live. The allocations are left
+    behind for the relay's shutdown to clean up."""
     server = relay.server(Family.IPV4)
     peer = TransportAddr.parse(_fmt(hosts.ip(hosts.peer, Family.IPV4), PEER_PORT + 2))
-    gate = asyncio.Semaphore(concurrency)
-    turns: list[Turn] = []
-    errors: list[str] = []
-
-    async def one(i: int) -> None:
-        async with gate:
-            try:
-                turn = await open_turn(
-                    hosts.client.netns, server, relay.secret, Family.IPV4, f"cp{i}"
-                )
-            except Exception as e:  # counted, and the first few kept for the report
-                errors.append(f"allocate: {e!r}")
-                return
-            turns.append(turn)
-            try:
-                await bind(turn, peer)
-            except Exception as e:
-                errors.append(f"bind: {e!r}")
-
-    cpu0 = time.process_time()
-    relay0 = system.process_cpu(relay.pid)
-    t0 = time.monotonic()
-    await asyncio.gather(*(one(i) for i in range(count)))
-    elapsed = time.monotonic() - t0
-    driver_cpu = time.process_time() - cpu0
-    relay_cpu = system.process_cpu(relay.pid) - relay0
-    rss = system.rss_bytes(relay.pid)
-    succeeded = sum(1 for t in turns if t.channel is not None)
-    for t in turns:
-        t.transport.close()
+    shares = [count // processes + (i < count % processes) for i in range(processes)]
+    windows = [max(1, concurrency // processes) for _ in range(processes)]
+    timeout = 60.0 + count / 50  # bounded even for a relay serving 50 sequences per second
+    drivers: list[cpdriver.DriverProcess] = []
+    try:
+        first = 0
+        for share, window in zip(shares, windows, strict=True):
+            args = cpdriver.driver_args(server, peer, relay.secret, first, share, window)
+            drivers.append(cpdriver.DriverProcess(gen_prefix(hosts.client.netns), args, timeout))
+            first += share
+        for d in drivers:
+            d.wait_ready()  # start-up, credentials and sockets are outside the measurement
+        relay0 = system.process_cpu(relay.pid)
+        driver0 = sum(system.process_cpu(d.proc.pid) for d in drivers)
+        t0 = time.monotonic()
+        for d in drivers:
+            d.go()
+        results = [d.result() for d in drivers]
+        elapsed = time.monotonic() - t0
+        driver_cpu = sum(system.process_cpu(d.proc.pid) for d in drivers) - driver0
+        relay_cpu = system.process_cpu(relay.pid) - relay0
+        rss = system.rss_bytes(relay.pid)
+    finally:
+        for d in drivers:
+            d.__exit__(None, None, None)
+    succeeded = sum(int(r["succeeded"]) for r in results)
+    errors: dict[str, int] = {}
+    for r in results:
+        for what, n in r["errors"].items():
+            errors[what] = errors.get(what, 0) + int(n)
     live = max(1, succeeded)
+    cores = len(GENERATOR_CPU.split(","))
     return ControlResult(
         attempted=count,
         succeeded=succeeded,
         failed=count - succeeded,
-        concurrency=concurrency,
+        concurrency=sum(windows),
+        driver_processes=processes,
         elapsed_s=elapsed,
         ops_per_s=succeeded / elapsed if elapsed else 0.0,
         driver_cpu_s=driver_cpu,
         driver_ceiling_ops_per_s=succeeded / driver_cpu if driver_cpu else 0.0,
+        driver_busy=driver_cpu / elapsed / cores if elapsed else 0.0,
         relay_cpu_s=relay_cpu,
+        relay_busy=relay_cpu / elapsed if elapsed else 0.0,
+        retransmissions=sum(int(r["retransmissions"]) for r in results),
         rss_idle_bytes=rss_idle,
         rss_bytes=rss,
         rss_per_allocation_bytes=(rss - rss_idle) / live,
-        errors=errors[:5],
+        errors=[f"{what} (x{n})" for what, n in sorted(errors.items(), key=lambda e: -e[1])][:5],
     )
