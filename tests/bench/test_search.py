@@ -66,7 +66,7 @@ def test_pdr_above_ndr_with_steady_background_loss() -> None:
     # The JSON and the table say why, with the numbers: loss that stays put is not overload.
     reason = result.to_json()["ndr"]["reason"]
     assert reason.startswith("no search trial within 0.1 % loss (all 12 search trials spent)")
-    assert "0.50 % was lost" in reason and "not overload but other load" in reason
+    assert "0.50 % was lost" in reason and "more loss than overload explains" in reason
     assert "reason" not in result.to_json()["pdr"]
 
 
@@ -77,7 +77,7 @@ def test_a_dead_relay_stops_the_search_below_the_floor() -> None:
     assert len(relay.calls) == 1
     reason = result.goals["ndr"].reason
     assert reason is not None and "the next rate would have been below 1,000 pps" in reason
-    assert "100.00 % was lost" in reason and "not overload" not in reason
+    assert "100.00 % was lost" in reason and "overload explains" not in reason
 
 
 def _trial_json(

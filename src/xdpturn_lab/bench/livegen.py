@@ -43,12 +43,15 @@ OBJECT_PATH = Path(__file__).resolve().parent / "xdp_tx.bpf.o"
 PROGRAM = "xdp_tx"
 TEMPLATE_LEN = 128  # bytes the program writes back before every XDP_TX (xdp_tx.bpf.c)
 MAX_REPEAT = 1 << 14  # frames per call when unpaced (about 15-30 ms here); the time bound's grain
-# When paced: calls of one kernel batch (64 frames, a 64-segment GSO send's worth) on schedule,
-# so no burst overflows a socket buffer that a smooth load would not (calls of 1 ms of the rate
-# did: a socket relay drowned in each burst and then sat idle). Behind schedule, larger calls
-# (each call sets up the kernel's page pool afresh: 256-frame calls of 1200 B frames ran at a
-# quarter of the rate).
+# When paced: calls of what the rate sends in PACE_SPAN_S, at least 1 frame and at most one kernel
+# batch (64 frames, a 64-segment GSO send's worth), on schedule, so no burst overflows a socket
+# buffer that a smooth load would not (calls of 1 ms of the rate did: a socket relay drowned in
+# each burst and then sat idle; and fixed calls of 64 lost 34 of every 64 frames in coturn's
+# 64 KiB relay-socket buffer at any rate, even 1,000 pps). Behind schedule, larger calls (each
+# call sets up the kernel's page pool afresh: 256-frame calls of 1200 B frames ran at a quarter
+# of the rate).
 PACE_BURST = 64
+PACE_SPAN_S = 0.00025
 CATCH_UP_BURST = 1024
 HOLD_IF = "xlg0"  # the idle veth the program stays attached to (see hold_in_dispatcher)
 START_TIMEOUT = 30.0  # how long the child waits for "go"
@@ -303,6 +306,11 @@ def release_dispatcher() -> None:
     subprocess.run(["ip", "link", "del", HOLD_IF], check=False, capture_output=True)
 
 
+def pace_burst(rate: float) -> int:
+    """Frames per call when paced at `rate` per second (see PACE_SPAN_S)."""
+    return max(1, min(PACE_BURST, int(rate * PACE_SPAN_S)))
+
+
 def blast(
     prog_fd: int,
     ifindex: int,
@@ -322,14 +330,15 @@ def blast(
             break
         repeat = MAX_REPEAT
         if rate is not None:
+            burst = pace_burst(rate)
             due = t0 + sent / rate  # this call's start on the schedule
             if due >= deadline:
                 break
             if due > now:
                 time.sleep(due - now)
-                repeat = PACE_BURST
+                repeat = burst
             else:  # behind: catch up
-                repeat = min(CATCH_UP_BURST, PACE_BURST + int((now - due) * rate))
+                repeat = min(CATCH_UP_BURST, burst + int((now - due) * rate))
         n = min(repeat, limit - sent)
         # The template is copied in again by every call (live mode reuses the kernel's buffers).
         libbpf.prog_test_run(

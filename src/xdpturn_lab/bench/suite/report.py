@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 from typing import Any
 
@@ -31,8 +32,10 @@ BUSY_MACHINE = 0.1  # background on the relay core above this: the run is not a 
 LOAD_LIMITED_BUSY = 0.8  # a relay core less busy than this at NDR: the load, not the relay, limits
 DRIVER_BUSY = 0.9  # control-plane drivers busier than this (and the relay not): the driver's pace
 # The relay core's time left after the background is subtracted may fall this far below the relay
-# tasks' own time (tick sampling of the two differs by a few ticks) before it is no measurement.
+# tasks' own time before it is no measurement: /proc counts in 1/USER_HZ steps (10 ms here), and
+# the background windows, the trial and the tasks are each read to one step.
 OWN_TIME_SLACK = 0.05
+OWN_TIME_SLACK_S = 3 / os.sysconf("SC_CLK_TCK")
 
 
 def ping_json(p: tools.PingResult, rate: float, size: int) -> dict[str, Any]:
@@ -76,7 +79,7 @@ def _trial_cost(t: dict[str, Any], background: float) -> dict[str, float] | str:
         return "nothing delivered"
     core = cpu["relay_core_busy_s"] - background * cpu["wall_s"]
     own = cpu["relay_process_s"] + cpu["relay_napi_s"]
-    if core <= 0 or core < own * (1 - OWN_TIME_SLACK):
+    if core <= 0 or core < own * (1 - OWN_TIME_SLACK) - OWN_TIME_SLACK_S:
         return (
             f"the relay core's background ({100 * background:.0f} % of "
             f"{cpu['wall_s']:.2f} s) left {core:.3f} s of its {cpu['relay_core_busy_s']:.3f} s "
@@ -278,7 +281,7 @@ def table(result: dict[str, Any]) -> str:
     busy = [n for n in names if _busy_before_or_after(relays[n])]
     if busy:
         lines.append(
-            f"!! the relay core was over {100 * BUSY_MACHINE:.0f} % busy with other load before "
+            f"!! the relay core was over {100 * BUSY_MACHINE:.0f} % busy with other load around "
             f"{', '.join(busy)}: those columns do not measure the relay; rerun on an idle machine"
         )
     lines.append("")
@@ -403,7 +406,7 @@ def table(result: dict[str, Any]) -> str:
         for e in relays[n].get("errors", []):
             lines.append(f"! {n}: {e}")
         for w in relays[n].get("throughput", []):
-            if w.get("cost_invalid"):
+            if w.get("cost_invalid") and (w.get("ndr") or {}).get("confirms"):
                 lines.append(f"! {n}: {w['name']}: no cost per packet: {w['cost_invalid']}")
             for goal in ("ndr", "pdr"):
                 reason = (w.get(goal) or {}).get("reason")

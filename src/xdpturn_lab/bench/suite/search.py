@@ -181,8 +181,8 @@ def no_rate_reason(goal: str, trials: list[Trial], budget_spent: bool) -> str:
     if carried.delivered_pps >= lowest.offered_pps:
         # Overload sheds only what exceeds what the relay can carry, and it carried more.
         text += (
-            f", although {carried.delivered_pps:,.0f} pps arrived in another trial: not "
-            "overload but other load on the machine, or a broken path"
+            f", although {carried.delivered_pps:,.0f} pps arrived in another trial: more loss "
+            "than overload explains (other load on the machine, or a broken path)"
         )
     return text
 
