@@ -71,7 +71,7 @@ def test_every_workload_has_a_confirmed_rate_within_the_loss_goals(
     for w in relay["throughput"]:
         ndr, pdr = w["ndr"], w["pdr"]
         # The search's own words when it found nothing (e.g. loss that is not overload).
-        assert ndr["rate_pps"] is not None, (w["name"], ndr.get("reason"))
+        assert ndr["rate_pps"] is not None, f"{name} {w['name']}: {ndr.get('reason')}"
         assert ndr["rate_pps"] >= search.FLOOR_PPS, w["name"]
         assert len(ndr["confirms"]) == 3 and len(pdr["confirms"]) == 3
         # Each confirming trial sent what it was asked for, and the median stays in the goal.
@@ -79,7 +79,7 @@ def test_every_workload_has_a_confirmed_rate_within_the_loss_goals(
         assert pdr["loss"]["median"] <= search.PDR_LOSS, (w["name"], pdr["loss"])
         assert ndr["delivered_pps"]["min"] > 0
         # A cost the background subtraction swallowed is no measurement: it fails here, loudly.
-        assert "cost_invalid" not in w, (w["name"], w["cost_invalid"])
+        assert "cost_invalid" not in w, f"{name} {w['name']}: {w.get('cost_invalid')}"
         assert w["cost_at_ndr"]["relay_us_per_pkt"]["min"] > 0
         assert w["limit"] in ("relay", "load")
     runs = relay["latency_runs"]
@@ -90,7 +90,7 @@ def test_every_workload_has_a_confirmed_rate_within_the_loss_goals(
     cp = relay["control_plane"]
     assert cp["succeeded"] == cp["attempted"] and cp["relay_cpu_s"] > 0, cp["errors"]
     # The driver had headroom: the relay, or the round trips, set the pace, never the driver.
-    assert report.control_limit(cp) != "driver", cp
+    assert report.control_limit(cp) != "driver", f"{name}: the driver set the pace: {cp}"
 
 
 @pytest.mark.kernel
@@ -159,3 +159,12 @@ def test_live_frames_parse_with_valid_checksums_in_scapy(
     else:
         assert ip.plen == 8 + len(data)
     assert Ether(bytes(stripped))[UDP].chksum == udp.chksum != 0
+
+
+@pytest.mark.parametrize(("rate", "burst"), [(1_000, 1), (40_000, 10), (256_000, 64), (2e6, 64)])
+def test_paced_generator_bursts_no_more_than_a_smooth_source_would(rate: float, burst: int) -> None:
+    """A paced call's frames leave back to back: at most 0.25 ms of the rate (fixed 64-frame
+    calls overflowed coturn's 64 KiB relay socket even at 1,000 pps), at most one kernel batch."""
+    from xdpturn_lab.bench import livegen
+
+    assert livegen.pace_burst(rate) == burst
