@@ -143,13 +143,21 @@ def test_a_workload_without_ndr_has_no_cost_and_says_why() -> None:
 
 
 @pytest.mark.parametrize(
-    ("driver_s", "relay_s", "pace"),
-    [(0.3, 0.95, "relay"), (0.95, 0.5, "driver"), (0.95, 0.85, "relay"), (0.2, 0.3, "round trips")],
+    ("driver_s", "relay_s", "core", "pace"),
+    [
+        (0.3, 0.95, 1.0, "relay"),
+        (0.95, 0.5, 0.5, "driver"),
+        (0.95, 0.85, 0.9, "relay"),
+        (0.2, 0.3, 0.35, "round trips"),
+        (0.2, 0.3, 0.95, "other load"),
+    ],
 )
-def test_control_plane_pace_names_what_was_busy(driver_s: float, relay_s: float, pace: str) -> None:
-    cp = {"elapsed_s": 1.0, "driver_cpu_s": driver_s, "relay_cpu_s": relay_s}
-    assert report.control_limit(cp) == pace
-    assert report.control_limit({**cp, "driver_busy": driver_s, "relay_busy": relay_s}) == pace
+def test_control_plane_pace_names_what_was_busy(
+    driver_s: float, relay_s: float, core: float, pace: str
+) -> None:
+    cp = {"elapsed_s": 2.0, "driver_cpu_s": 2 * driver_s, "relay_cpu_s": 2 * relay_s}
+    busy = {"driver_busy": driver_s, "relay_busy": relay_s, "relay_core_busy": core}
+    assert report.control_limit({**cp, **busy}) == pace
 
 
 def test_readme_table_is_replaced_between_the_markers_only() -> None:

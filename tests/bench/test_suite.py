@@ -57,7 +57,7 @@ def test_quick_bench_records_provenance_and_prints_the_table(
     assert set(result["relays"]) == {"xdp", "python", "coturn"}
     assert {"xdp/coturn", "python/coturn"} <= result["ratios"].keys()
     assert "NDR kpps" in stdout and "RTT p99.9 us" in stdout and "relay CPU us/op" in stdout
-    assert "driver/relay busy %" in stdout and "pace set by" in stdout
+    assert "driver/relay/core busy%" in stdout and "pace set by" in stdout
 
 
 @pytest.mark.kernel

@@ -119,8 +119,9 @@ def derive_workload(w: dict[str, Any], background: float) -> None:
 
 def control_limit(cp: dict[str, Any]) -> str:
     """What set the control plane's pace: "relay" (its process was busy), "driver" (the driver
-    processes were, and the relay was not), or "round trips" (neither: requests in flight and
-    the relay's own waits did)."""
+    processes were, and the relay was not), "other load" (the relay core was busy, but not with
+    the relay), or "round trips" (nothing was busy: requests in flight and the relay's own waits
+    did)."""
     elapsed = cp.get("elapsed_s") or 0.0
     relay = cp.get("relay_busy", cp["relay_cpu_s"] / elapsed if elapsed else 0.0)
     driver = cp.get("driver_busy", cp["driver_cpu_s"] / elapsed if elapsed else 0.0)
@@ -128,6 +129,8 @@ def control_limit(cp: dict[str, Any]) -> str:
         return "relay"
     if driver > DRIVER_BUSY:
         return "driver"
+    if cp.get("relay_core_busy", 0.0) >= LOAD_LIMITED_BUSY:
+        return "other load"
     return "round trips"
 
 
@@ -383,12 +386,13 @@ def table(result: dict[str, Any]) -> str:
     )
     row(
         "",
-        "driver/relay busy %",
+        "driver/relay/core busy%",
         None,
         {
-            n: f"{100 * c['driver_busy']:.0f} / {100 * c['relay_busy']:.0f}"
+            n: f"{100 * c['driver_busy']:.0f} / {100 * c['relay_busy']:.0f} / "
+            f"{100 * c['relay_core_busy']:.0f}"
             for n, c in cps.items()
-            if "driver_busy" in c
+            if "relay_core_busy" in c
         },
     )
     row("", "pace set by", None, {n: control_limit(c) for n, c in cps.items() if c})
@@ -424,10 +428,12 @@ def table(result: dict[str, Any]) -> str:
         "  return path), not the relay, set the rate; projected kpps/core = 1 / relay us/pkt, a",
         "  projection from the measured cost, not a measurement.",
         "control plane: relay CPU us per authenticated Allocate+CreatePermission+ChannelBind (the",
-        f"  headline); driver/relay busy: CPU time / wall time of each; pace set by 'relay' when "
-        f"it was >= {100 * LOAD_LIMITED_BUSY:.0f} % busy,",
-        f"  'driver' (and (d)) when the drivers were > {100 * DRIVER_BUSY:.0f} % busy, else "
-        "'round trips' (requests in flight and the relay's own waits).",
+        "  headline); driver/relay/core busy: CPU time / wall time of the drivers, the relay "
+        "process and the relay's core;",
+        f"  pace set by 'relay' when it was >= {100 * LOAD_LIMITED_BUSY:.0f} % busy, 'driver' "
+        f"(and (d)) when the drivers were > {100 * DRIVER_BUSY:.0f} % busy, 'other load' when "
+        "the relay core was busy but not with the relay,",
+        "  else 'round trips' (requests in flight and the relay's own waits).",
         "ratios: relay / coturn.",
     ]
     return "\n".join(lines)

@@ -557,6 +557,7 @@ class ControlResult:
     driver_busy: float  # driver_cpu_s / elapsed_s / cores they may use: >0.9, the driver's pace
     relay_cpu_s: float  # the relay process's utime + stime over the run: the headline's numerator
     relay_busy: float  # relay_cpu_s / elapsed_s
+    relay_core_busy: float  # the relay core's busy fraction, whoever kept it busy (/proc/stat)
     retransmissions: int
     rss_idle_bytes: int
     rss_bytes: int  # with `succeeded` allocations live
@@ -594,6 +595,7 @@ def control_plane(
         for d in drivers:
             d.wait_ready()  # start-up, credentials and sockets are outside the measurement
         relay0 = system.process_cpu(relay.pid)
+        core0 = system.cpu_sample(None, RELAY_CPU)
         driver0 = sum(system.process_cpu(d.proc.pid) for d in drivers)
         t0 = time.monotonic()
         for d in drivers:
@@ -602,6 +604,7 @@ def control_plane(
         elapsed = time.monotonic() - t0
         driver_cpu = sum(system.process_cpu(d.proc.pid) for d in drivers) - driver0
         relay_cpu = system.process_cpu(relay.pid) - relay0
+        core = system.cpu_sample(None, RELAY_CPU) - core0
         rss = system.rss_bytes(relay.pid)
     finally:
         for d in drivers:
@@ -626,6 +629,7 @@ def control_plane(
         driver_busy=driver_cpu / elapsed / cores if elapsed else 0.0,
         relay_cpu_s=relay_cpu,
         relay_busy=relay_cpu / elapsed if elapsed else 0.0,
+        relay_core_busy=core.relay_cpu / core.wall if core.wall else 0.0,
         retransmissions=sum(int(r["retransmissions"]) for r in results),
         rss_idle_bytes=rss_idle,
         rss_bytes=rss,
