@@ -134,7 +134,7 @@ def control_limit(cp: dict[str, Any]) -> str:
     return "round trips"
 
 
-def background(relay: dict[str, Any]) -> float:
+def relay_core_background(relay: dict[str, Any]) -> float:
     """The relay core's busy fraction with no relay: the mean of the windows before the relay
     started and after it stopped (older files have only the first)."""
     windows = [
@@ -147,7 +147,7 @@ def background(relay: dict[str, Any]) -> float:
 
 def derive(result: dict[str, Any]) -> None:
     for relay in result["relays"].values():
-        bg = background(relay)
+        bg = relay_core_background(relay)
         for w in relay.get("throughput", []):
             derive_workload(w, bg)
         runs = [r["rtt_us"] for r in relay.get("latency_runs", []) if r.get("rtt_us")]
