@@ -140,6 +140,7 @@ def test_a_workload_without_ndr_has_no_cost_and_says_why() -> None:
     w: dict[str, object] = {"load_limited": False, "ndr": {"confirms": [], "reason": "lossy"}}
     report.derive_workload(w, background=0.0)
     assert w["cost_at_ndr"] == {} and w["cost_invalid"] == "no NDR: lossy"
+    assert w["limit"] is None
 
 
 @pytest.mark.parametrize(

@@ -111,7 +111,8 @@ def derive_workload(w: dict[str, Any], background: float) -> None:
         w["cost_invalid"] = invalid[0]
     busy = (cost.get("relay_core_busy") or {}).get("median")
     limited = bool(w["load_limited"]) or (busy is not None and busy < LOAD_LIMITED_BUSY)
-    w["limit"] = "load" if limited else "relay"
+    # No NDR: nothing to say what limited it (the reason says why there is none).
+    w["limit"] = ("load" if limited else "relay") if ndr.get("confirms") else None
     per_pkt = (cost.get("relay_us_per_pkt") or {}).get("median")
     # What one relay core would carry at the measured cost: a projection, not a measurement.
     w["projected_pps_one_core"] = 1e6 / per_pkt if limited and per_pkt else None
@@ -348,7 +349,8 @@ def table(result: dict[str, Any]) -> str:
             None,
             cells(lambda w: _cost_text(w, "relay_core_busy", 100)),
         )
-        row("", "limit", None, cells(lambda w: "load (*)" if w["limit"] == "load" else "relay"))
+        limits = {"load": "load (*)", "relay": "relay", None: "-"}
+        row("", "limit", None, cells(lambda w, limits=limits: limits[w["limit"]]))
         if any(w.get("projected_pps_one_core") for w in have.values()):
             row(
                 "",
@@ -463,7 +465,7 @@ def readme_table(result: dict[str, Any], source: str) -> str:
     if busy:
         out += [
             f"**Not a measurement for {', '.join(busy)}**: the relay core was busy with other "
-            "load before the run.",
+            "load before or after the run.",
             "",
         ]
     out += [
