@@ -1,10 +1,14 @@
-"""The NDR/PDR rate search against modelled relays: no network, so it can be exact."""
+"""The NDR/PDR rate search against modelled relays, the accounting and the report built on it,
+and the one-benchmark-per-machine lock: no network, so all of it can be exact."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
-from xdpturn_lab.bench.suite import report, search
+from xdpturn_lab.bench.suite import report, search, system
 from xdpturn_lab.bench.suite.search import SearchSettings, Trial
 
 SETTINGS = SearchSettings(trial_s=1.0, confirm_s=2.0, confirm=3, max_trials=12, precision=0.02)
@@ -176,3 +180,18 @@ def test_readme_table_is_replaced_between_the_markers_only() -> None:
     assert "`0123456789ab`" in new and "tree dirty" in new and "Not a measurement" in new
     with pytest.raises(ValueError, match="markers"):
         report.rewrite_readme("no markers here\n", result, "x.json")
+
+
+def test_a_second_benchmark_waits_for_the_first_then_gives_up(tmp_path: Path) -> None:
+    """Two benchmarks on one machine measure each other: the second waits (bounded), says so,
+    and names the holder; once the first is done, the lock is free again."""
+    lock = tmp_path / "bench.lock"
+    said: list[str] = []
+    with system.machine_lock(1.0, said.append, lock) as waited:
+        assert waited < 0.5 and lock.read_text() == f"pid {os.getpid()}"
+        with pytest.raises(system.MachineBusy), system.machine_lock(0.3, said.append, lock):
+            pytest.fail("acquired a lock that is held")
+    assert len(said) == 1 and f"pid {os.getpid()}" in said[0]
+    with system.machine_lock(0.0, said.append, lock) as waited:
+        assert waited < 0.5
+    assert lock.read_text() == "" and len(said) == 1

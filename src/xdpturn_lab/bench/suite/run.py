@@ -39,6 +39,7 @@ from xdpturn_lab.testbed import Relay, Testbed, Topology, cleanup_stale
 
 PING_SIZE = 100
 BACKGROUND_WINDOW = 0.5  # seconds
+LOCK_WAIT_S = 900.0  # at most this long for another benchmark on the machine (a full run: ~9 min)
 # One lean driver process keeps the relay, not itself, as the limit (docs/performance.md); a
 # second splits the work so one process descheduled by other load does not stall the run.
 DRIVER_PROCESSES = 2
@@ -289,6 +290,33 @@ def run(settings: Settings, only: Sequence[str], out: Path) -> dict[str, Any]:
         "relays": {},
     }
     topo = Topology(relays=[Relay("relay"), Relay("client"), Relay("peer")])
+    try:
+        with system.machine_lock(LOCK_WAIT_S, _log) as waited:
+            result["waited_for_other_bench_s"] = waited
+            _measure(result, settings, only, topo)
+    except system.MachineBusy as e:
+        raise SystemExit(f"xdpturn-lab bench: {e}") from None
+    result["finished"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    png_path = json_path.with_suffix(".png")
+    result["files"] = {"json": str(json_path), "chart": str(png_path)}
+    try:
+        report.derive(result)
+        result["table"] = report.table(result)
+    except Exception as e:  # the measurements are kept even if the report has a bug
+        result["report_error"] = repr(e)
+        _write_new(json_path, result)
+        raise
+    _write_new(json_path, result)
+    from xdpturn_lab.bench import chart
+
+    chart.render(result, png_path)
+    return result
+
+
+def _measure(
+    result: dict[str, Any], settings: Settings, only: Sequence[str], topo: Topology
+) -> None:
+    """Everything that is measured, on one testbed, into `result`."""
     with Testbed(topo) as tb:
         hosts = workloads.Hosts(tb, tb.relay("relay"), tb.relay("client"), tb.relay("peer"))
         system.napi_mode(hosts.relay.netns, workloads.HOST_IF)
@@ -339,21 +367,6 @@ def run(settings: Settings, only: Sequence[str], out: Path) -> dict[str, Any]:
                 entry["errors"].append(f"uclient: {e!r}")
             finally:
                 relay.stop()
-    result["finished"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    png_path = json_path.with_suffix(".png")
-    result["files"] = {"json": str(json_path), "chart": str(png_path)}
-    try:
-        report.derive(result)
-        result["table"] = report.table(result)
-    except Exception as e:  # the measurements are kept even if the report has a bug
-        result["report_error"] = repr(e)
-        _write_new(json_path, result)
-        raise
-    _write_new(json_path, result)
-    from xdpturn_lab.bench import chart
-
-    chart.render(result, png_path)
-    return result
 
 
 def _write_new(path: Path, result: dict[str, Any]) -> None:

@@ -8,11 +8,13 @@ stacks and the router hops in between. `CpuDelta` keeps both, and the report say
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import platform
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -262,6 +264,53 @@ def unpin_napi(netns_name: str, ifname: str) -> None:
 
 def alive(pids: Sequence[int]) -> bool:
     return all(os.path.exists(f"/proc/{pid}") for pid in pids)
+
+
+# --- one benchmark per machine at a time --------------------------------------------------------
+
+LOCK_PATH = Path("/run/lock/xdpturn-lab-bench.lock")
+
+
+class MachineBusy(Exception):
+    """Another benchmark kept the machine-wide lock for longer than we would wait."""
+
+
+@contextlib.contextmanager
+def machine_lock(
+    wait_s: float, log: Callable[[str], None], path: Path = LOCK_PATH
+) -> Iterator[float]:
+    """Hold the machine-wide benchmark lock; yields the seconds spent waiting for it.
+
+    Two benchmarks at once (several engineers' test suites run `--quick`) pin their relays to the
+    same core and their generators to the other, and each measures the other's load. Waiting
+    for the lock (bounded by `wait_s`) keeps them apart; other load is still only detected.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        t0 = time.monotonic()
+        told = False
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() - t0 > wait_s:
+                    raise MachineBusy(
+                        f"another benchmark still holds {path} after {wait_s:.0f} s"
+                    ) from None
+                if not told:
+                    f.seek(0)
+                    log(f"waiting for another benchmark to finish ({path}: {f.read()!r})")
+                    told = True
+                time.sleep(0.5)  # the poll interval of a bounded wait
+        f.truncate(0)
+        f.write(f"pid {os.getpid()}")
+        f.flush()
+        try:
+            yield time.monotonic() - t0
+        finally:
+            f.truncate(0)
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 # --- provenance ---------------------------------------------------------------------------------
