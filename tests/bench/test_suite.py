@@ -78,8 +78,8 @@ def test_every_workload_has_a_confirmed_rate_within_the_loss_goals(
         assert ndr["rate_pps"] >= search.FLOOR_PPS, w["name"]
         assert len(ndr["confirms"]) == 3 and len(pdr["confirms"]) == 3
         # Each confirming trial sent what it was asked for, and the median stays in the goal.
-        assert ndr["loss"]["median"] <= search.NDR_LOSS, (w["name"], ndr["loss"])
-        assert pdr["loss"]["median"] <= search.PDR_LOSS, (w["name"], pdr["loss"])
+        assert ndr["loss"]["median"] <= search.NDR_LOSS, f"{name} {w['name']}: NDR {ndr['loss']}"
+        assert pdr["loss"]["median"] <= search.PDR_LOSS, f"{name} {w['name']}: PDR {pdr['loss']}"
         assert ndr["delivered_pps"]["min"] > 0
         # A cost the background subtraction swallowed is no measurement: it fails here, loudly.
         assert "cost_invalid" not in w, f"{name} {w['name']}: {w.get('cost_invalid')}"
