@@ -19,6 +19,7 @@ from xdpturn.log import LEVELS, LogFormat
 from xdpturn.proto.addr import Family, IPAddress, TransportAddr
 from xdpturn.proto.auth import Authenticator
 from xdpturn.proto.server import ServerConfig
+from xdpturn.tls import server_context
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 ENV_PREFIX = "XDPTURN_"
@@ -148,8 +149,6 @@ class ServeConfig:
             raise ConfigError("--tls-cert", "needed with --listen-tls")
         if self.tls_key is None:
             raise ConfigError("--tls-key", "needed with --listen-tls")
-        from xdpturn.tls import server_context  # ssl is only needed with TLS
-
         try:
             server_context(self.tls_cert, self.tls_key)
         except (OSError, ValueError) as e:  # ssl.SSLError is an OSError

@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from xdpturn.cli import USAGE_ERROR, UsageError
+from xdpturn.cli.args import USAGE_ERROR, UsageError
 
 
 def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -28,6 +28,9 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, TextIO
 
+from xdpturn.cli.args import UsageError, parse_arg
+from xdpturn.cli.ops import StatusError, fetch
+from xdpturn.config import parse_positive
 from xdpturn.proto.addr import Family, TransportAddr
 
 if TYPE_CHECKING:
@@ -104,11 +107,8 @@ class Options:
 
 
 def options_from(args: argparse.Namespace) -> Options:
-    from xdpturn.cli import UsageError, _value
-    from xdpturn.config import parse_positive
-
-    seconds = _value("demo", "--seconds", parse_positive, args.seconds, prog=PROG)
-    rate = _value("demo", "--rate", parse_positive, args.rate, prog=PROG)
+    seconds = parse_arg("demo", "--seconds", parse_positive, args.seconds, prog=PROG)
+    rate = parse_arg("demo", "--rate", parse_positive, args.rate, prog=PROG)
     if seconds > MAX_SECONDS:
         raise UsageError("demo", f"--seconds: at most {MAX_SECONDS}, got {seconds}", PROG)
     if rate > MAX_RATE:
@@ -226,7 +226,6 @@ async def _receive(stream: Stream) -> None:
 
 def fetch_status(ns: str) -> dict[str, Any]:
     """GET /status from the relay's metrics listener, from inside its namespace (this thread)."""
-    from xdpturn.server.status import StatusError, fetch
     from xdpturn_lab.testbed import netns
 
     try:

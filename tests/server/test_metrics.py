@@ -13,6 +13,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from xdpturn.cli.ops import render, watch
 from xdpturn.fastpath import FastPathCounters, FastPathMode
 from xdpturn.proto.addr import Family, TransportAddr
 from xdpturn.proto.channel_data import encode_channel_data
@@ -21,7 +22,6 @@ from xdpturn.proto.stun import Method
 from xdpturn.server import RelayServer
 from xdpturn.server.drain import Drainer
 from xdpturn.server.metrics import OpsServer
-from xdpturn.server.status import render, watch
 
 from .helpers import TIMEOUT, behind_nat_config, local, loopback_config, recv, run, sockaddr, udp
 from .test_loopback import StunClient

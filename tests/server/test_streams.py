@@ -40,7 +40,7 @@ from xdpturn.client.turn import ClientOptions, TransportOpener
 from xdpturn.config import ConfigError, load_serve_config
 from xdpturn.proto.addr import Transport, TransportAddr
 from xdpturn.server import RelayServer, StartError
-from xdpturn.server.relay import serve
+from xdpturn.server.lifecycle import serve
 from xdpturn.tls import client_context
 
 OPTIONS = ClientOptions(reliable_timeout=TIMEOUT)

@@ -1,20 +1,19 @@
-"""The `xdpturn` command: serve, credentials, probe.
-
-Usage errors exit with status 2 and a one-line message that names the option, e.g.
-`xdpturn serve: --ports: expected LOW-HIGH with 1 <= LOW <= HIGH <= 65535, got '9-1'`.
-"""
+"""The `xdpturn` command: serve, credentials, probe; status and drain live in cli.ops."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
-from typing import TypeVar
+from collections.abc import Sequence
 
 from xdpturn import __version__
+from xdpturn.cli.args import USAGE_ERROR, UsageError, parse_arg
+from xdpturn.cli.ops import add_drain_command, add_status_command
+from xdpturn.client.probe import format_probe, probe
 from xdpturn.config import (
     SERVE_OPTIONS,
     ConfigError,
@@ -23,25 +22,11 @@ from xdpturn.config import (
     parse_nonempty,
     parse_positive,
 )
+from xdpturn.config_file import read_config_file
+from xdpturn.log import setup_logging
 from xdpturn.proto.addr import TransportAddr
-
-T = TypeVar("T")
-USAGE_ERROR = 2
-
-
-class UsageError(Exception):
-    def __init__(self, command: str, message: str, prog: str = "xdpturn") -> None:
-        super().__init__(f"{prog} {command}: {message}")
-
-
-def _value(
-    command: str, flag: str, parse: Callable[[str], T], text: str, prog: str = "xdpturn"
-) -> T:
-    try:
-        return parse(text)
-    except ValueError as e:
-        raise UsageError(command, f"{flag}: {e}", prog) from None
-
+from xdpturn.proto.auth import mint_rest_credentials, rest_password
+from xdpturn.server.lifecycle import StartError, event_loop_factory, run
 
 # serve
 
@@ -81,15 +66,10 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 def _serve(args: argparse.Namespace) -> int:
     given: dict[str, RawValue] = {o.name: getattr(args, o.name) for o in SERVE_OPTIONS}
     try:
-        from xdpturn.config_file import read_config_file
-
         file = read_config_file(args.config) if args.config else {}
         config = load_serve_config(given, os.environ, file, args.config or "")
     except ConfigError as e:
         raise UsageError("serve", str(e)) from None
-
-    from xdpturn.log import setup_logging
-    from xdpturn.server import StartError, run
 
     setup_logging(config.log_format, config.log_level)
     try:
@@ -118,11 +98,9 @@ def _add_credentials(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
 
 
 def _credentials(args: argparse.Namespace) -> int:
-    from xdpturn.proto.auth import mint_rest_credentials
-
-    secret = _value("credentials", "--secret", parse_nonempty, args.secret)
-    ttl = _value("credentials", "--ttl", parse_positive, args.ttl)
-    user = _value("credentials", "--user", parse_nonempty, args.user)
+    secret = parse_arg("credentials", "--secret", parse_nonempty, args.secret)
+    ttl = parse_arg("credentials", "--ttl", parse_positive, args.ttl)
+    user = parse_arg("credentials", "--user", parse_nonempty, args.user)
     now = time.time()
     creds = mint_rest_credentials(secret, now=now, ttl=ttl, user_id=user)
     if args.json:
@@ -166,27 +144,18 @@ def _add_probe(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def _probe(args: argparse.Namespace) -> int:
-    server = _value("probe", "SERVER", parse_server, args.server)
-    count = _value("probe", "--count", parse_positive, args.count)
+    server = parse_arg("probe", "SERVER", parse_server, args.server)
+    count = parse_arg("probe", "--count", parse_positive, args.count)
     username, password = args.username, args.password
     if args.secret is not None:
-        from xdpturn.proto.auth import mint_rest_credentials
-
-        secret = _value("probe", "--secret", parse_nonempty, args.secret)
+        secret = parse_arg("probe", "--secret", parse_nonempty, args.secret)
         if username is None:
             creds = mint_rest_credentials(secret, now=time.time(), ttl=3600)
             username, password = creds.username, creds.password
         elif password is None:
-            from xdpturn.proto.auth import rest_password
-
             password = rest_password(secret, username)
     if username is None or password is None:
         raise UsageError("probe", "--username and --password are needed (or --secret)")
-    import asyncio
-
-    from xdpturn.client.probe import format_probe, probe
-    from xdpturn.server.relay import event_loop_factory
-
     with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
         result = runner.run(probe(server, username, password, count=count))
     print(format_probe(result))
@@ -203,8 +172,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(sub)
     _add_credentials(sub)
     _add_probe(sub)
-    from xdpturn.server.status import add_drain_command, add_status_command
-
     add_status_command(sub)
     add_drain_command(sub)
     return parser

@@ -1,9 +1,7 @@
 """`xdpturn status` and `xdpturn drain`: talk to a running relay through its --metrics listener.
 
-The relay side is `status_snapshot` (GET /status). "Top allocations" are ranked by the bytes the
-Python path sent for them (see traffic.AllocationTraffic), then by channels and permissions:
-traffic the XDP program relays is counted per route, not per allocation, so a channel that is
-fully in the kernel ranks by its bindings only.
+What the relay answers on GET /status is `xdpturn.server.snapshot.status_snapshot`; this module
+asks for it and draws it.
 """
 
 from __future__ import annotations
@@ -16,92 +14,15 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import Any, TextIO
 
-from xdpturn import __version__
+from xdpturn.cli.args import UsageError, parse_arg
+from xdpturn.config import parse_positive, parse_seconds
 from xdpturn.proto.addr import TransportAddr
-from xdpturn.server.traffic import FAMILY_LABELS, family_label, prefixed, relayed_rows
-
-if TYPE_CHECKING:
-    from xdpturn.server.metrics import OpsServer
 
 DEFAULT_METRICS = "127.0.0.1:9478"
 METRICS_ENV = "XDPTURN_METRICS"
 HTTP_TIMEOUT = 5.0
-
-
-# The relay's side
-
-
-def status_snapshot(ops: OpsServer, *, top: int = 10, now: float | None = None) -> dict[str, Any]:
-    """Everything `xdpturn status` shows, as JSON-ready values."""
-    from xdpturn.server.metrics import fastpath_counters, not_ready
-    from xdpturn.server.relay import allocation_id
-
-    server, drainer = ops.server, ops.drainer
-    now = time.time() if now is None else now
-    reasons = not_ready(server, drainer)
-    counters = fastpath_counters(server)
-    allocations = server.allocations()
-    stats = server.core.stats
-    by_family = dict.fromkeys(FAMILY_LABELS, 0)
-    for alloc in allocations:
-        by_family[family_label(alloc.families)] += 1
-
-    def talker_key(alloc: Any) -> tuple[int, int, int]:
-        return (
-            server.traffic.bytes_of(alloc.flow, alloc.relay_port),
-            alloc.channels,
-            alloc.permissions,
-        )
-
-    ranked = sorted(allocations, key=talker_key, reverse=True)[: max(0, top)]
-    remaining = drainer.remaining()
-    return {
-        "version": __version__,
-        "time": now,
-        "uptime_seconds": round(now - ops.started, 3),
-        "listen": [str(a) for a in server.listen_addresses],
-        "ready": not reasons,
-        "not_ready": reasons,
-        "draining": drainer.draining,
-        "drain_remaining_seconds": None if remaining is None else round(remaining, 3),
-        "fastpath": {
-            "mode": server.fastpath.mode,
-            "configured": server.config.fastpath.value,
-            "problem": server.fastpath.problem(),
-            "passes": dict(sorted(counters.passes.items())),
-        },
-        "allocations": {
-            "total": len(allocations),
-            "by_family": by_family,
-            "permissions": sum(a.permissions for a in allocations),
-            "channels": sum(a.channels for a in allocations),
-        },
-        "relayed": [
-            {"path": r.path, "route": r.route, "packets": r.packets, "bytes": r.bytes}
-            for r in relayed_rows(stats, counters)
-        ],
-        "requests": prefixed(stats, "request:"),
-        "errors": prefixed(stats, "error:"),
-        "auth_failures": stats.get("auth_failure", 0),
-        "drops": prefixed(stats, "drop:"),
-        "top_by": "python_bytes",
-        "top": [
-            {
-                "allocation": allocation_id(a.flow),
-                "client": str(a.flow.client),
-                "username": a.username,
-                "relay_port": a.relay_port,
-                "family": family_label(a.families),
-                "permissions": a.permissions,
-                "channels": a.channels,
-                "python_bytes": server.traffic.bytes_of(a.flow, a.relay_port),
-                "expires_in": round(a.expires - now, 1),
-            }
-            for a in ranked
-        ],
-    }
 
 
 # The command line's side
@@ -202,8 +123,6 @@ def render(snapshot: Mapping[str, Any], previous: Mapping[str, Any] | None, sour
 
 
 def _metrics_address(command: str, text: str) -> TransportAddr:
-    from xdpturn.cli import UsageError
-
     try:
         return TransportAddr.parse(text)
     except ValueError:
@@ -235,12 +154,9 @@ def add_status_command(sub: argparse._SubParsersAction[argparse.ArgumentParser])
 
 
 def _status(args: argparse.Namespace) -> int:
-    from xdpturn.cli import _value
-    from xdpturn.config import parse_positive, parse_seconds
-
     address = _metrics_address("status", args.metrics)
-    interval = _value("status", "--interval", parse_seconds, args.interval)
-    top = _value("status", "--top", parse_positive, args.top)
+    interval = parse_arg("status", "--interval", parse_seconds, args.interval)
+    top = parse_arg("status", "--top", parse_positive, args.top)
     return watch(address, interval=interval, top=top, once=args.once, as_json=args.json)
 
 
@@ -327,6 +243,5 @@ __all__ = [
     "add_status_command",
     "fetch",
     "render",
-    "status_snapshot",
     "watch",
 ]

@@ -1,24 +1,19 @@
-"""Draining and the process life cycle of `xdpturn serve`.
+"""Draining a relay: new Allocates are turned away, existing allocations keep relaying.
 
 SIGTERM (what systemd, Docker and Kubernetes send first) or POST /drain starts a drain: the core
-answers new Allocates with 300 Try Alternate (--alternate-server) or 508, existing allocations
-keep relaying, and the process stops by itself once they are all gone or --drain-timeout has
-passed. SIGINT stops at once, also during a drain. Stopping closes every allocation and detaches
-the fast path (RelayServer.stop).
+answers new Allocates with 300 Try Alternate (--alternate-server) or 508, and `Drainer.done` is
+set once the allocations are all gone or --drain-timeout has passed (xdpturn.server.lifecycle then
+stops the relay).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import signal
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from xdpturn.proto.addr import TransportAddr
-
-if TYPE_CHECKING:
-    from xdpturn.config import ServeConfig
-    from xdpturn.server.relay import RelayServer
+from xdpturn.server.relay import RelayServer
 
 log = logging.getLogger("xdpturn.server")
 
@@ -97,53 +92,4 @@ class Drainer:
             self._task.cancel()
 
 
-async def serve_until_stopped(config: ServeConfig, server: RelayServer) -> None:
-    """Start `server` (and the --metrics listener), run until SIGINT or the end of a drain,
-    then stop."""
-    from xdpturn.server.metrics import OpsServer
-
-    loop = asyncio.get_running_loop()
-    drainer = Drainer(server, alternate=config.alternate_server, timeout=config.drain_timeout)
-    stop = asyncio.Event()
-    received: list[str] = []
-
-    def on_signal(sig: signal.Signals) -> None:
-        received.append(sig.name)
-        # SIGTERM before the relay runs (nothing to drain) stops, as SIGINT always does.
-        if sig is signal.SIGTERM and server.running:
-            drainer.start(sig.name)
-        else:
-            stop.set()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal, sig)
-    ops: OpsServer | None = None
-    try:
-        await server.start()
-        if config.metrics is not None:
-            ops = OpsServer(server, drainer, config.metrics)
-            await ops.start()
-        waiters = [loop.create_task(stop.wait()), loop.create_task(drainer.done.wait())]
-        try:
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for waiter in waiters:
-                waiter.cancel()
-        log.info(
-            "stopping",
-            extra={
-                "signal": received[0] if received else None,
-                "drained": drainer.done.is_set(),
-                "allocations": len(server.allocations()),
-            },
-        )
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-        drainer.cancel()
-        if ops is not None:
-            await ops.stop()
-        await server.stop()
-
-
-__all__ = ["DrainableCore", "Drainer", "serve_until_stopped"]
+__all__ = ["DrainableCore", "Drainer"]

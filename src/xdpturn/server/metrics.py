@@ -23,7 +23,6 @@ import logging
 import time
 from collections.abc import Iterator
 from http import HTTPStatus
-from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, urlsplit
 
 from prometheus_client import (
@@ -37,53 +36,18 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import CollectorRegistry
 
 from xdpturn import __version__
-from xdpturn.fastpath import FastPathCounters, FastPathMode
 from xdpturn.proto.addr import TransportAddr
+from xdpturn.server.drain import Drainer
+from xdpturn.server.relay import RelayServer, StartError
+from xdpturn.server.snapshot import fastpath_counters, not_ready, status_snapshot
 from xdpturn.server.traffic import FAMILY_LABELS, family_label, prefixed, relayed_rows
-
-if TYPE_CHECKING:
-    from xdpturn.server.drain import Drainer
-    from xdpturn.server.relay import RelayServer
 
 log = logging.getLogger("xdpturn.server")
 
 FASTPATH_MODES = ("native", "generic", "off")
-# What FastPath.mode may be for each configured --fastpath.
-EXPECTED_MODES: dict[FastPathMode, frozenset[str]] = {
-    FastPathMode.AUTO: frozenset({"native", "generic"}),
-    FastPathMode.XDP: frozenset({"native"}),
-    FastPathMode.GENERIC: frozenset({"generic"}),
-    FastPathMode.OFF: frozenset({"off"}),
-}
 MAX_REQUEST_HEAD = 8192
 REQUEST_TIMEOUT = 5.0
 MAX_CONNECTIONS = 32  # a scraper, `xdpturn status` and a probe or two; more is a leak or abuse
-
-
-def not_ready(server: RelayServer, drainer: Drainer) -> list[str]:
-    """Why the relay should not get new clients; empty when it is ready."""
-    reasons = []
-    if not server.running:
-        reasons.append("not listening")
-    else:
-        mode, configured = server.fastpath.mode, server.config.fastpath
-        if mode not in EXPECTED_MODES[configured]:
-            reasons.append(f"fast path is {mode}, configured {configured.value}")
-        problem = server.fastpath.problem()
-        if problem is not None:
-            reasons.append(f"fast path not carrying: {problem}")
-    if drainer.draining:
-        reasons.append("draining")
-    return reasons
-
-
-def fastpath_counters(server: RelayServer) -> FastPathCounters:
-    try:
-        return server.fastpath.counters()
-    except Exception:
-        # A failed map read must not fail the whole scrape; the Python numbers are still good.
-        log.exception("reading fast path counters failed")
-        return FastPathCounters()
 
 
 class RelayCollector:
@@ -250,8 +214,6 @@ class OpsServer:
         self._connections = 0
 
     async def start(self) -> None:
-        from xdpturn.server.relay import StartError
-
         try:
             self._listener = await asyncio.start_server(
                 self._handle, str(self.address.ip), self.address.port, limit=MAX_REQUEST_HEAD
@@ -321,11 +283,12 @@ class OpsServer:
                 return _text(HTTPStatus.SERVICE_UNAVAILABLE, "not ready: " + "; ".join(reasons))
             return _text(HTTPStatus.OK, "ready\n")
         if path == "/status":
-            from xdpturn.server.status import status_snapshot
-
             top = parse_qs(url.query).get("top", ["10"])[0]
             count = int(top) if top.isdigit() else 10
-            return _json(HTTPStatus.OK, status_snapshot(self, top=count))
+            return _json(
+                HTTPStatus.OK,
+                status_snapshot(self.server, self.drainer, started=self.started, top=count),
+            )
         if path == "/drain":
             return self._drain(method, peer)
         return _text(HTTPStatus.NOT_FOUND, "not found\n")

@@ -13,7 +13,6 @@ import asyncio
 import errno
 import logging
 import random
-import signal
 import socket
 import time
 from collections import Counter
@@ -32,7 +31,7 @@ from xdpturn.proto.commands import (
     SendToClient,
     SendToPeer,
 )
-from xdpturn.proto.server import AllocationInfo, RelayPorts, ServerConfig
+from xdpturn.proto.server import AllocationInfo, RelayPorts, ServerConfig, TurnServer
 from xdpturn.server.sockets import (
     MAX_DATAGRAM,
     RelayPortPool,
@@ -78,8 +77,6 @@ CoreFactory = Callable[[ServerConfig, RelayPorts, "random.Random | None"], Core]
 
 
 def turn_server(config: ServerConfig, ports: RelayPorts, rng: random.Random | None) -> Core:
-    from xdpturn.proto.server import TurnServer
-
     return TurnServer(config, ports, rng)
 
 
@@ -492,36 +489,6 @@ def allocation_id(flow: ClientFlow) -> str:
     return f"{flow.transport.value}:{flow.client}#{flow.listener}"
 
 
-async def serve(config: ServeConfig, server: RelayServer | None = None) -> None:
-    """Run until SIGINT (stop now) or SIGTERM (drain, then stop); with the --metrics listener
-    when configured. The life cycle lives in xdpturn.server.drain."""
-    from xdpturn.server.drain import serve_until_stopped
-
-    server = server if server is not None else RelayServer(config)
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGHUP, server.reload_tls)  # new TLS certificate
-    try:
-        await serve_until_stopped(config, server)
-    finally:
-        loop.remove_signal_handler(signal.SIGHUP)
-
-
-def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop's when it is installed (about twice the datagram rate), else asyncio's."""
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
-    return factory
-
-
-def run(config: ServeConfig) -> None:
-    """Blocking entry point for `xdpturn serve`; raises StartError/ConfigError if it cannot."""
-    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
-        runner.run(serve(config))
-
-
 __all__ = [
     "ConfigError",
     "Core",
@@ -529,7 +496,5 @@ __all__ = [
     "RelayServer",
     "StartError",
     "allocation_id",
-    "run",
-    "serve",
     "turn_server",
 ]

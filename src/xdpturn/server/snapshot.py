@@ -1,0 +1,135 @@
+"""What an operator sees of a running relay, read at the moment it is asked: readiness and the
+`/status` document (shared with /metrics through xdpturn.server.traffic).
+
+"Top allocations" are ranked by the bytes the Python path sent for them (see
+traffic.AllocationTraffic), then by channels and permissions: traffic the XDP program relays is
+counted per route, not per allocation, so a channel that is fully in the kernel ranks by its
+bindings only.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from xdpturn import __version__
+from xdpturn.fastpath import FastPathCounters, FastPathMode
+from xdpturn.proto.server import AllocationInfo
+from xdpturn.server.drain import Drainer
+from xdpturn.server.relay import RelayServer, allocation_id
+from xdpturn.server.traffic import FAMILY_LABELS, family_label, prefixed, relayed_rows
+
+log = logging.getLogger("xdpturn.server")
+
+# What FastPath.mode may be for each configured --fastpath.
+EXPECTED_MODES: dict[FastPathMode, frozenset[str]] = {
+    FastPathMode.AUTO: frozenset({"native", "generic"}),
+    FastPathMode.XDP: frozenset({"native"}),
+    FastPathMode.GENERIC: frozenset({"generic"}),
+    FastPathMode.OFF: frozenset({"off"}),
+}
+
+
+def not_ready(server: RelayServer, drainer: Drainer) -> list[str]:
+    """Why the relay should not get new clients; empty when it is ready."""
+    reasons = []
+    if not server.running:
+        reasons.append("not listening")
+    else:
+        mode, configured = server.fastpath.mode, server.config.fastpath
+        if mode not in EXPECTED_MODES[configured]:
+            reasons.append(f"fast path is {mode}, configured {configured.value}")
+        problem = server.fastpath.problem()
+        if problem is not None:
+            reasons.append(f"fast path not carrying: {problem}")
+    if drainer.draining:
+        reasons.append("draining")
+    return reasons
+
+
+def fastpath_counters(server: RelayServer) -> FastPathCounters:
+    try:
+        return server.fastpath.counters()
+    except Exception:
+        # A failed map read must not fail the whole scrape; the Python numbers are still good.
+        log.exception("reading fast path counters failed")
+        return FastPathCounters()
+
+
+def status_snapshot(
+    server: RelayServer,
+    drainer: Drainer,
+    *,
+    started: float,
+    top: int = 10,
+    now: float | None = None,
+) -> dict[str, Any]:
+    """Everything `xdpturn status` shows, as JSON-ready values; `started` is when the process
+    began serving (for the uptime)."""
+    now = time.time() if now is None else now
+    reasons = not_ready(server, drainer)
+    counters = fastpath_counters(server)
+    allocations = server.allocations()
+    stats = server.core.stats
+    by_family = dict.fromkeys(FAMILY_LABELS, 0)
+    for alloc in allocations:
+        by_family[family_label(alloc.families)] += 1
+
+    def talker_key(alloc: AllocationInfo) -> tuple[int, int, int]:
+        return (
+            server.traffic.bytes_of(alloc.flow, alloc.relay_port),
+            alloc.channels,
+            alloc.permissions,
+        )
+
+    ranked = sorted(allocations, key=talker_key, reverse=True)[: max(0, top)]
+    remaining = drainer.remaining()
+    return {
+        "version": __version__,
+        "time": now,
+        "uptime_seconds": round(now - started, 3),
+        "listen": [str(a) for a in server.listen_addresses],
+        "ready": not reasons,
+        "not_ready": reasons,
+        "draining": drainer.draining,
+        "drain_remaining_seconds": None if remaining is None else round(remaining, 3),
+        "fastpath": {
+            "mode": server.fastpath.mode,
+            "configured": server.config.fastpath.value,
+            "problem": server.fastpath.problem(),
+            "passes": dict(sorted(counters.passes.items())),
+        },
+        "allocations": {
+            "total": len(allocations),
+            "by_family": by_family,
+            "permissions": sum(a.permissions for a in allocations),
+            "channels": sum(a.channels for a in allocations),
+        },
+        "relayed": [
+            {"path": r.path, "route": r.route, "packets": r.packets, "bytes": r.bytes}
+            for r in relayed_rows(stats, counters)
+        ],
+        "requests": prefixed(stats, "request:"),
+        "errors": prefixed(stats, "error:"),
+        "auth_failures": stats.get("auth_failure", 0),
+        "drops": prefixed(stats, "drop:"),
+        "top_by": "python_bytes",
+        "top": [
+            {
+                "allocation": allocation_id(a.flow),
+                "client": str(a.flow.client),
+                "username": a.username,
+                "relay_port": a.relay_port,
+                "family": family_label(a.families),
+                "permissions": a.permissions,
+                "channels": a.channels,
+                "python_bytes": server.traffic.bytes_of(a.flow, a.relay_port),
+                "expires_in": round(a.expires - now, 1),
+            }
+            for a in ranked
+        ],
+    }
+
+
+__all__ = ["EXPECTED_MODES", "fastpath_counters", "not_ready", "status_snapshot"]
