@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from tests.fuzz.invariants import ServerUnderFuzz, step
 from tests.fuzz.seeds import server_seeds
+from xdpturn.proto.stats import Route
 
 ROOT = Path(__file__).resolve().parents[2]
 CORPUS = Path(__file__).parent / "corpus"
@@ -50,8 +51,8 @@ def test_the_seed_session_reaches_relaying() -> None:
     fuzz = ServerUnderFuzz()
     fuzz.run(server_seeds()[0])
     stats = fuzz.server.stats
-    assert stats["relayed:client_to_peer:packets"] == 2
-    assert stats["relayed:peer_to_client:packets"] == 1
+    assert stats.relayed[Route.CLIENT_TO_PEER].packets == 2
+    assert stats.relayed[Route.PEER_TO_CLIENT].packets == 1
     assert len(fuzz.server.allocations()) == 1
 
 

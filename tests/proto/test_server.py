@@ -47,6 +47,7 @@ from xdpturn.proto.server import (
     PERMISSION_LIFETIME,
     ServerConfig,
 )
+from xdpturn.proto.stats import Drop, Route
 from xdpturn.proto.stun import AttrType, Message, MessageClass, Method
 
 
@@ -77,7 +78,7 @@ def test_unauthenticated_allocate_is_challenged_with_realm_and_nonce(h: Harness)
     assert error_code(response) == 401
     assert response.get(AttrType.REALM) == REALM.encode()
     assert response.get(AttrType.NONCE)
-    assert h.server.stats["auth_failure"] == 1
+    assert h.server.stats.auth_failures == 1
     assert h.ports.open == {}
 
 
@@ -358,7 +359,7 @@ def test_create_permission_policy_and_family(h: Harness) -> None:
     other = PeerAddr(addr("198.51.100.8:1"))
     assert error_code(client.permit(other, PeerAddr(addr("192.168.1.1:1")))) == 403
     h.server.handle_peer_datagram(b"x", client.relay_port, other, h.now)
-    assert h.server.stats["drop:no_permission"] == 1
+    assert h.server.stats.drops[Drop.NO_PERMISSION] == 1
 
 
 def test_allow_peer_opens_a_private_range() -> None:
@@ -388,7 +389,7 @@ def test_permission_expires_after_300s_unless_refreshed(h: Harness) -> None:
     h.advance(20)
     h.server.handle_peer_datagram(b"hi", client.relay_port, PEER, h.now)
     assert not any(isinstance(c, SendToClient) for c in h.take())
-    assert h.server.stats["drop:no_permission"] == 1
+    assert h.server.stats.drops[Drop.NO_PERMISSION] == 1
 
 
 # Channels
@@ -466,7 +467,7 @@ def test_channel_route_follows_the_permission(h: Harness) -> None:
     assert routes(commands, RemoveChannel) == {route}
     h.server.handle_client_datagram(encode_channel_data(0x4000, b"x"), client.flow, h.now)
     assert h.take() == []
-    assert h.server.stats["drop:no_permission"] == 1
+    assert h.server.stats.drops[Drop.NO_PERMISSION] == 1
     # A new permission brings it back.
     client.permit(PEER)
     assert routes(h.take(), InstallChannel) == {route}
@@ -490,10 +491,10 @@ def test_unbound_channel_data_is_dropped_and_counted(h: Harness) -> None:
     h.take()
     h.server.handle_client_datagram(encode_channel_data(0x4005, b"x"), client.flow, h.now)
     assert h.take() == []
-    assert h.server.stats["drop:no_channel"] == 1
+    assert h.server.stats.drops[Drop.NO_CHANNEL] == 1
     stranger = flow_of("192.0.2.77:1")
     h.server.handle_client_datagram(encode_channel_data(0x4005, b"x"), stranger, h.now)
-    assert h.server.stats["drop:no_allocation"] == 1
+    assert h.server.stats.drops[Drop.NO_ALLOCATION] == 1
 
 
 # Indications
@@ -505,7 +506,7 @@ def test_send_and_data_indications(h: Harness) -> None:
     h.take()
     client.send_indication(PEER, b"before permission")
     assert h.take() == []
-    assert h.server.stats["drop:no_permission"] == 1
+    assert h.server.stats.drops[Drop.NO_PERMISSION] == 1
     client.permit(PEER)
     h.take()
     client.send_indication(PEER, b"ping")
@@ -560,7 +561,7 @@ def test_packets_to_itself_through_channels(h: Harness) -> None:
     (sent,) = h.take()
     assert isinstance(sent, SendToClient) and sent.flow == a.flow
     assert decode_channel_data(sent.data) == (0x4000, b"to a")
-    assert h.server.stats["relayed:loopback:packets"] == 2
+    assert h.server.stats.relayed[Route.LOOPBACK].packets == 2
 
 
 def test_packets_to_itself_through_indications(h: Harness) -> None:
@@ -598,7 +599,7 @@ def test_packets_to_own_address_but_no_allocation_are_refused(h: Harness) -> Non
     h.take()
     a.send_indication(sshd, b"SSH-2.0")
     assert h.take() == []
-    assert h.server.stats["drop:self_not_allocation"] == 1
+    assert h.server.stats.drops[Drop.SELF_NOT_ALLOCATION] == 1
 
 
 # Robustness
@@ -613,7 +614,7 @@ def test_malformed_input_is_dropped_and_counted(h: Harness) -> None:
     for junk in (b"", b"\x00", valid[:19], valid + b"\x00", bad_cookie, b"\xff" * 40):
         h.server.handle_client_datagram(junk, client.flow, h.now)
     assert h.take() == []
-    assert sum(v for k, v in h.server.stats.items() if k.startswith("drop:")) == 6
+    assert h.server.stats.drops.total() == 6
     # Oversized: a whole 64 KiB datagram of attributes no one knows is answered, not choked on.
     oversized = bytearray(valid[:20] + bytes(65_000))
     oversized[2:4] = (65_000).to_bytes(2, "big")

@@ -27,7 +27,7 @@ def test_draining_allocate_is_300_with_the_alternate_server_and_integrity() -> N
         assert value is not None and stun.decode_address(value) == alternate
         assert h.ports.open == {} and h.server.allocations() == []
         assert not any(isinstance(c, AllocationOpened) for c in h.take())
-        assert h.server.stats["error:allocate:300"] == 1
+        assert h.server.stats.errors[Method.ALLOCATE, 300] == 1
 
 
 def test_draining_without_an_alternate_is_508() -> None:

@@ -14,6 +14,7 @@ from tests.proto.peer_cases import DANGEROUS, REGISTRY_SAMPLES
 from xdpturn.proto import stun
 from xdpturn.proto.addr import Family, PeerAddr, Transport, TransportAddr
 from xdpturn.proto.commands import SendToClient, SendToPeer
+from xdpturn.proto.stats import Drop
 from xdpturn.proto.stun import AttrType, Message, MessageClass, Method
 
 PORT = 4000
@@ -70,7 +71,7 @@ def assert_refused(h: Harness, client: Client, way: str, peer: PeerAddr) -> None
     if way == "send_indication":
         client.send_indication(peer, b"x")
         assert h.take() == []
-        assert h.server.stats["drop:peer_denied"] == 1
+        assert h.server.stats.drops[Drop.PEER_DENIED] == 1
     else:
         assert error_code(REQUESTS[way](client, peer)) == 403
         assert h.take() == []  # no InstallChannel, no allocation change

@@ -13,6 +13,7 @@ from xdpturn.proto import stun
 from xdpturn.proto.addr import ClientFlow, Transport
 from xdpturn.proto.commands import SendToClient
 from xdpturn.proto.ratelimit import SourceBuckets
+from xdpturn.proto.stats import Drop
 from xdpturn.proto.stun import AttrType, Message, MessageClass, Method
 
 
@@ -44,7 +45,7 @@ def test_challenges_beyond_the_burst_are_dropped_and_counted() -> None:
         assert error_code(stun.decode(answer)) == 401
     assert unauthenticated_allocate(h, flow) == []
     assert unauthenticated_allocate(h, flow_of("192.0.2.10:5001")) == []  # same IP
-    assert h.server.stats["drop:unauthenticated_rate"] == 2
+    assert h.server.stats.drops[Drop.UNAUTHENTICATED_RATE] == 2
     assert len(unauthenticated_allocate(h, flow_of("192.0.2.11:5000"))) == 1  # another IP
     h.advance(1.0)  # one token back
     assert len(unauthenticated_allocate(h, flow)) == 1
@@ -58,7 +59,7 @@ def test_binding_answers_share_the_budget() -> None:
     assert len(binding(h, flow)) == 1
     assert len(unauthenticated_allocate(h, flow)) == 1
     assert binding(h, flow) == []
-    assert h.server.stats["drop:unauthenticated_rate"] == 1
+    assert h.server.stats.drops[Drop.UNAUTHENTICATED_RATE] == 1
 
 
 def test_tcp_clients_are_not_limited() -> None:
@@ -86,7 +87,7 @@ def test_default_limit_bounds_reflection_from_one_forged_source() -> None:
     config = h.config
     assert config.unauthenticated_burst <= answered
     assert answered <= config.unauthenticated_burst + 10 * config.unauthenticated_rate + 1
-    assert h.server.stats["drop:unauthenticated_rate"] == 10_000 - answered
+    assert h.server.stats.drops[Drop.UNAUTHENTICATED_RATE] == 10_000 - answered
 
 
 def test_source_buckets_stay_within_their_bound() -> None:

@@ -11,6 +11,7 @@ import pytest
 from tests.server.helpers import behind_nat_config, recv, rest_credentials, run, sockaddr, udp
 from xdpturn.client import TurnClient, TurnClientError
 from xdpturn.proto.addr import Family, TransportAddr
+from xdpturn.proto.stats import Route
 from xdpturn.server import RelayServer
 
 TIMEOUT = 5.0
@@ -54,7 +55,7 @@ def test_client_relays_to_a_udp_peer_both_ways(case: str) -> None:
                         peer_sock.sendto(b"channel in %d" % i, sockaddr(inside))
                         got = await asyncio.wait_for(client.recv(), TIMEOUT)
                         assert got == (peer, b"channel in %d" % i)
-                    assert server.core.stats["relayed:peer_to_client:packets"] == 51
+                    assert server.core.stats.relayed[Route.PEER_TO_CLIENT].packets == 51
 
     run(main(), "uvloop")
 
@@ -88,8 +89,8 @@ def test_two_allocations_reach_each_other_through_the_relay_itself(
                     b.send(relayed_a, b"b->a %d" % i)
                     assert await asyncio.wait_for(a.recv(), TIMEOUT) == (relayed_b, b"b->a %d" % i)
                 stats = server.core.stats
-                assert stats["relayed:loopback:packets"] == 200
-                assert stats["relayed:client_to_peer:packets"] == 0  # nothing left a socket
+                assert stats.relayed[Route.LOOPBACK].packets == 200
+                assert stats.relayed[Route.CLIENT_TO_PEER].packets == 0  # nothing left a socket
 
     run(main(), "uvloop")
 

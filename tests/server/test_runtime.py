@@ -11,7 +11,6 @@ import ipaddress
 import json
 import logging
 import socket
-from collections import Counter
 
 import pytest
 
@@ -30,6 +29,7 @@ from xdpturn.proto.commands import (
     SendToPeer,
 )
 from xdpturn.proto.server import AllocationInfo, RelayPorts, ServerConfig
+from xdpturn.proto.stats import CoreStats
 from xdpturn.server import RelayServer, StartError
 from xdpturn.server import relay as relay_module
 from xdpturn.server.sockets import RelayPortPool
@@ -54,7 +54,7 @@ class FakeCore:
     def __init__(self, config: ServerConfig, ports: RelayPorts) -> None:
         self.config = config
         self.ports = ports
-        self.stats: Counter[str] = Counter()
+        self.stats = CoreStats()
         self.commands: list[Command] = []
         self.owner: dict[int, ClientFlow] = {}
         self.deadline: float | None = None

@@ -20,7 +20,6 @@ import random
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import ParamSpec, Protocol, TypeVar
 
 from xdpturn.proto import stun
@@ -53,6 +52,7 @@ from xdpturn.proto.commands import (
 )
 from xdpturn.proto.policy import PeerPolicy
 from xdpturn.proto.ratelimit import SourceBuckets
+from xdpturn.proto.stats import CoreStats, Drop, Route
 from xdpturn.proto.stun import AttrType, Message, MessageClass, Method
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -67,31 +67,6 @@ CHANNEL_COOLDOWN = 300
 NONCE_LIFETIME = 600
 
 UDP_PROTOCOL = 17
-
-# The stats keys of each relaying route (see _deliver_to_client), built once rather than
-# formatted for every datagram.
-_ROUTE_STATS = {
-    route: (f"relayed:{route}:packets", f"relayed:{route}:bytes")
-    for route in ("client_to_peer", "peer_to_client", "loopback")
-}
-
-
-class Drop(Enum):
-    """Why a datagram was dropped. Counted in `TurnServer.stats` as "drop:<value>"."""
-
-    NOT_TURN = "not_turn"  # neither STUN nor ChannelData
-    MALFORMED_STUN = "malformed_stun"
-    MALFORMED_CHANNEL_DATA = "malformed_channel_data"
-    UNEXPECTED_MESSAGE = "unexpected_message"  # a response or unknown indication from a client
-    NO_ALLOCATION = "no_allocation"
-    NO_CHANNEL = "no_channel"
-    NO_PERMISSION = "no_permission"
-    BAD_INDICATION = "bad_indication"
-    FAMILY_MISMATCH = "family_mismatch"
-    SELF_NOT_ALLOCATION = "self_not_allocation"  # to the relay's own address, not a live port
-    PEER_DENIED = "peer_denied"  # a Send indication to a peer the policy refuses
-    # An answer to an unauthenticated request (challenge, Binding) over the per-source limit.
-    UNAUTHENTICATED_RATE = "unauthenticated_rate"
 
 
 class TurnError(Exception):
@@ -192,7 +167,7 @@ class TurnServer:
         self, config: ServerConfig, ports: RelayPorts, rng: random.Random | None = None
     ) -> None:
         self.config = config
-        self.stats: Counter[str] = Counter()
+        self.stats = CoreStats()
         self._ports = ports
         self._rng = rng if rng is not None else random.Random()
         self._nonce_key = self._rng.randbytes(16)
@@ -339,7 +314,7 @@ class TurnServer:
         if message.cls != MessageClass.REQUEST:
             self._drop(Drop.UNEXPECTED_MESSAGE)
             return
-        self.stats[f"request:{_method_name(message.method)}"] += 1
+        self.stats.requests[_method(message.method)] += 1
         if message.method == Method.BINDING:
             self._binding(message, flow, now)
             return
@@ -384,9 +359,9 @@ class TurnServer:
     ) -> None:
         """`to_self` is `_is_self(peer)`, which a bound channel has worked out already."""
         if not to_self:
-            stats = self.stats
-            stats["relayed:client_to_peer:packets"] += 1
-            stats["relayed:client_to_peer:bytes"] += len(data)
+            relayed = self.stats.relayed[Route.CLIENT_TO_PEER]
+            relayed.packets += 1
+            relayed.bytes += len(data)
             self._commands.append(SendToPeer(alloc.relay_port, peer, data))
             return
         # Packets to itself: deliver to the allocation on that port, never through a socket.
@@ -395,7 +370,7 @@ class TurnServer:
             self._drop(Drop.SELF_NOT_ALLOCATION)
             return
         source = PeerAddr(TransportAddr(peer.ip, alloc.relay_port))
-        self._deliver_to_client(target, source, data, now, route="loopback")
+        self._deliver_to_client(target, source, data, now, Route.LOOPBACK)
 
     def _deliver_to_client(
         self,
@@ -403,7 +378,7 @@ class TurnServer:
         peer: PeerAddr,
         data: bytes,
         now: float,
-        route: str = "peer_to_client",
+        route: Route = Route.PEER_TO_CLIENT,
     ) -> None:
         """Relay `data` from `peer` to the allocation's client, counted under `route`: each
         datagram is counted once, as peer_to_client, client_to_peer or loopback."""
@@ -414,10 +389,9 @@ class TurnServer:
         if permission is None or permission <= now:
             self._drop(Drop.NO_PERMISSION)
             return
-        packets_key, bytes_key = _ROUTE_STATS[route]
-        stats = self.stats
-        stats[packets_key] += 1
-        stats[bytes_key] += len(data)
+        relayed = self.stats.relayed[route]
+        relayed.packets += 1
+        relayed.bytes += len(data)
         number = alloc.channel_by_peer.get(peer)
         if number is not None and alloc.channels[number].expires > now:
             stream = alloc.flow.transport is not Transport.UDP
@@ -458,7 +432,7 @@ class TurnServer:
         try:
             request = self._authenticate(message, data, flow, now)
         except TurnError as error:
-            self.stats["auth_failure"] += 1
+            self.stats.auth_failures += 1
             if self._may_answer_unauthenticated(flow, now):
                 self._respond_error(flow, message, error, None)
             return
@@ -775,7 +749,7 @@ class TurnServer:
     def _respond_error(
         self, flow: ClientFlow, message: Message, error: TurnError, request: _Request | None
     ) -> None:
-        self.stats[f"error:{_method_name(message.method)}:{error.code}"] += 1
+        self.stats.errors[_method(message.method), error.code] += 1
         response = stun.error_response(message, error.code, error.reason)
         for attr, value in error.attributes:
             response.add(attr, value)
@@ -854,7 +828,7 @@ class TurnServer:
         self._commands.append(command)
 
     def _drop(self, reason: Drop) -> None:
-        self.stats[f"drop:{reason.value}"] += 1
+        self.stats.drops[reason] += 1
 
 
 _P = ParamSpec("_P")
@@ -878,11 +852,12 @@ def _granted_lifetime(message: Message, *, default: int) -> int:
     return max(default, min(requested, MAX_ALLOCATION_LIFETIME))
 
 
-def _method_name(method: int) -> str:
+def _method(number: int) -> int:
+    """The `Method` of `number` when it is one (so counters show its name), else the number."""
     try:
-        return Method(method).name.lower()
+        return Method(number)
     except ValueError:
-        return f"0x{method:03x}"
+        return number
 
 
 def _decrement(counter: Counter[_K], key: _K) -> None:

@@ -40,7 +40,14 @@ from xdpturn.proto.addr import TransportAddr
 from xdpturn.server.drain import Drainer
 from xdpturn.server.relay import RelayServer, StartError
 from xdpturn.server.snapshot import fastpath_counters, not_ready, status_snapshot
-from xdpturn.server.traffic import FAMILY_LABELS, family_label, prefixed, relayed_rows
+from xdpturn.server.traffic import (
+    FAMILY_LABELS,
+    drop_counts,
+    error_counts,
+    family_label,
+    relayed_rows,
+    request_counts,
+)
 
 log = logging.getLogger("xdpturn.server")
 
@@ -114,7 +121,7 @@ class RelayCollector:
         requests = CounterMetricFamily(
             "xdpturn_requests", "STUN/TURN requests received", labels=["method"]
         )
-        for method, n in sorted(prefixed(stats, "request:").items()):
+        for method, n in sorted(request_counts(stats).items()):
             requests.add_metric([method], n)
         yield requests
         errors = CounterMetricFamily(
@@ -122,19 +129,18 @@ class RelayCollector:
             "Error responses sent (401 includes the normal first challenge)",
             labels=["method", "code"],
         )
-        for key, n in sorted(prefixed(stats, "error:").items()):
-            method, _, code = key.rpartition(":")
+        for (method, code), n in sorted(error_counts(stats).items()):
             errors.add_metric([method, code], n)
         yield errors
         auth = CounterMetricFamily(
             "xdpturn_auth_failures", "Requests that failed authentication (incl. challenges)"
         )
-        auth.add_metric([], stats.get("auth_failure", 0))
+        auth.add_metric([], stats.auth_failures)
         yield auth
         drops = CounterMetricFamily(
             "xdpturn_drops", "Datagrams the Python path dropped", labels=["reason"]
         )
-        for reason, n in sorted(prefixed(stats, "drop:").items()):
+        for reason, n in sorted(drop_counts(stats).items()):
             drops.add_metric([reason], n)
         yield drops
         runtime = CounterMetricFamily(

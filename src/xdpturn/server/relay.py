@@ -32,6 +32,7 @@ from xdpturn.proto.commands import (
     SendToPeer,
 )
 from xdpturn.proto.server import AllocationInfo, RelayPorts, ServerConfig, TurnServer
+from xdpturn.proto.stats import CoreStats
 from xdpturn.server.sockets import (
     MAX_DATAGRAM,
     RelayPortPool,
@@ -59,7 +60,7 @@ ADDRESS_CACHE = 65536
 class Core(Protocol):
     """What the runtime needs of the protocol core; `TurnServer` is the real one."""
 
-    stats: Counter[str]
+    stats: CoreStats
 
     def handle_client_datagram(self, data: bytes, flow: ClientFlow, now: float) -> None: ...
     def handle_peer_datagram(
@@ -394,7 +395,7 @@ class RelayServer:
 
     def _send_to_peer(self, command: SendToPeer) -> None:
         relay_port, peer, data = command.relay_port, command.peer, command.data
-        to_peers = self.traffic.to_peers  # AllocationTraffic.count, inlined: per datagram
+        to_peers = self.traffic.to_peers
         if relay_port in to_peers:
             to_peers[relay_port] += len(data)
         assert self._ports is not None
@@ -406,7 +407,7 @@ class RelayServer:
 
     def _send_to_client(self, command: SendToClient) -> None:
         flow, data = command.flow, command.data
-        to_client = self.traffic.to_client  # AllocationTraffic.count, inlined: per datagram
+        to_client = self.traffic.to_client
         if flow in to_client:
             to_client[flow] += len(data)
         if flow.transport is not Transport.UDP:
@@ -436,7 +437,7 @@ class RelayServer:
                         extra={"client": str(route.client), "channel": route.channel},
                     )
             case AllocationOpened(flow, relay_port, families, username, lifetime):
-                self.traffic.count(command)
+                self.traffic.opened(flow, relay_port)
                 if flow.transport is not Transport.UDP:  # exempt from the idle timeout
                     self.streams.allocation_changed(flow, True)
                 log.info(
@@ -451,7 +452,7 @@ class RelayServer:
                     },
                 )
             case AllocationClosed(flow, relay_port, reason):
-                self.traffic.count(command)
+                self.traffic.closed(flow, relay_port)
                 if flow.transport is not Transport.UDP:  # the idle timeout applies again
                     self.streams.allocation_changed(flow, False)
                 log.info(

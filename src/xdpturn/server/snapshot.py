@@ -18,7 +18,14 @@ from xdpturn.fastpath import FastPathCounters, FastPathMode
 from xdpturn.proto.server import AllocationInfo
 from xdpturn.server.drain import Drainer
 from xdpturn.server.relay import RelayServer, allocation_id
-from xdpturn.server.traffic import FAMILY_LABELS, family_label, prefixed, relayed_rows
+from xdpturn.server.traffic import (
+    FAMILY_LABELS,
+    drop_counts,
+    error_counts,
+    family_label,
+    relayed_rows,
+    request_counts,
+)
 
 log = logging.getLogger("xdpturn.server")
 
@@ -110,10 +117,10 @@ def status_snapshot(
             {"path": r.path, "route": r.route, "packets": r.packets, "bytes": r.bytes}
             for r in relayed_rows(stats, counters)
         ],
-        "requests": prefixed(stats, "request:"),
-        "errors": prefixed(stats, "error:"),
-        "auth_failures": stats.get("auth_failure", 0),
-        "drops": prefixed(stats, "drop:"),
+        "requests": request_counts(stats),
+        "errors": {f"{method}:{code}": n for (method, code), n in error_counts(stats).items()},
+        "auth_failures": stats.auth_failures,
+        "drops": drop_counts(stats),
         "top_by": "python_bytes",
         "top": [
             {

@@ -1,30 +1,24 @@
 """What operators see of the relay's traffic, shared by /metrics and /status.
 
 `AllocationTraffic` counts, per allocation, the bytes the Python path sends for it (to peers from
-its relay port, to its client). The runtime feeds it the commands that open and close allocations
-and updates `to_peers`/`to_client` itself for each datagram it sends (what `count` would do, minus
-a call and an isinstance chain per datagram): one dictionary update, and nothing on the XDP path.
-So "top talkers" is exact for Python-relayed traffic and blind to what the kernel relays (its
-counters are per route, not per allocation).
+its relay port, to its client). The runtime tells it when allocations open and close and updates
+`to_peers`/`to_client` itself for each datagram it sends: one dictionary update, and nothing on
+the XDP path. So "top talkers" is exact for Python-relayed traffic and blind to what the kernel
+relays (its counters are per route, not per allocation).
+
+The names operators see for the core's counters (`CoreStats`) are made here, once: method
+names, error codes, drop reasons and routes as Prometheus labels and /status keys.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from xdpturn.fastpath import FastPathCounters
 from xdpturn.proto.addr import ClientFlow, Family
-from xdpturn.proto.commands import (
-    AllocationClosed,
-    AllocationOpened,
-    Command,
-    SendToClient,
-    SendToPeer,
-)
-
-# The core's "relayed:<route>:packets|bytes" routes, in display order.
-PYTHON_ROUTES = ("client_to_peer", "peer_to_client", "loopback")
+from xdpturn.proto.stats import CoreStats
+from xdpturn.proto.stun import Method
 
 
 class AllocationTraffic:
@@ -38,21 +32,13 @@ class AllocationTraffic:
         self.to_peers: dict[int, int] = {}  # by relay port
         self.to_client: dict[ClientFlow, int] = {}  # includes TURN framing and responses
 
-    def count(self, command: Command) -> None:
-        if isinstance(command, SendToPeer):
-            port = command.relay_port
-            if port in self.to_peers:
-                self.to_peers[port] += len(command.data)
-        elif isinstance(command, SendToClient):
-            flow = command.flow
-            if flow in self.to_client:
-                self.to_client[flow] += len(command.data)
-        elif isinstance(command, AllocationOpened):
-            self.to_peers[command.relay_port] = 0
-            self.to_client[command.flow] = 0
-        elif isinstance(command, AllocationClosed):
-            self.to_peers.pop(command.relay_port, None)
-            self.to_client.pop(command.flow, None)
+    def opened(self, flow: ClientFlow, relay_port: int) -> None:
+        self.to_peers[relay_port] = 0
+        self.to_client[flow] = 0
+
+    def closed(self, flow: ClientFlow, relay_port: int) -> None:
+        self.to_peers.pop(relay_port, None)
+        self.to_client.pop(flow, None)
 
     def bytes_of(self, flow: ClientFlow, relay_port: int) -> int:
         return self.to_peers.get(relay_port, 0) + self.to_client.get(flow, 0)
@@ -70,15 +56,10 @@ class Relayed:
     bytes: int
 
 
-def relayed_rows(core_stats: Mapping[str, int], fastpath: FastPathCounters) -> list[Relayed]:
+def relayed_rows(core_stats: CoreStats, fastpath: FastPathCounters) -> list[Relayed]:
     rows = [
-        Relayed(
-            "python",
-            route,
-            core_stats.get(f"relayed:{route}:packets", 0),
-            core_stats.get(f"relayed:{route}:bytes", 0),
-        )
-        for route in PYTHON_ROUTES
+        Relayed("python", route.value, counted.packets, counted.bytes)
+        for route, counted in core_stats.relayed.items()
     ]
     rows.extend(
         Relayed("xdp", name, packets, nbytes)
@@ -98,6 +79,21 @@ def family_label(families: Iterable[Family]) -> str:
 FAMILY_LABELS = ("ipv4", "ipv6", "dual")
 
 
-def prefixed(stats: Mapping[str, int], prefix: str) -> dict[str, int]:
-    """{rest: value} for the keys "<prefix><rest>" of a stats Counter."""
-    return {k[len(prefix) :]: v for k, v in stats.items() if k.startswith(prefix)}
+def method_label(method: int) -> str:
+    """ "allocate", or the number for a method the relay does not know ("0x00f")."""
+    return method.name.lower() if isinstance(method, Method) else f"0x{method:03x}"
+
+
+def request_counts(stats: CoreStats) -> dict[str, int]:
+    """Requests received, by method name."""
+    return {method_label(m): n for m, n in stats.requests.items()}
+
+
+def error_counts(stats: CoreStats) -> dict[tuple[str, str], int]:
+    """Error responses sent, by (method name, error code)."""
+    return {(method_label(m), str(code)): n for (m, code), n in stats.errors.items()}
+
+
+def drop_counts(stats: CoreStats) -> dict[str, int]:
+    """Datagrams dropped, by reason."""
+    return {reason.value: n for reason, n in stats.drops.items()}
