@@ -120,7 +120,7 @@ def test_environment_variables_configure_serve_and_the_command_line_wins(
     assert config.max_allocations == 7 and config.max_allocations_per_ip is None
     assert config.fastpath is FastPathMode.GENERIC and config.interfaces == ["eth0", "eth1"]
     assert config.realm == "cli.example"
-    server = config.server_config()  # public addresses derived from the specific listeners
+    server = config.server  # public addresses derived from the specific listeners
     assert [str(n) for n in server.deny_peers] == ["10.9.0.0/16"]
     assert (server.unauthenticated_rate, server.unauthenticated_burst) == (5.0, 10)
     assert server.public_ipv4 == ipaddress.IPv4Address("127.0.0.1")
@@ -131,7 +131,7 @@ def test_defaults_listen_on_both_wildcards_and_need_a_public_address() -> None:
     config = load_serve_config({"auth_secret": ["s"], "public_ipv4": "192.0.2.1"})
     assert [str(a) for a in config.listen] == ["0.0.0.0:3478", "[::]:3478"]
     assert config.ports == PortRange(49152, 65535) and config.fastpath is FastPathMode.OFF
-    server = config.server_config()
+    server = config.server
     assert str(server.public_ipv4) == "192.0.2.1" and server.public_ipv6 is None
 
 

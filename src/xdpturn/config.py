@@ -1,18 +1,22 @@
-"""The `serve` configuration: one table of options, parsed and checked in one place.
+"""The `serve` configuration: each option declared once, parsed and checked in one place.
 
-Each option has one name that is used three ways: `--ports` on the command line, `XDPTURN_PORTS`
-in the environment (repeatable options comma-separated there), and `ports` as a key of a
-configuration file. `load_serve_config` turns raw text values into a typed `ServeConfig`, or raises
-`ConfigError` naming the option that is wrong.
+An option is declared by the `ServeConfig` field it sets: its name, value type, default, help and
+parser stand there together. Its one name is used three ways: `--ports` on the command line,
+`XDPTURN_PORTS` in the environment (repeatable options comma-separated there), and `ports` as a
+key of a configuration file. `load_serve_config` turns raw text values into a `ServeConfig`, or
+raises `ConfigError` naming the option that is wrong. A `ServeConfig` is checked when it is made,
+and what the relay derives from it (the core's settings, the fast path's, where allocation
+sockets bind) is computed then too, once: the layers below receive plain values.
 """
 
 from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from enum import Enum
 from pathlib import Path
-from typing import Literal, cast
+from typing import Any, TypeVar, cast
 
 from xdpturn.fastpath import FastPathConfig, FastPathMode
 from xdpturn.log import LEVELS, LogFormat
@@ -22,6 +26,10 @@ from xdpturn.proto.server import ServerConfig
 from xdpturn.tls import server_context
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+T = TypeVar("T")
+K = TypeVar("K")
+V = TypeVar("V")
+E = TypeVar("E", bound=Enum)
 ENV_PREFIX = "XDPTURN_"
 DEFAULT_TURN_PORT = 3478
 
@@ -52,141 +60,6 @@ class PortRange:
 
     def __str__(self) -> str:
         return f"{self.low}-{self.high}"
-
-
-@dataclass
-class ServeConfig:
-    """Everything `xdpturn serve` needs. Defaults match the command line's."""
-
-    listen: list[TransportAddr] = field(
-        default_factory=lambda: [
-            TransportAddr(ipaddress.IPv4Address("0.0.0.0"), DEFAULT_TURN_PORT),
-            TransportAddr(ipaddress.IPv6Address("::"), DEFAULT_TURN_PORT),
-        ]
-    )
-    public_ipv4: ipaddress.IPv4Address | None = None
-    public_ipv6: ipaddress.IPv6Address | None = None
-    ports: PortRange = field(default_factory=lambda: PortRange(49152, 65535))
-    realm: str = "xdpturn"
-    auth_secrets: list[str] = field(default_factory=list)
-    users: dict[str, str] = field(default_factory=dict)
-    allow_peers: list[IPNetwork] = field(default_factory=list)
-    deny_peers: list[IPNetwork] = field(default_factory=list)
-    # Answers per second to unauthenticated UDP requests, per client IP (0: no limit).
-    unauthenticated_rate: float = 20.0
-    max_allocations_per_user: int | None = None
-    max_allocations_per_ip: int | None = None
-    max_allocations: int | None = None
-    log_format: LogFormat = "auto"
-    log_level: str = "INFO"
-    fastpath: FastPathMode = FastPathMode.OFF
-    interfaces: list[str] = field(default_factory=list)
-    listen_tcp: list[TransportAddr] = field(default_factory=list)  # TURN over TCP
-    listen_tls: list[TransportAddr] = field(default_factory=list)  # TURN over TLS
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    # Bounds on TCP/TLS connections, so silent or stalled ones cannot hold sockets forever.
-    max_stream_connections: int = 10000
-    stream_idle_timeout: float = 30.0
-    metrics: TransportAddr | None = None  # HTTP listener for /metrics, /status, /drain
-    alternate_server: TransportAddr | None = None  # where Allocate is sent while draining
-    drain_timeout: float = 300.0
-
-    def relay_address(self, family: Family) -> IPAddress | None:
-        """The address clients are told for relays of `family`: the --public-* option, else
-        the first specific (not wildcard) --listen address of that family, else None."""
-        given = self.public_ipv4 if family is Family.IPV4 else self.public_ipv6
-        if given is not None:
-            return given
-        return next((a for a in self.listen_ips(family) if not a.is_unspecified), None)
-
-    def relay_bind_address(self, family: Family) -> IPAddress:
-        """Where allocation sockets bind: the first --listen address of the family (so a relay
-        told to listen on loopback stays on loopback), else the wildcard."""
-        ips = self.listen_ips(family)
-        if ips:
-            return ips[0]
-        return ipaddress.IPv4Address(0) if family is Family.IPV4 else ipaddress.IPv6Address(0)
-
-    def listen_ips(self, family: Family) -> list[IPAddress]:
-        return [a.ip for a in self.listen if a.family is family]
-
-    def check(self) -> None:
-        """Raise ConfigError for combinations no single value shows to be wrong."""
-        if not self.listen:
-            raise ConfigError("--listen", "at least one address is needed")
-        fixed = [a for a in self.listen if a.port != 0]  # port 0: the kernel picks, never equal
-        if len(set(fixed)) != len(fixed):
-            raise ConfigError("--listen", "the same address is given twice")
-        if self.relay_address(Family.IPV4) is None and self.relay_address(Family.IPV6) is None:
-            listening = ", ".join(str(a) for a in self.listen)
-            raise ConfigError(
-                "--public-ipv4",
-                "needed (or --public-ipv6): the relay must tell clients its address, and the "
-                f"--listen addresses ({listening}) are wildcards",
-            )
-        if not self.auth_secrets and not self.users:
-            raise ConfigError(
-                "--auth-secret", "no credentials: give --auth-secret, --auth-secret-file or --user"
-            )
-        if self.fastpath is not FastPathMode.OFF and not self.interfaces:
-            raise ConfigError("--interface", f"needed with --fastpath {self.fastpath.value}")
-        self._check_streams()
-
-    def _check_streams(self) -> None:
-        for flag, addrs in (("--listen-tcp", self.listen_tcp), ("--listen-tls", self.listen_tls)):
-            fixed = [a for a in addrs if a.port != 0]
-            if len(set(fixed)) != len(fixed):
-                raise ConfigError(flag, "the same address is given twice")
-        both = {a for a in self.listen_tcp if a.port} & {a for a in self.listen_tls if a.port}
-        if both:
-            raise ConfigError(
-                "--listen-tls", f"{min(both, key=str)} is also a --listen-tcp address"
-            )
-        if not self.listen_tls:
-            return
-        if self.tls_cert is None:
-            raise ConfigError("--tls-cert", "needed with --listen-tls")
-        if self.tls_key is None:
-            raise ConfigError("--tls-key", "needed with --listen-tls")
-        try:
-            server_context(self.tls_cert, self.tls_key)
-        except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
-            raise ConfigError(
-                "--tls-cert", f"cannot use {self.tls_cert} with key {self.tls_key}: {e}"
-            ) from None
-
-    def server_config(self) -> ServerConfig:
-        v4 = self.relay_address(Family.IPV4)
-        v6 = self.relay_address(Family.IPV6)
-        return ServerConfig(
-            realm=self.realm,
-            public_ipv4=v4 if isinstance(v4, ipaddress.IPv4Address) else None,
-            public_ipv6=v6 if isinstance(v6, ipaddress.IPv6Address) else None,
-            auth=Authenticator(secrets=list(self.auth_secrets), users=dict(self.users)),
-            allow_peers=list(self.allow_peers),
-            deny_peers=list(self.deny_peers),
-            unauthenticated_rate=self.unauthenticated_rate,
-            # Two seconds' worth at once: room for a few clients behind one NAT starting together.
-            unauthenticated_burst=max(1, int(2 * self.unauthenticated_rate)),
-            max_allocations=self.max_allocations,
-            max_allocations_per_user=self.max_allocations_per_user,
-            max_allocations_per_ip=self.max_allocations_per_ip,
-        )
-
-    def fastpath_config(self, turn_port: int = DEFAULT_TURN_PORT) -> FastPathConfig:
-        server = self.server_config()
-        v4 = self.relay_bind_address(Family.IPV4)
-        v6 = self.relay_bind_address(Family.IPV6)
-        return FastPathConfig(
-            mode=self.fastpath,
-            interfaces=list(self.interfaces),
-            turn_port=turn_port,
-            public_ipv4=server.public_ipv4,
-            public_ipv6=server.public_ipv6,
-            local_ipv4=None if v4.is_unspecified else cast(ipaddress.IPv4Address, v4),
-            local_ipv6=None if v6.is_unspecified else cast(ipaddress.IPv6Address, v6),
-        )
 
 
 # Value parsers: text in, typed value out, ValueError with the reason (ConfigError adds the name).
@@ -287,6 +160,15 @@ def _choice(choices: Sequence[str], *, upper: bool = False) -> Callable[[str], s
     return parse
 
 
+def _enum(kind: type[E]) -> Callable[[str], E]:
+    choose = _choice([member.value for member in kind])
+    return lambda text: kind(choose(text))
+
+
+def parse_log_format(text: str) -> LogFormat:
+    return cast(LogFormat, _choice(("json", "text", "auto"))(text))
+
+
 def parse_seconds(text: str) -> float:
     try:
         value = float(text)
@@ -323,6 +205,9 @@ def parse_interface(text: str) -> str:
     return text
 
 
+# Declaring options: each ServeConfig field below states the option (or options) that set it.
+
+
 @dataclass(frozen=True)
 class Option:
     """One `serve` option. `name` is the configuration key; flag and variable derive from it."""
@@ -330,10 +215,12 @@ class Option:
     name: str
     metavar: str
     help: str
-    parse: Callable[[str], object]
+    parse: Callable[[str], Any]
     repeatable: bool = False
-    default: tuple[str, ...] = ()
-    choices: tuple[str, ...] | None = None  # only for the help text; `parse` enforces them
+    commas: bool = False  # comma-separated on the command line and in a file too (IF[,IF])
+    spread: bool = False  # one text gives a list of values (a file of secrets)
+    path: bool = False  # in a configuration file: relative to the file's directory
+    default_text: str = ""  # the default as --help shows it
 
     @property
     def flag(self) -> str:
@@ -344,166 +231,347 @@ class Option:
         return ENV_PREFIX + self.name.upper()
 
 
-SERVE_OPTIONS: tuple[Option, ...] = (
-    Option(
-        "listen",
+@dataclass(frozen=True)
+class _Setting:
+    """A field's options, and how their values become the field's (None: the one value)."""
+
+    options: tuple[Option, ...]
+    collect: Callable[[list[Any]], Any] | None
+
+
+def _show(value: object) -> str:
+    if isinstance(value, list | tuple):
+        return " ".join(_show(v) for v in value)
+    if isinstance(value, Enum):
+        return str(value.value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    return "" if value is None else str(value)
+
+
+def _declare(setting: _Setting, default: object) -> Any:
+    metadata = {"setting": setting}
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def option(
+    metavar: str,
+    help: str,
+    parse: Callable[[str], T],
+    default: T,
+    *,
+    path: bool = False,
+    show_default: bool = True,
+) -> T:
+    """A single-valued option; not given, it is `default`."""
+    text = _show(default) if show_default else ""
+    one = Option("", metavar, help, parse, path=path, default_text=text)
+    return cast(T, _declare(_Setting((one,), None), default))
+
+
+def optional(metavar: str, help: str, parse: Callable[[str], T], *, path: bool = False) -> T | None:
+    """A single-valued option that is off (None) unless given."""
+    return option(metavar, help, parse, None, path=path)
+
+
+def repeatable(
+    metavar: str,
+    help: str,
+    parse: Callable[[str], T],
+    default: Sequence[T] = (),
+    *,
+    name: str = "",
+    commas: bool = False,
+    also: tuple[Option, ...] = (),
+) -> list[T]:
+    """An option given any number of times; `also` are further options adding to the list."""
+    text = _show(default)
+    many = Option(name, metavar, help, parse, repeatable=True, commas=commas, default_text=text)
+    return cast(list[T], _declare(_Setting((many, *also), list), list(default)))
+
+
+def pairs(metavar: str, help: str, parse: Callable[[str], tuple[K, V]], *, name: str) -> dict[K, V]:
+    """A repeatable option of KEY:VALUE pairs, kept as a mapping (a later key wins)."""
+    many = Option(name, metavar, help, parse, repeatable=True)
+    return cast(dict[K, V], _declare(_Setting((many,), dict), {}))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServeConfig:
+    """Everything `xdpturn serve` needs, checked, with what the relay derives from it."""
+
+    listen: list[TransportAddr] = repeatable(
         "ADDR:PORT",
         "UDP address for TURN clients; repeatable. Use [ADDR]:PORT for IPv6",
         parse_listen,
-        repeatable=True,
-        default=("0.0.0.0:3478", "[::]:3478"),
-    ),
-    Option(
-        "public_ipv4",
+        [
+            TransportAddr(ipaddress.IPv4Address("0.0.0.0"), DEFAULT_TURN_PORT),
+            TransportAddr(ipaddress.IPv6Address("::"), DEFAULT_TURN_PORT),
+        ],
+    )
+    public_ipv4: ipaddress.IPv4Address | None = optional(
         "ADDR",
         "IPv4 address clients are given for their relays (default: the --listen IPv4 address, "
         "if it is a specific one)",
         parse_public_ipv4,
-    ),
-    Option(
-        "public_ipv6",
+    )
+    public_ipv6: ipaddress.IPv6Address | None = optional(
         "ADDR",
         "IPv6 address clients are given for their relays (default: the --listen IPv6 address, "
         "if it is a specific one)",
         parse_public_ipv6,
-    ),
-    Option(
-        "ports",
+    )
+    ports: PortRange = option(
         "LOW-HIGH",
         "UDP port range for relays (allocations)",
         parse_port_range,
-        default=("49152-65535",),
-    ),
-    Option(
-        "realm", "REALM", "realm for long-term credentials", parse_nonempty, default=("xdpturn",)
-    ),
-    Option(
-        "auth_secret",
+        PortRange(49152, 65535),
+    )
+    realm: str = option("REALM", "realm for long-term credentials", parse_nonempty, "xdpturn")
+    auth_secrets: list[str] = repeatable(
         "SECRET",
         "TURN REST API shared secret; repeatable, to rotate secrets",
         parse_nonempty,
-        repeatable=True,
-    ),
-    Option(
-        "auth_secret_file",
-        "PATH",
-        "file with TURN REST API shared secrets, one per line ('#' starts a comment)",
-        parse_secret_file,
-    ),
-    Option("user", "NAME:PASSWORD", "a static user; repeatable", parse_user, repeatable=True),
-    Option(
-        "allow_peer",
+        name="auth_secret",
+        also=(
+            Option(
+                "auth_secret_file",
+                "PATH",
+                "file with TURN REST API shared secrets, one per line ('#' starts a comment)",
+                parse_secret_file,
+                spread=True,
+                path=True,
+            ),
+        ),
+    )
+    users: dict[str, str] = pairs(
+        "NAME:PASSWORD", "a static user; repeatable", parse_user, name="user"
+    )
+    allow_peers: list[IPNetwork] = repeatable(
         "CIDR",
         "peer network that relays may reach even though the default policy refuses it "
         "(private, local, special-purpose); the most specific --allow-peer/--deny-peer "
         "prefix decides; repeatable",
         parse_cidr,
-        repeatable=True,
-    ),
-    Option(
-        "deny_peer",
+        name="allow_peer",
+    )
+    deny_peers: list[IPNetwork] = repeatable(
         "CIDR",
         "peer network that relays may not reach, on top of the default policy; wins over an "
         "--allow-peer of the same prefix; repeatable",
         parse_cidr,
-        repeatable=True,
-    ),
-    Option(
-        "unauthenticated_rate",
+        name="deny_peer",
+    )
+    unauthenticated_rate: float = option(
         "N",
         "answers per second (burst: twice that) to unauthenticated UDP requests (401/438 "
         "challenges, Binding) per client IP, so forged sources cannot use the relay as a "
         "reflector; beyond it requests are dropped and counted; 0: no limit",
         parse_rate,
-        default=("20",),
-    ),
-    Option("max_allocations_per_user", "N", "allocation quota per username", parse_positive),
-    Option("max_allocations_per_ip", "N", "allocation quota per client IP address", parse_positive),
-    Option("max_allocations", "N", "allocations in total", parse_positive),
-    Option(
-        "log_format",
+        20.0,
+    )
+    max_allocations_per_user: int | None = optional(
+        "N", "allocation quota per username", parse_positive
+    )
+    max_allocations_per_ip: int | None = optional(
+        "N", "allocation quota per client IP address", parse_positive
+    )
+    max_allocations: int | None = optional("N", "allocations in total", parse_positive)
+    log_format: LogFormat = option(
         "FORMAT",
         "json or text (default: text on a terminal, else JSON lines)",
-        _choice(("json", "text", "auto")),
-        default=("auto",),
-        choices=("json", "text"),
-    ),
-    Option(
-        "log_level",
-        "LEVEL",
-        "minimum level to log: " + ", ".join(LEVELS),
-        _choice(LEVELS, upper=True),
-        default=("INFO",),
-    ),
-    Option(
-        "fastpath",
+        parse_log_format,
+        "auto",
+        show_default=False,
+    )
+    log_level: str = option(
+        "LEVEL", "minimum level to log: " + ", ".join(LEVELS), _choice(LEVELS, upper=True), "INFO"
+    )
+    fastpath: FastPathMode = option(
         "MODE",
         "XDP fast path: auto (native, else generic), xdp (native), generic, or off",
-        _choice(tuple(m.value for m in FastPathMode)),
-        default=("off",),
-        choices=tuple(m.value for m in FastPathMode),
-    ),
-    Option(
-        "interface",
+        _enum(FastPathMode),
+        FastPathMode.OFF,
+    )
+    interfaces: list[str] = repeatable(
         "IF[,IF]",
         "interfaces to attach the fast path to; repeatable or comma-separated",
         parse_interface,
-        repeatable=True,
-    ),
-    Option(
-        "listen_tcp",
+        name="interface",
+        commas=True,
+    )
+    listen_tcp: list[TransportAddr] = repeatable(
         "ADDR:PORT",
         "TCP address for TURN clients (TURN over TCP); repeatable; off unless given",
         parse_listen,
-        repeatable=True,
-    ),
-    Option(
-        "listen_tls",
+    )
+    listen_tls: list[TransportAddr] = repeatable(
         "ADDR:PORT",
         "TCP address for TURN over TLS, e.g. 0.0.0.0:443 or 0.0.0.0:5349; repeatable; needs "
         "--tls-cert and --tls-key; SIGHUP reloads them",
         parse_listen,
-        repeatable=True,
-    ),
-    Option("tls_cert", "PATH", "PEM certificate chain for --listen-tls", parse_readable_file),
-    Option("tls_key", "PATH", "PEM private key for --listen-tls", parse_readable_file),
-    Option(
-        "max_stream_connections",
+    )
+    tls_cert: Path | None = optional(
+        "PATH", "PEM certificate chain for --listen-tls", parse_readable_file, path=True
+    )
+    tls_key: Path | None = optional(
+        "PATH", "PEM private key for --listen-tls", parse_readable_file, path=True
+    )
+    # Bounds on TCP/TLS connections, so silent or stalled ones cannot hold sockets forever.
+    max_stream_connections: int = option(
         "N",
         "open TCP and TLS connections in total; further ones are closed at once",
         parse_positive,
-        default=("10000",),
-    ),
-    Option(
-        "stream_idle_timeout",
+        10000,
+    )
+    stream_idle_timeout: float = option(
         "SECONDS",
         "close a TCP or TLS connection without an allocation that completes no message for "
         "this long, and any connection stalled this long in the middle of a message",
         parse_seconds,
-        default=("30",),
-    ),
-    Option(
-        "metrics",
+        30.0,
+    )
+    metrics: TransportAddr | None = optional(
         "ADDR:PORT",
         "HTTP listener for /metrics (Prometheus), /healthz, /readyz, /status and /drain; "
         "off unless given. Keep it on loopback or a management network",
         parse_listen,
-    ),
-    Option(
-        "alternate_server",
+    )
+    alternate_server: TransportAddr | None = optional(
         "ADDR:PORT",
         "while draining, answer Allocate with 300 Try Alternate and this ALTERNATE-SERVER "
         "(default: 508)",
         parse_listen,
-    ),
-    Option(
-        "drain_timeout",
+    )
+    drain_timeout: float = option(
         "SECONDS",
         "after SIGTERM or `xdpturn drain`, exit when allocations are gone or this has passed",
         parse_seconds,
-        default=("300",),
-    ),
-)
+        300.0,
+    )
+
+    # Derived once, when the configuration is made (see __post_init__).
+    relay_addresses: dict[Family, IPAddress] = field(init=False, repr=False, compare=False)
+    relay_binds: dict[Family, IPAddress] = field(init=False, repr=False, compare=False)
+    server: ServerConfig = field(init=False, repr=False, compare=False)
+    fastpath_settings: FastPathConfig = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._check()
+        # What clients are told for relays of a family: --public-*, else the first specific
+        # (not wildcard) --listen address of that family; a family with neither has no relays.
+        relay_addresses: dict[Family, IPAddress] = {}
+        # Where allocation sockets bind: the first --listen address of the family (so a relay
+        # told to listen on loopback stays on loopback), else the wildcard.
+        relay_binds: dict[Family, IPAddress] = {}
+        for family, public in ((Family.IPV4, self.public_ipv4), (Family.IPV6, self.public_ipv6)):
+            listening = [a.ip for a in self.listen if a.family is family]
+            address = public or next((ip for ip in listening if not ip.is_unspecified), None)
+            if address is None:
+                continue
+            relay_addresses[family] = address
+            wildcard = ipaddress.ip_address("0.0.0.0" if family is Family.IPV4 else "::")
+            relay_binds[family] = listening[0] if listening else wildcard
+        v4, v6 = relay_addresses.get(Family.IPV4), relay_addresses.get(Family.IPV6)
+        public_v4 = v4 if isinstance(v4, ipaddress.IPv4Address) else None
+        public_v6 = v6 if isinstance(v6, ipaddress.IPv6Address) else None
+        server = ServerConfig(
+            realm=self.realm,
+            public_ipv4=public_v4,
+            public_ipv6=public_v6,
+            auth=Authenticator(secrets=list(self.auth_secrets), users=dict(self.users)),
+            allow_peers=list(self.allow_peers),
+            deny_peers=list(self.deny_peers),
+            unauthenticated_rate=self.unauthenticated_rate,
+            # Two seconds' worth at once: room for a few clients behind one NAT starting together.
+            unauthenticated_burst=max(1, int(2 * self.unauthenticated_rate)),
+            max_allocations=self.max_allocations,
+            max_allocations_per_user=self.max_allocations_per_user,
+            max_allocations_per_ip=self.max_allocations_per_ip,
+        )
+        local_v4 = relay_binds.get(Family.IPV4)
+        local_v6 = relay_binds.get(Family.IPV6)
+        fastpath = FastPathConfig(
+            mode=self.fastpath,
+            interfaces=list(self.interfaces),
+            turn_port=DEFAULT_TURN_PORT,  # the runtime puts in the port its listener got
+            public_ipv4=public_v4,
+            public_ipv6=public_v6,
+            local_ipv4=local_v4 if isinstance(local_v4, ipaddress.IPv4Address) else None,
+            local_ipv6=local_v6 if isinstance(local_v6, ipaddress.IPv6Address) else None,
+        )
+        for name, value in (
+            ("relay_addresses", relay_addresses),
+            ("relay_binds", relay_binds),
+            ("server", server),
+            ("fastpath_settings", fastpath),
+        ):
+            object.__setattr__(self, name, value)
+
+    def _check(self) -> None:
+        """Raise ConfigError for combinations no single value shows to be wrong."""
+        if not self.listen:
+            raise ConfigError("--listen", "at least one address is needed")
+        fixed = [a for a in self.listen if a.port != 0]  # port 0: the kernel picks, never equal
+        if len(set(fixed)) != len(fixed):
+            raise ConfigError("--listen", "the same address is given twice")
+        specific = [a for a in self.listen if not a.ip.is_unspecified]
+        if self.public_ipv4 is None and self.public_ipv6 is None and not specific:
+            listening = ", ".join(str(a) for a in self.listen)
+            raise ConfigError(
+                "--public-ipv4",
+                "needed (or --public-ipv6): the relay must tell clients its address, and the "
+                f"--listen addresses ({listening}) are wildcards",
+            )
+        if not self.auth_secrets and not self.users:
+            raise ConfigError(
+                "--auth-secret", "no credentials: give --auth-secret, --auth-secret-file or --user"
+            )
+        if self.fastpath is not FastPathMode.OFF and not self.interfaces:
+            raise ConfigError("--interface", f"needed with --fastpath {self.fastpath.value}")
+        self._check_streams()
+
+    def _check_streams(self) -> None:
+        for flag, addrs in (("--listen-tcp", self.listen_tcp), ("--listen-tls", self.listen_tls)):
+            fixed = [a for a in addrs if a.port != 0]
+            if len(set(fixed)) != len(fixed):
+                raise ConfigError(flag, "the same address is given twice")
+        both = {a for a in self.listen_tcp if a.port} & {a for a in self.listen_tls if a.port}
+        if both:
+            raise ConfigError(
+                "--listen-tls", f"{min(both, key=str)} is also a --listen-tcp address"
+            )
+        if not self.listen_tls:
+            return
+        if self.tls_cert is None:
+            raise ConfigError("--tls-cert", "needed with --listen-tls")
+        if self.tls_key is None:
+            raise ConfigError("--tls-key", "needed with --listen-tls")
+        try:
+            server_context(self.tls_cert, self.tls_key)
+        except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
+            raise ConfigError(
+                "--tls-cert", f"cannot use {self.tls_cert} with key {self.tls_key}: {e}"
+            ) from None
+
+
+def _settings() -> dict[str, tuple[_Setting, tuple[Option, ...]]]:
+    """{field name: (its setting, its options named)}; an option's name defaults to its field's."""
+    out = {}
+    for f in fields(ServeConfig):
+        setting = f.metadata.get("setting")
+        if isinstance(setting, _Setting):
+            named = tuple(
+                o if o.name else Option(**{**o.__dict__, "name": f.name}) for o in setting.options
+            )
+            out[f.name] = (setting, named)
+    return out
+
+
+_SETTINGS = _settings()
+SERVE_OPTIONS: tuple[Option, ...] = tuple(o for _, named in _SETTINGS.values() for o in named)
 
 RawValue = str | Sequence[str] | None
 
@@ -515,7 +583,8 @@ def _raw_values(
     file: Mapping[str, RawValue],
     file_name: str,
 ) -> tuple[str, list[str]]:
-    """(where the value came from, its text values): given, else variable, else file."""
+    """(where the value came from, its text values): given, else variable, else file; no texts
+    when it is set nowhere."""
     value = given.get(option.name)
     file_value = file.get(option.name)
     if value is not None and value != []:
@@ -528,8 +597,8 @@ def _raw_values(
         source = f"{option.name} (in {file_name})"
         texts = [file_value] if isinstance(file_value, str) else list(file_value)
     else:
-        return option.flag, list(option.default)
-    if option.name == "interface":  # IF[,IF]: commas on the command line too
+        return option.flag, []
+    if option.commas:
         texts = [t.strip() for text in texts for t in text.split(",")]
     if len(texts) > 1 and not option.repeatable:
         raise ConfigError(source, "given more than once")
@@ -547,47 +616,20 @@ def load_serve_config(
     file's values, see xdpturn.config_file), then defaults."""
     env = {} if env is None else env
     file = {} if file is None else file
-    values: dict[str, list[object]] = {}
-    for option in SERVE_OPTIONS:
-        source, texts = _raw_values(option, given, env, file, file_name)
-        try:
-            values[option.name] = [option.parse(t) for t in texts]
-        except ValueError as e:
-            raise ConfigError(source, str(e)) from None
-
-    def one(name: str) -> object | None:
-        return values[name][0] if values[name] else None
-
-    secrets = [cast(str, s) for s in values["auth_secret"]]
-    for file_secrets in values["auth_secret_file"]:
-        secrets.extend(cast(list[str], file_secrets))
-    config = ServeConfig(
-        listen=cast(list[TransportAddr], values["listen"]),
-        public_ipv4=cast("ipaddress.IPv4Address | None", one("public_ipv4")),
-        public_ipv6=cast("ipaddress.IPv6Address | None", one("public_ipv6")),
-        ports=cast(PortRange, one("ports")),
-        realm=cast(str, one("realm")),
-        auth_secrets=secrets,
-        users=dict(cast(list[tuple[str, str]], values["user"])),
-        allow_peers=cast(list[IPNetwork], values["allow_peer"]),
-        deny_peers=cast(list[IPNetwork], values["deny_peer"]),
-        unauthenticated_rate=cast(float, one("unauthenticated_rate")),
-        max_allocations_per_user=cast("int | None", one("max_allocations_per_user")),
-        max_allocations_per_ip=cast("int | None", one("max_allocations_per_ip")),
-        max_allocations=cast("int | None", one("max_allocations")),
-        log_format=cast(Literal["json", "text", "auto"], one("log_format")),
-        log_level=cast(str, one("log_level")),
-        fastpath=FastPathMode(cast(str, one("fastpath"))),
-        interfaces=cast(list[str], values["interface"]),
-        listen_tcp=cast(list[TransportAddr], values["listen_tcp"]),
-        listen_tls=cast(list[TransportAddr], values["listen_tls"]),
-        tls_cert=cast("Path | None", one("tls_cert")),
-        tls_key=cast("Path | None", one("tls_key")),
-        max_stream_connections=cast(int, one("max_stream_connections")),
-        stream_idle_timeout=cast(float, one("stream_idle_timeout")),
-        metrics=cast("TransportAddr | None", one("metrics")),
-        alternate_server=cast("TransportAddr | None", one("alternate_server")),
-        drain_timeout=cast(float, one("drain_timeout")),
-    )
-    config.check()
-    return config
+    values: dict[str, Any] = {}
+    for field_name, (setting, options) in _SETTINGS.items():
+        collected: list[Any] = []
+        given_anywhere = False
+        for option in options:
+            source, texts = _raw_values(option, given, env, file, file_name)
+            try:
+                parsed = [option.parse(t) for t in texts]
+            except ValueError as e:
+                raise ConfigError(source, str(e)) from None
+            given_anywhere = given_anywhere or bool(texts)
+            for value in parsed:
+                collected.extend(value if option.spread else [value])
+        if not given_anywhere:
+            continue  # the field's default
+        values[field_name] = collected[0] if setting.collect is None else setting.collect(collected)
+    return ServeConfig(**values)

@@ -20,7 +20,6 @@ from pathlib import Path
 from xdpturn.config import SERVE_OPTIONS, ConfigError, RawValue
 
 CONFIG_FLAG = "--config"
-PATH_KEYS = frozenset({"auth_secret_file", "tls_cert", "tls_key"})
 
 
 def read_config_file(path: str | Path) -> dict[str, RawValue]:
@@ -55,7 +54,7 @@ def config_values(data: Mapping[str, object], path: Path) -> dict[str, RawValue]
             texts = [_text(where, v) for v in value]
         else:
             texts = [_text(where, value)]
-        if key in PATH_KEYS:
+        if option.path:
             texts = [str(path.parent / t) for t in texts]  # absolute texts stay as they are
         out[key] = texts if option.repeatable else texts[0]
     return out

@@ -375,8 +375,7 @@ def test_a_busy_listen_address_is_a_start_error_naming_the_option() -> None:
 
 def test_wildcard_listeners_need_a_public_address() -> None:
     async def main() -> None:
-        server = fake_server(listen=[TransportAddr.parse("0.0.0.0:0")])
         with pytest.raises(ConfigError, match="--public-ipv4"):
-            await server.start()
+            await fake_server(listen=[TransportAddr.parse("0.0.0.0:0")]).start()
 
     run(main())

@@ -50,8 +50,8 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     for option in SERVE_OPTIONS:
         details = [f"env {option.env}"]
-        if option.default and option.name != "log_format":
-            details.append(f"default {' '.join(option.default)}")
+        if option.default_text:
+            details.append(f"default {option.default_text}")
         p.add_argument(
             option.flag,
             dest=option.name,

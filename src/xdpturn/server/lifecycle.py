@@ -82,7 +82,7 @@ def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 def run(config: ServeConfig) -> None:
-    """Blocking entry point for `xdpturn serve`; raises StartError/ConfigError if it cannot."""
+    """Blocking entry point for `xdpturn serve`; raises StartError if it cannot start."""
     with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
         runner.run(serve(config))
 

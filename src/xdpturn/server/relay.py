@@ -17,9 +17,10 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, Protocol
 
-from xdpturn.config import ConfigError, ServeConfig
+from xdpturn.config import ServeConfig
 from xdpturn.fastpath import FastPath, FastPathMode, NullFastPath, open_fastpath
 from xdpturn.proto.addr import ClientAddr, ClientFlow, Family, PeerAddr, Transport, TransportAddr
 from xdpturn.proto.commands import (
@@ -88,7 +89,7 @@ class StartError(Exception):
 class RelayServer:
     """Runs one TURN relay on the running event loop.
 
-    `await start()` binds the listeners (raising StartError or ConfigError), `await stop()` closes
+    `await start()` binds the listeners (raising StartError), `await stop()` closes
     every allocation, tells the fast path, and closes all sockets. `listen_addresses` are the
     addresses actually bound (port 0 in the config becomes the port the kernel chose).
     """
@@ -131,21 +132,15 @@ class RelayServer:
     async def start(self) -> None:
         if self._state != "new":
             raise RuntimeError(f"RelayServer.start() called when {self._state}")
-        self.config.check()
         self._loop = loop = asyncio.get_running_loop()
         self._state = "starting"
         try:
             self._listeners = self._bind_listeners()
             self._client_flows = [{} for _ in self._listeners]
-            bind = {
-                family: self.config.relay_bind_address(family)
-                for family in Family
-                if self.config.relay_address(family) is not None
-            }
             self._ports = RelayPortPool(
-                loop, self.config.ports, bind, self._on_peer_readable, self._rng
+                loop, self.config.ports, self.config.relay_binds, self._on_peer_readable, self._rng
             )
-            self._core = self._core_factory(self.config.server_config(), self._ports, self._rng)
+            self._core = self._core_factory(self.config.server, self._ports, self._rng)
             try:
                 await self.streams.start(self.config)
             except StreamBindError as e:
@@ -159,7 +154,7 @@ class RelayServer:
         for index, sock in enumerate(self._listeners):
             loop.add_reader(sock.fileno(), self._on_client_readable, sock, index)
         self._state = "running"
-        server = self.config.server_config()
+        server = self.config.server
         log.info(
             "listening",
             extra={
@@ -201,7 +196,7 @@ class RelayServer:
             return NullFastPath()
         turn_port = bound_address(self._listeners[0]).port
         try:
-            return open_fastpath(self.config.fastpath_config(turn_port))
+            return open_fastpath(replace(self.config.fastpath_settings, turn_port=turn_port))
         except Exception:
             # open_fastpath reports its own failures by returning NullFastPath; this is a bug
             # there, and Python still relays everything correctly.
@@ -491,7 +486,6 @@ def allocation_id(flow: ClientFlow) -> str:
 
 
 __all__ = [
-    "ConfigError",
     "Core",
     "CoreFactory",
     "RelayServer",

@@ -94,7 +94,7 @@ class StreamListeners:
         self.idle_timeout = config.stream_idle_timeout
         listener_context: ssl.SSLContext | None = None
         if config.listen_tls:
-            assert config.tls_cert is not None and config.tls_key is not None  # config.check()
+            assert config.tls_cert is not None and config.tls_key is not None  # ServeConfig checked
             self._tls_files = (config.tls_cert, config.tls_key)
             self._tls_current = server_context(*self._tls_files)
             listener_context = server_context(*self._tls_files)
