@@ -17,7 +17,6 @@ from pathlib import Path
 XDP_FLAGS_UPDATE_IF_NOEXIST = 1 << 0
 XDP_FLAGS_SKB_MODE = 1 << 1  # generic XDP
 XDP_FLAGS_DRV_MODE = 1 << 2  # native XDP
-XDP_FLAGS_REPLACE = 1 << 4
 
 BPF_F_TEST_XDP_LIVE_FRAMES = 1 << 1
 

@@ -414,11 +414,8 @@ class RelayServer:
         self._send(self._listeners[flow.listener], data, flow.client, "client")
 
     def _execute(self, command: Command) -> None:
+        """Every command but the sends, which _drain runs itself."""
         match command:
-            case SendToClient():
-                self._send_to_client(command)
-            case SendToPeer():
-                self._send_to_peer(command)
             case InstallChannel(route) | RemoveChannel(route):
                 install = isinstance(command, InstallChannel)
                 try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import functools
 import ipaddress
 import logging
 import random
@@ -63,10 +62,9 @@ def to_sockaddr(addr: TransportAddr) -> SockAddr:
     return (str(addr.ip), addr.port)
 
 
-@functools.lru_cache(maxsize=65536)
 def from_sockaddr(host: str, port: int) -> TransportAddr:
-    """The sender of a datagram. Cached: the same few peers send most datagrams, and parsing
-    the address text is a noticeable share of the per-datagram cost in Python."""
+    """The sender of a datagram or connection. The runtime keeps what this returns per sender
+    (RelayServer's address caches), so it is not called per datagram."""
     return TransportAddr(ipaddress.ip_address(host), port)
 
 
