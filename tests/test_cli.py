@@ -16,10 +16,11 @@ import pytest
 
 from tests.support import BOUNDED, Serve, binding
 from xdpturn.cli import main
-from xdpturn.config import SERVE_OPTIONS, PortRange, load_serve_config
+from xdpturn.config import SERVE_OPTIONS, load_serve_config
 from xdpturn.fastpath import FastPathMode
 from xdpturn.proto.addr import TransportAddr
 from xdpturn.proto.auth import Authenticator
+from xdpturn.proto.ports import PortRange
 
 GOOD = ["--listen", "127.0.0.1:0", "--auth-secret", "s3cret"]
 

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 
 from xdpturn.cli import main
-from xdpturn.config import SERVE_OPTIONS, ConfigError, PortRange, load_serve_config
+from xdpturn.config import SERVE_OPTIONS, ConfigError, load_serve_config
 from xdpturn.config_file import read_config_file
 from xdpturn.fastpath import FastPathMode
 from xdpturn.proto.addr import TransportAddr
+from xdpturn.proto.ports import PortRange
 
 EXAMPLE = Path(__file__).parent.parent / "deploy" / "xdpturn.toml"
 

@@ -22,6 +22,7 @@ from xdpturn.fastpath import FastPathConfig, FastPathMode
 from xdpturn.log import LEVELS, LogFormat
 from xdpturn.proto.addr import Family, IPAddress, TransportAddr
 from xdpturn.proto.auth import Authenticator
+from xdpturn.proto.ports import PortRange
 from xdpturn.proto.server import ServerConfig
 from xdpturn.tls import server_context
 
@@ -41,25 +42,6 @@ class ConfigError(ValueError):
         super().__init__(f"{option}: {problem}")
         self.option = option
         self.problem = problem
-
-
-@dataclass(frozen=True, slots=True)
-class PortRange:
-    low: int
-    high: int
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.low <= self.high <= 0xFFFF:
-            raise ValueError(f"bad port range {self.low}-{self.high}")
-
-    def __len__(self) -> int:
-        return self.high - self.low + 1
-
-    def __contains__(self, port: object) -> bool:
-        return isinstance(port, int) and self.low <= port <= self.high
-
-    def __str__(self) -> str:
-        return f"{self.low}-{self.high}"
 
 
 # Value parsers: text in, typed value out, ValueError with the reason (ConfigError adds the name).

@@ -29,8 +29,10 @@ from xdpturn.proto.auth import Authenticator
 from xdpturn.proto.commands import (
     AllocationClosed,
     AllocationOpened,
+    CloseRelayPort,
     Command,
     InstallChannel,
+    OpenRelayPort,
     RemoveChannel,
     SendToClient,
     SendToPeer,
@@ -230,9 +232,12 @@ class ServerUnderFuzz:
         self.from_client(flow, data)
 
     def commands(self) -> list[Command]:
-        out = []
+        """The core's commands; relay ports open at once, as the runtime's do."""
+        out: list[Command] = []
         while (command := self.server.next_command()) is not None:
             out.append(command)
+            if isinstance(command, OpenRelayPort):
+                self.server.handle_relay_port(command.relay_port, True, self.now)
         return out
 
     def check(self, commands: list[Command], client: ClientFlow | None) -> None:
@@ -251,7 +256,10 @@ class ServerUnderFuzz:
                     raise Violation(f"datagram to a refused peer: {command}")
                 if command.relay_port not in self.ports.open:
                     raise Violation(f"datagram from no allocation: {command}")
-            elif not isinstance(command, RemoveChannel | AllocationClosed):
+            elif isinstance(command, OpenRelayPort):
+                if command.relay_port not in self.ports.open:
+                    raise Violation(f"opening a port the chooser did not hand out: {command}")
+            elif not isinstance(command, RemoveChannel | AllocationClosed | CloseRelayPort):
                 raise Violation(f"unexpected command {command}")
         flows = {a.flow for a in self.server.allocations()}
         if not flows <= self.signed:

@@ -12,8 +12,10 @@ from xdpturn.proto.addr import ClientAddr, ClientFlow, Family, PeerAddr, Transpo
 from xdpturn.proto.auth import Authenticator
 from xdpturn.proto.commands import (
     ChannelRoute,
+    CloseRelayPort,
     Command,
     InstallChannel,
+    OpenRelayPort,
     RemoveChannel,
     SendToClient,
 )
@@ -40,11 +42,13 @@ PEER_V6 = PeerAddr(addr("[2001:db8:2::7]:4000"))
 
 
 class FakePorts:
-    """Ports handed out in order from a small range; tests check release."""
+    """Ports handed out in order from a small range; tests check release. `refused` ports are
+    ones the runtime cannot open (another program holds them)."""
 
     def __init__(self, low: int = 50000, high: int = 50999) -> None:
         self.free = list(range(low, high + 1))
         self.open: dict[int, frozenset[Family]] = {}
+        self.refused: set[int] = set()
 
     def acquire(self, families: frozenset[Family]) -> int | None:
         if not self.free:
@@ -181,9 +185,15 @@ class Harness:
         return Client(self, flow_of(where, transport), user, password)
 
     def commands(self) -> list[Command]:
-        out = []
+        """Drain the core's commands; relay ports are opened and closed here, as a runtime
+        would (and answered at once), so tests see the rest."""
+        out: list[Command] = []
         while (command := self.server.next_command()) is not None:
-            out.append(command)
+            if isinstance(command, OpenRelayPort):
+                opened = command.relay_port not in self.ports.refused
+                self.server.handle_relay_port(command.relay_port, opened, self.now)
+            elif not isinstance(command, CloseRelayPort):
+                out.append(command)
         return out
 
     def exchange(self, flow: ClientFlow, msg: Message | bytes, key: bytes | None = None) -> Message:

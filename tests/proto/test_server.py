@@ -284,6 +284,15 @@ def test_port_exhaustion_is_508() -> None:
     assert error_code(h.client("192.0.2.2:1").allocate()) == 508
 
 
+def test_ports_the_runtime_cannot_open_are_skipped_then_508() -> None:
+    h = Harness(ports=FakePorts(50000, 50002))
+    h.ports.refused = {50000, 50001}  # held by other programs
+    client = h.client("192.0.2.1:1")
+    assert client.allocate().cls == MessageClass.SUCCESS and client.relay_port == 50002
+    assert error_code(h.client("192.0.2.2:1").allocate()) == 508
+    assert list(h.ports.open) == [50002]  # the refused ones were given back
+
+
 # Refresh and expiry
 
 

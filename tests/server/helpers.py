@@ -11,9 +11,10 @@ from typing import Any, TypeVar
 
 import uvloop
 
-from xdpturn.config import PortRange, ServeConfig
+from xdpturn.config import ServeConfig
 from xdpturn.proto.addr import TransportAddr
 from xdpturn.proto.auth import mint_rest_credentials
+from xdpturn.proto.ports import PortRange
 
 T = TypeVar("T")
 TIMEOUT = 5.0

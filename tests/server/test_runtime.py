@@ -5,16 +5,15 @@ The fake speaks a toy protocol so each test shows one runtime duty without STUN 
 
 from __future__ import annotations
 
-import asyncio
 import io
-import ipaddress
 import json
 import logging
 import socket
 
 import pytest
 
-from xdpturn.config import ConfigError, PortRange
+from xdpturn.client import TurnClient, TurnClientError
+from xdpturn.config import ConfigError
 from xdpturn.fastpath import FastPathCounters
 from xdpturn.log import setup_logging
 from xdpturn.proto.addr import ClientFlow, Family, PeerAddr, TransportAddr
@@ -22,23 +21,27 @@ from xdpturn.proto.commands import (
     AllocationClosed,
     AllocationOpened,
     ChannelRoute,
+    CloseRelayPort,
     Command,
     InstallChannel,
+    OpenRelayPort,
     RemoveChannel,
     SendToClient,
     SendToPeer,
 )
+from xdpturn.proto.ports import PortRange
 from xdpturn.proto.server import AllocationInfo, RelayPorts, ServerConfig
 from xdpturn.proto.stats import CoreStats
 from xdpturn.server import RelayServer, StartError
 from xdpturn.server import relay as relay_module
-from xdpturn.server.sockets import RelayPortPool
 
 from .helpers import (
     TEST_PORTS,
+    behind_nat_config,
     local,
     loopback_config,
     recv,
+    rest_credentials,
     run,
     sockaddr,
     udp,
@@ -57,6 +60,7 @@ class FakeCore:
         self.stats = CoreStats()
         self.commands: list[Command] = []
         self.owner: dict[int, ClientFlow] = {}
+        self.opening: dict[int, ClientFlow] = {}
         self.deadline: float | None = None
         self.timer_client: ClientFlow | None = None
         self.closed = False
@@ -71,9 +75,8 @@ class FakeCore:
             if port is None:
                 self.commands.append(SendToClient(flow, b"full"))
                 return
-            self.owner[port] = flow
-            self.commands.append(AllocationOpened(flow, port, families, "alice", 600))
-            self.commands.append(SendToClient(flow, str(port).encode()))
+            self.opening[port] = flow
+            self.commands.append(OpenRelayPort(port, families))
         elif verb == b"send":
             port_text, _, tail = rest.partition(b":")
             peer, _, payload = tail.partition(b"|")
@@ -93,6 +96,16 @@ class FakeCore:
                 RemoveChannel(route),
                 SendToClient(flow, b"ok"),
             ]
+
+    def handle_relay_port(self, port: int, opened: bool, now: float) -> None:
+        flow = self.opening.pop(port)
+        if not opened:
+            self.commands.append(SendToClient(flow, b"full"))
+            return
+        self.owner[port] = flow
+        families = frozenset({Family.IPV4, Family.IPV6})
+        self.commands.append(AllocationOpened(flow, port, families, "alice", 600))
+        self.commands.append(SendToClient(flow, str(port).encode()))
 
     def handle_peer_datagram(
         self, data: bytes, relay_port: int, peer: PeerAddr, now: float
@@ -115,6 +128,7 @@ class FakeCore:
         self.closed = True
         for port, flow in self.owner.items():
             self.ports.release(port)
+            self.commands.append(CloseRelayPort(port))
             self.commands.append(AllocationClosed(flow, port, "shutdown"))
         self.owner.clear()
 
@@ -343,22 +357,26 @@ def _squatted_pair() -> tuple[socket.socket, int]:
     raise AssertionError("no port P with P + 1 free on 127.0.0.1 in 50 tries")
 
 
-def test_port_pool_skips_ports_taken_by_others_and_reports_exhaustion() -> None:
+def test_relay_ports_taken_by_others_are_skipped_and_exhaustion_is_508() -> None:
     async def main() -> None:
         squatter, taken = _squatted_pair()
         with squatter:
-            ports = PortRange(taken, taken + 1)
-            bind = {Family.IPV4: ipaddress.IPv4Address("127.0.0.1")}
-            loop = asyncio.get_running_loop()
-            pool = RelayPortPool(loop, ports, bind, lambda sock, port, family: None)
-            try:
-                assert pool.acquire(frozenset({Family.IPV4})) == taken + 1
-                assert pool.acquire(frozenset({Family.IPV4})) is None
-                assert pool.acquire(frozenset({Family.IPV6})) is None  # no IPv6 relays here
-                pool.release(taken + 1)
-                assert pool.acquire(frozenset({Family.IPV4})) == taken + 1
-            finally:
-                pool.close()
+            config = behind_nat_config(ports=PortRange(taken, taken + 1))
+            username, password = rest_credentials()
+            async with RelayServer(config) as server:
+                listen = server.listen_addresses[0]
+                async with await TurnClient.connect(listen, username, password) as first:
+                    (relayed,) = await first.allocate(family=Family.IPV4)
+                    assert relayed.port == taken + 1
+                    assert server.relay_port_count == 1
+                    async with await TurnClient.connect(listen, username, password) as second:
+                        with pytest.raises(TurnClientError) as refused:
+                            await second.allocate(family=Family.IPV4)
+                        assert refused.value.code == 508
+                        await first.close()  # releases the port
+                        assert server.relay_port_count == 0
+                        (again,) = await second.allocate(family=Family.IPV4)
+                        assert again.port == taken + 1
 
     run(main())
 

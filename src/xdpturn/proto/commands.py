@@ -28,6 +28,22 @@ class SendToPeer:
 
 
 @dataclass(frozen=True, slots=True)
+class OpenRelayPort:
+    """Open allocation port `relay_port`: a UDP socket bound to it in each of `families`, its
+    datagrams fed to `handle_peer_datagram`. The runtime answers with `handle_relay_port`."""
+
+    relay_port: int
+    families: frozenset[Family]
+
+
+@dataclass(frozen=True, slots=True)
+class CloseRelayPort:
+    """Close the sockets of allocation port `relay_port` (its allocation is gone)."""
+
+    relay_port: int
+
+
+@dataclass(frozen=True, slots=True)
 class ChannelRoute:
     """One channel binding as the kernel fast path needs it, both directions in one record.
 
@@ -75,5 +91,12 @@ class AllocationClosed:
 
 
 Command = (
-    SendToClient | SendToPeer | InstallChannel | RemoveChannel | AllocationOpened | AllocationClosed
+    SendToClient
+    | SendToPeer
+    | OpenRelayPort
+    | CloseRelayPort
+    | InstallChannel
+    | RemoveChannel
+    | AllocationOpened
+    | AllocationClosed
 )

@@ -1,8 +1,11 @@
 """The TURN server state machine (RFC 8656, UDP relaying), sans-IO.
 
-Inputs: datagrams from clients and from peers, each with `now` (unix time, seconds), and timer
-ticks. Outputs: commands, pulled with `next_command()`. Allocation ports come from an injected
-`RelayPorts`, randomness (nonce key, transaction ids) from an injected `random.Random`.
+Inputs: datagrams from clients and from peers, each with `now` (unix time, seconds), timer
+ticks, and the runtime's answers to `OpenRelayPort`. Outputs: commands, pulled with
+`next_command()`. Which port an allocation gets is chosen here, by an injected `RelayPorts`
+(numbers only: `xdpturn.proto.ports`); the runtime opens and closes the sockets on
+`OpenRelayPort`/`CloseRelayPort` and says whether it could (a port another program holds is
+skipped). Randomness (nonce key, transaction ids) comes from an injected `random.Random`.
 
 Packets to itself: when a client sends to one of the relay's own public addresses and the port
 is a live allocation, the datagram is handed to that allocation here, as if it had arrived from
@@ -44,8 +47,10 @@ from xdpturn.proto.commands import (
     AllocationClosed,
     AllocationOpened,
     ChannelRoute,
+    CloseRelayPort,
     Command,
     InstallChannel,
+    OpenRelayPort,
     RemoveChannel,
     SendToClient,
     SendToPeer,
@@ -80,10 +85,10 @@ class TurnError(Exception):
 
 
 class RelayPorts(Protocol):
-    """Hands out allocation ports. The runtime's implementation binds the sockets; tests fake it."""
+    """Chooses allocation port numbers (`xdpturn.proto.ports.PortChooser`; tests fake it)."""
 
     def acquire(self, families: frozenset[Family]) -> int | None:
-        """A port now open for every family in `families`, or None when none is free."""
+        """A port number not handed out yet, or None when none is left."""
 
     def release(self, port: int) -> None: ...
 
@@ -152,6 +157,17 @@ class _Allocation:
 
 
 @dataclass
+class _PendingAllocate:
+    """An Allocate whose port the runtime is opening; `refused` are ports it could not open."""
+
+    request: _Request
+    families: frozenset[Family]
+    address_errors: list[tuple[Family, int]]
+    lifetime: int
+    refused: list[int] = field(default_factory=list)
+
+
+@dataclass
 class _Request:
     """An authenticated request being handled."""
 
@@ -184,6 +200,7 @@ class TurnServer:
         )
         self._by_flow: dict[ClientFlow, _Allocation] = {}
         self._by_port: dict[int, _Allocation] = {}
+        self._opening: dict[int, _PendingAllocate] = {}  # by the port being opened
         self._per_user: Counter[str] = Counter()
         self._per_ip: Counter[IPAddress] = Counter()
         self._timers: list[tuple[float, int, int]] = []  # (when, seq, relay_port)
@@ -213,6 +230,22 @@ class TurnServer:
             self._drop(Drop.NO_ALLOCATION)
             return
         self._deliver_to_client(alloc, peer, data, now)
+
+    def handle_relay_port(self, port: int, opened: bool, now: float) -> None:
+        """The runtime's answer to `OpenRelayPort(port)`: the sockets are open, or they could not
+        be (another program holds the port), and the Allocate tries the next one."""
+        pending = self._opening.pop(port, None)
+        if pending is None:  # not asked for (a runtime bug): give it back
+            if opened:
+                self._push(CloseRelayPort(port))
+            return
+        if not opened:
+            pending.refused.append(port)
+            self._open_next_port(pending)
+            return
+        self._release_refused(pending)
+        request = pending.request
+        self._respond(request.flow, self._allocated(pending, port, now), request, request.message)
 
     def get_timer(self) -> float | None:
         return self._timers[0][0] if self._timers else None
@@ -449,7 +482,8 @@ class TurnServer:
         except TurnError as error:
             self._respond_error(flow, message, error, request)
             return
-        self._respond(flow, response, request, message)
+        if response is not None:  # None: an Allocate answers once its port is open
+            self._respond(flow, response, request, message)
 
     def _may_answer_unauthenticated(self, flow: ClientFlow, now: float) -> bool:
         """Spend a token of the client IP's budget for answers to unauthenticated requests.
@@ -470,9 +504,9 @@ class TurnServer:
                 if not self._is_self(peer) and not self._policy.permits(peer.ip):
                     raise TurnError(403, "Peer address refused by policy")
 
-    def _dispatch(self, request: _Request, now: float) -> Message | bytes:
-        """The response: a message to encode, or bytes already encoded (Allocate's, which is
-        kept to answer a retransmission identically)."""
+    def _dispatch(self, request: _Request, now: float) -> Message | bytes | None:
+        """The response: a message to encode, bytes already encoded (Allocate's, which is kept to
+        answer a retransmission identically), or None when it comes later (a new Allocate)."""
         method = request.message.method
         if method == Method.ALLOCATE:
             return self._allocate(request, now)
@@ -534,8 +568,10 @@ class TurnServer:
             return False
         return expires >= now and hmac.compare_digest(mac, self._nonce_mac(expiry, flow))
 
-    def _allocate(self, request: _Request, now: float) -> bytes:
+    def _allocate(self, request: _Request, now: float) -> bytes | None:
         message, flow = request.message, request.flow
+        if any(p.request.flow == flow for p in self._opening.values()):
+            return None  # a retransmission while its port is being opened: answered then
         existing = self._by_flow.get(flow)
         if existing is not None:
             if existing.expires <= now:  # expired, its timer has not run yet
@@ -558,9 +594,36 @@ class TurnServer:
         families, address_errors = self._requested_families(message)
         self._check_quotas(request.username, flow)
         lifetime = _granted_lifetime(message, default=DEFAULT_ALLOCATION_LIFETIME)
-        port = self._ports.acquire(families)
-        if port is None:
+        pending = _PendingAllocate(request, families, address_errors, lifetime)
+        if not self._open_next_port(pending):
             raise TurnError(508, "No relay port free")
+        return None
+
+    def _open_next_port(self, pending: _PendingAllocate) -> bool:
+        """Ask the runtime to open the next free port for `pending`; False when none is left
+        (after a refusal, the 508 is sent here)."""
+        port = self._ports.acquire(pending.families)
+        if port is None:
+            if pending.refused:  # the Allocate is answered here, not by the caller
+                self._release_refused(pending)
+                request = pending.request
+                error = TurnError(508, "No relay port free")
+                self._respond_error(request.flow, request.message, error, request)
+            return False
+        self._opening[port] = pending
+        self._push(OpenRelayPort(port, pending.families))
+        return True
+
+    def _release_refused(self, pending: _PendingAllocate) -> None:
+        # Held while the Allocate lasts, so the chooser does not offer them again.
+        for port in pending.refused:
+            self._ports.release(port)
+        pending.refused.clear()
+
+    def _allocated(self, pending: _PendingAllocate, port: int, now: float) -> bytes:
+        """The allocation on `port`, now open; its success response."""
+        request, families, lifetime = pending.request, pending.families, pending.lifetime
+        message, flow = request.message, request.flow
         response = stun.response(message)
         for family in sorted(families):
             relayed = TransportAddr(self._public[family], port)
@@ -568,7 +631,7 @@ class TurnServer:
                 AttrType.XOR_RELAYED_ADDRESS,
                 stun.encode_xor_address(relayed, message.transaction_id),
             )
-        for family, code in address_errors:
+        for family, code in pending.address_errors:
             response.add(
                 AttrType.ADDRESS_ERROR_CODE,
                 stun.encode_address_error_code(family, code, stun.REASONS[code]),
@@ -820,6 +883,7 @@ class TurnServer:
         _decrement(self._per_user, alloc.username)
         _decrement(self._per_ip, alloc.flow.client.ip)
         self._ports.release(alloc.relay_port)
+        self._push(CloseRelayPort(alloc.relay_port))
         self._push(AllocationClosed(alloc.flow, alloc.relay_port, reason))
 
     # Plumbing

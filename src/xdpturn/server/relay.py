@@ -26,17 +26,20 @@ from xdpturn.proto.addr import ClientAddr, ClientFlow, Family, PeerAddr, Transpo
 from xdpturn.proto.commands import (
     AllocationClosed,
     AllocationOpened,
+    CloseRelayPort,
     Command,
     InstallChannel,
+    OpenRelayPort,
     RemoveChannel,
     SendToClient,
     SendToPeer,
 )
+from xdpturn.proto.ports import PortChooser
 from xdpturn.proto.server import AllocationInfo, RelayPorts, ServerConfig, TurnServer
 from xdpturn.proto.stats import CoreStats
 from xdpturn.server.sockets import (
     MAX_DATAGRAM,
-    RelayPortPool,
+    RelaySockets,
     SockAddr,
     bound_address,
     from_sockaddr,
@@ -73,6 +76,7 @@ class Core(Protocol):
     def close(self, now: float) -> None: ...
     def allocations(self) -> list[AllocationInfo]: ...
     def handle_flow_closed(self, flow: ClientFlow, now: float) -> None: ...
+    def handle_relay_port(self, port: int, opened: bool, now: float) -> None: ...
 
 
 CoreFactory = Callable[[ServerConfig, RelayPorts, "random.Random | None"], Core]
@@ -114,7 +118,7 @@ class RelayServer:
         self._clock = clock
         self._listeners: list[socket.socket] = []
         self._core: Core | None = None
-        self._ports: RelayPortPool | None = None
+        self._ports: RelaySockets | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
@@ -137,10 +141,11 @@ class RelayServer:
         try:
             self._listeners = self._bind_listeners()
             self._client_flows = [{} for _ in self._listeners]
-            self._ports = RelayPortPool(
-                loop, self.config.ports, self.config.relay_binds, self._on_peer_readable, self._rng
-            )
-            self._core = self._core_factory(self.config.server, self._ports, self._rng)
+            self._ports = RelaySockets(loop, self.config.relay_binds, self._on_peer_readable)
+            # Relay ports are chosen unpredictably (RFC 8656 section 7.2), so from the system's
+            # randomness unless a test fixes it.
+            chooser = PortChooser(self.config.ports, self._rng or random.SystemRandom())
+            self._core = self._core_factory(self.config.server, chooser, self._rng)
             try:
                 await self.streams.start(self.config)
             except StreamBindError as e:
@@ -232,7 +237,7 @@ class RelayServer:
                 self._loop.remove_reader(sock.fileno())
             sock.close()
         if self._ports is not None:
-            self._ports.close()
+            self._ports.close_all()
         self.streams.close()
 
     async def __aenter__(self) -> RelayServer:
@@ -416,6 +421,13 @@ class RelayServer:
     def _execute(self, command: Command) -> None:
         """Every command but the sends, which _drain runs itself."""
         match command:
+            case OpenRelayPort(relay_port, families):
+                assert self._ports is not None
+                opened = self._ports.open(relay_port, families)
+                self.core.handle_relay_port(relay_port, opened, self._clock())
+            case CloseRelayPort(relay_port):
+                assert self._ports is not None
+                self._ports.close(relay_port)
             case InstallChannel(route) | RemoveChannel(route):
                 install = isinstance(command, InstallChannel)
                 try:

@@ -1,4 +1,4 @@
-"""UDP sockets for listeners and allocations, and the pool that hands out allocation ports."""
+"""UDP sockets for listeners and allocations."""
 
 from __future__ import annotations
 
@@ -6,11 +6,9 @@ import asyncio
 import errno
 import ipaddress
 import logging
-import random
 import socket
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 
-from xdpturn.config import PortRange
 from xdpturn.proto.addr import Family, IPAddress, TransportAddr
 
 log = logging.getLogger("xdpturn.server")
@@ -76,49 +74,24 @@ def bound_address(sock: socket.socket) -> TransportAddr:
 Reader = Callable[[socket.socket, int, Family], None]
 
 
-class RelayPortPool:
-    """The runtime's `RelayPorts`: an allocation port is one UDP socket per family, all bound
-    to the same port number in `ports`. Ports that cannot be bound (taken by another program)
-    are skipped. The search starts at a random port (RFC 8656 section 7.2 recommends
-    unpredictable relay ports) and walks the range once."""
+class RelaySockets:
+    """The sockets of open allocation ports: one UDP socket per family, all bound to the same
+    port number, read by `reader` from the event loop. Which port is the core's choice
+    (OpenRelayPort); a port another program holds cannot be opened, and the core then tries
+    another."""
 
     def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        ports: PortRange,
-        bind: Mapping[Family, IPAddress],
-        reader: Reader,
-        rng: random.Random | None = None,
+        self, loop: asyncio.AbstractEventLoop, bind: Mapping[Family, IPAddress], reader: Reader
     ) -> None:
         self._loop = loop
-        self._ports = ports
         self._bind = bind
         self._reader = reader
-        self._rng = rng if rng is not None else random.SystemRandom()
         self._sockets: dict[int, dict[Family, socket.socket]] = {}
 
-    def acquire(self, families: frozenset[Family]) -> int | None:
-        if not families or not families <= self._bind.keys():
-            return None
-        span = len(self._ports)
-        start = self._rng.randrange(span)
-        for i in range(span):
-            port = self._ports.low + (start + i) % span
-            if port in self._sockets:
-                continue
-            socks = self._bind_all(port, families)
-            if socks is None:
-                continue
-            self._sockets[port] = socks
-            for family, sock in socks.items():
-                self._loop.add_reader(sock.fileno(), self._reader, sock, port, family)
-            return port
-        log.warning("no free relay port", extra={"ports": str(self._ports)})
-        return None
-
-    def _bind_all(
-        self, port: int, families: Iterable[Family]
-    ) -> dict[Family, socket.socket] | None:
+    def open(self, port: int, families: frozenset[Family]) -> bool:
+        """Bind `port` in every family of `families`; False (and nothing bound) when it cannot."""
+        if port in self._sockets or not families or not families <= self._bind.keys():
+            return False
         socks: dict[Family, socket.socket] = {}
         for family in sorted(families):
             try:
@@ -128,10 +101,13 @@ class RelayPortPool:
                     log.warning("cannot bind a relay port", extra={"port": port, "error": str(e)})
                 for sock in socks.values():
                     sock.close()
-                return None
-        return socks
+                return False
+        self._sockets[port] = socks
+        for family, sock in socks.items():
+            self._loop.add_reader(sock.fileno(), self._reader, sock, port, family)
+        return True
 
-    def release(self, port: int) -> None:
+    def close(self, port: int) -> None:
         for sock in self._sockets.pop(port, {}).values():
             self._loop.remove_reader(sock.fileno())
             sock.close()
@@ -143,6 +119,6 @@ class RelayPortPool:
     def __len__(self) -> int:
         return len(self._sockets)
 
-    def close(self) -> None:
+    def close_all(self) -> None:
         for port in list(self._sockets):
-            self.release(port)
+            self.close(port)
