@@ -148,7 +148,8 @@ class ServerUnderFuzz:
             auth=Authenticator(users={USER: PASSWORD}),
         )
         self.ports = _Ports()
-        self.server = TurnServer(config, self.ports, random.Random(0))
+        # The script's clock starts at unix time T0, so it serves as the wall clock too.
+        self.server = TurnServer(config, self.ports, random.Random(0), wall_clock=lambda: self.now)
         self.policy = PeerPolicy(own=[PUBLIC_V4, PUBLIC_V6])
         self.now = T0
         self.key = stun.long_term_key(USER, REALM, PASSWORD)

@@ -174,7 +174,10 @@ class Harness:
     server: TurnServer = field(init=False)
 
     def __post_init__(self) -> None:
-        self.server = TurnServer(self.config, self.ports, random.Random(1))
+        # The test clock starts at unix time T0, so it serves as the wall clock too.
+        self.server = TurnServer(
+            self.config, self.ports, random.Random(1), wall_clock=lambda: self.now
+        )
 
     def client(self, where: str = "192.0.2.10:5000", user: str = "alice", **kw: object) -> Client:
         password = {"alice": "wonderland"}.get(user, "")

@@ -1,11 +1,13 @@
 """The TURN server state machine (RFC 8656, UDP relaying), sans-IO.
 
-Inputs: datagrams from clients and from peers, each with `now` (unix time, seconds), timer
-ticks, and the runtime's answers to `OpenRelayPort`. Outputs: commands, pulled with
+Inputs: datagrams from clients and from peers, each with `now` (a monotonic clock, seconds),
+timer ticks, and the runtime's answers to `OpenRelayPort`. Outputs: commands, pulled with
 `next_command()`. Which port an allocation gets is chosen here, by an injected `RelayPorts`
 (numbers only: `xdpturn.proto.ports`); the runtime opens and closes the sockets on
 `OpenRelayPort`/`CloseRelayPort` and says whether it could (a port another program holds is
-skipped). Randomness (nonce key, transaction ids) comes from an injected `random.Random`.
+skipped). Randomness (nonce key, transaction ids) comes from an injected `random.Random`. One
+thing is wall time by definition: the expiry that TURN REST API usernames carry (unix time), read
+from the injected `wall_clock` when a request is authenticated, and nowhere else.
 
 Packets to itself: when a client sends to one of the relay's own public addresses and the port
 is a live allocation, the datagram is handed to that allocation here, as if it had arrived from
@@ -180,9 +182,15 @@ class _Request:
 
 class TurnServer:
     def __init__(
-        self, config: ServerConfig, ports: RelayPorts, rng: random.Random | None = None
+        self,
+        config: ServerConfig,
+        ports: RelayPorts,
+        rng: random.Random | None = None,
+        *,
+        wall_clock: Callable[[], float],
     ) -> None:
         self.config = config
+        self._wall_clock = wall_clock
         self.stats = CoreStats()
         self._ports = ports
         self._rng = rng if rng is not None else random.Random()
@@ -537,7 +545,7 @@ class TurnServer:
             raise TurnError(400, "Malformed USERNAME or NONCE") from exc
         if not self._nonce_valid(nonce, flow, now):
             raise self._challenge(438, flow, now)
-        for password in self.config.auth.passwords(username, now):
+        for password in self.config.auth.passwords(username, self._wall_clock()):
             key = stun.long_term_key(username, self.config.realm, password)
             if stun.verify_integrity(data, key):
                 return _Request(message, flow, username, key, algorithm == "sha256")

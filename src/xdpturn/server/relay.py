@@ -83,7 +83,7 @@ CoreFactory = Callable[[ServerConfig, RelayPorts, "random.Random | None"], Core]
 
 
 def turn_server(config: ServerConfig, ports: RelayPorts, rng: random.Random | None) -> Core:
-    return TurnServer(config, ports, rng)
+    return TurnServer(config, ports, rng, wall_clock=time.time)  # for REST credentials' expiry
 
 
 class StartError(Exception):
@@ -105,7 +105,7 @@ class RelayServer:
         core_factory: CoreFactory = turn_server,
         fastpath: FastPath | None = None,
         rng: random.Random | None = None,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
         self.stats: Counter[str] = Counter()  # the runtime's own: send errors, drops
@@ -262,6 +262,10 @@ class RelayServer:
     @property
     def fastpath(self) -> FastPath:
         return self._fastpath if self._fastpath is not None else NullFastPath()
+
+    def now(self) -> float:
+        """The core's clock (monotonic): what allocation expiry times are measured on."""
+        return self._clock()
 
     @property
     def running(self) -> bool:

@@ -74,7 +74,8 @@ def status_snapshot(
 ) -> dict[str, Any]:
     """Everything `xdpturn status` shows, as JSON-ready values; `started` is when the process
     began serving (for the uptime)."""
-    now = time.time() if now is None else now
+    now = time.time() if now is None else now  # wall time, for the display and rates
+    core_now = server.now()  # allocation expiry is on the core's (monotonic) clock
     reasons = not_ready(server, drainer)
     counters = fastpath_counters(server)
     allocations = server.allocations()
@@ -132,7 +133,7 @@ def status_snapshot(
                 "permissions": a.permissions,
                 "channels": a.channels,
                 "python_bytes": server.traffic.bytes_of(a.flow, a.relay_port),
-                "expires_in": round(a.expires - now, 1),
+                "expires_in": round(a.expires - core_now, 1),
             }
             for a in ranked
         ],
