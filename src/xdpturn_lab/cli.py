@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from xdpturn.cli.args import USAGE_ERROR, UsageError
+from xdpturn.cli.args import run_command
 
 
 def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -60,13 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        code: int = args.run(args)
-    except UsageError as e:
-        print(e, file=sys.stderr)
-        return USAGE_ERROR
-    return code
+    return run_command(build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ Usage errors exit with status 2 and a one-line message that names the option, e.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import argparse
+import sys
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -28,4 +30,16 @@ def parse_arg(
         raise UsageError(command, f"{flag}: {e}", prog) from None
 
 
-__all__ = ["USAGE_ERROR", "UsageError", "parse_arg"]
+def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
+    """Parse `argv` and run the chosen command (its `run` default): its exit status, or
+    USAGE_ERROR with the one-line message of a UsageError."""
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.run(args)
+    except UsageError as e:
+        print(e, file=sys.stderr)
+        return USAGE_ERROR
+    return code
+
+
+__all__ = ["USAGE_ERROR", "UsageError", "parse_arg", "run_command"]

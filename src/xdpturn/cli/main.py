@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 
 from xdpturn import __version__
-from xdpturn.cli.args import USAGE_ERROR, UsageError, parse_arg
+from xdpturn.cli.args import UsageError, parse_arg, run_command
 from xdpturn.cli.ops import add_drain_command, add_status_command
 from xdpturn.client.probe import format_probe, probe
 from xdpturn.config import (
@@ -178,10 +178,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        code: int = args.run(args)
-    except UsageError as e:
-        print(e, file=sys.stderr)
-        return USAGE_ERROR
-    return code
+    return run_command(build_parser(), argv)
