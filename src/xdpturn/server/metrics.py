@@ -41,12 +41,11 @@ from xdpturn.server.drain import Drainer
 from xdpturn.server.relay import RelayServer, StartError
 from xdpturn.server.snapshot import fastpath_counters, not_ready, status_snapshot
 from xdpturn.server.traffic import (
-    FAMILY_LABELS,
     drop_counts,
     error_counts,
-    family_label,
     relayed_rows,
     request_counts,
+    totals_by_family,
 )
 
 log = logging.getLogger("xdpturn.server")
@@ -102,16 +101,10 @@ class RelayCollector:
                 "xdpturn_channels", "Channel bindings of active allocations", labels=labels
             ),
         }
-        sums = {name: dict.fromkeys(FAMILY_LABELS, 0) for name in gauges}
-        for alloc in self.server.allocations():
-            family = family_label(alloc.families)
-            sums["allocations"][family] += 1
-            sums["permissions"][family] += alloc.permissions
-            sums["channels"][family] += alloc.channels
-        for name, gauge in gauges.items():
-            for family, value in sums[name].items():
-                gauge.add_metric([family], value)
-            yield gauge
+        for family, totals in totals_by_family(self.server.allocations()).items():
+            for name, gauge in gauges.items():
+                gauge.add_metric([family], getattr(totals, name))
+        yield from gauges.values()
         ports = GaugeMetricFamily("xdpturn_relay_ports", "Allocation ports bound")
         ports.add_metric([], self.server.relay_port_count)
         yield ports

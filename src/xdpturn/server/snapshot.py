@@ -19,12 +19,12 @@ from xdpturn.proto.server import AllocationInfo
 from xdpturn.server.drain import Drainer
 from xdpturn.server.relay import RelayServer, allocation_id
 from xdpturn.server.traffic import (
-    FAMILY_LABELS,
     drop_counts,
     error_counts,
     family_label,
     relayed_rows,
     request_counts,
+    totals_by_family,
 )
 
 log = logging.getLogger("xdpturn.server")
@@ -80,9 +80,7 @@ def status_snapshot(
     counters = fastpath_counters(server)
     allocations = server.allocations()
     stats = server.core.stats
-    by_family = dict.fromkeys(FAMILY_LABELS, 0)
-    for alloc in allocations:
-        by_family[family_label(alloc.families)] += 1
+    by_family = {f: t.allocations for f, t in totals_by_family(allocations).items()}
 
     def talker_key(alloc: AllocationInfo) -> tuple[int, int, int]:
         return (

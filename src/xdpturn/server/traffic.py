@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from xdpturn.fastpath import FastPathCounters
 from xdpturn.proto.addr import ClientFlow, Family
+from xdpturn.proto.server import AllocationInfo
 from xdpturn.proto.stats import CoreStats
 from xdpturn.proto.stun import Method
 
@@ -77,6 +78,26 @@ def family_label(families: Iterable[Family]) -> str:
 
 
 FAMILY_LABELS = ("ipv4", "ipv6", "dual")
+
+
+@dataclass
+class FamilyTotals:
+    """Active allocations of one family label, with their permissions and channels."""
+
+    allocations: int = 0
+    permissions: int = 0
+    channels: int = 0
+
+
+def totals_by_family(allocations: Iterable[AllocationInfo]) -> dict[str, FamilyTotals]:
+    """{family label: totals}, every label present."""
+    totals = {label: FamilyTotals() for label in FAMILY_LABELS}
+    for alloc in allocations:
+        total = totals[family_label(alloc.families)]
+        total.allocations += 1
+        total.permissions += alloc.permissions
+        total.channels += alloc.channels
+    return totals
 
 
 def method_label(method: int) -> str:
