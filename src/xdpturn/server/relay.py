@@ -118,7 +118,7 @@ class RelayServer:
         self._clock = clock
         self._listeners: list[socket.socket] = []
         self._core: Core | None = None
-        self._ports: RelaySockets | None = None
+        self._relay_sockets: RelaySockets | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
@@ -141,7 +141,9 @@ class RelayServer:
         try:
             self._listeners = self._bind_listeners()
             self._client_flows = [{} for _ in self._listeners]
-            self._ports = RelaySockets(loop, self.config.relay_binds, self._on_peer_readable)
+            self._relay_sockets = RelaySockets(
+                loop, self.config.relay_binds, self._on_peer_readable
+            )
             # Relay ports are chosen unpredictably (RFC 8656 section 7.2), so from the system's
             # randomness unless a test fixes it.
             chooser = PortChooser(self.config.ports, self._rng or random.SystemRandom())
@@ -236,8 +238,8 @@ class RelayServer:
             if self._loop is not None and sock.fileno() >= 0:
                 self._loop.remove_reader(sock.fileno())
             sock.close()
-        if self._ports is not None:
-            self._ports.close_all()
+        if self._relay_sockets is not None:
+            self._relay_sockets.close_all()
         self.streams.close()
 
     async def __aenter__(self) -> RelayServer:
@@ -277,7 +279,7 @@ class RelayServer:
     @property
     def relay_port_count(self) -> int:
         """Allocation ports currently bound (a leak shows here after allocations close)."""
-        return len(self._ports) if self._ports is not None else 0
+        return len(self._relay_sockets) if self._relay_sockets is not None else 0
 
     # Inputs
 
@@ -402,8 +404,8 @@ class RelayServer:
         to_peers = self.traffic.to_peers
         if relay_port in to_peers:
             to_peers[relay_port] += len(data)
-        assert self._ports is not None
-        sock = self._ports.socket(relay_port, peer.family)
+        assert self._relay_sockets is not None
+        sock = self._relay_sockets.socket(relay_port, peer.family)
         if sock is None:
             self.stats["peer_send_unroutable"] += 1
             return
@@ -426,12 +428,12 @@ class RelayServer:
         """Every command but the sends, which _drain runs itself."""
         match command:
             case OpenRelayPort(relay_port, families):
-                assert self._ports is not None
-                opened = self._ports.open(relay_port, families)
+                assert self._relay_sockets is not None
+                opened = self._relay_sockets.open(relay_port, families)
                 self.core.handle_relay_port(relay_port, opened, self._clock())
             case CloseRelayPort(relay_port):
-                assert self._ports is not None
-                self._ports.close(relay_port)
+                assert self._relay_sockets is not None
+                self._relay_sockets.close(relay_port)
             case InstallChannel(route) | RemoveChannel(route):
                 install = isinstance(command, InstallChannel)
                 try:
