@@ -75,21 +75,11 @@ def status_snapshot(
     """Everything `xdpturn status` shows, as JSON-ready values; `started` is when the process
     began serving (for the uptime)."""
     now = time.time() if now is None else now  # wall time, for the display and rates
-    core_now = server.now()  # allocation expiry is on the core's (monotonic) clock
     reasons = not_ready(server, drainer)
     counters = fastpath_counters(server)
     allocations = server.allocations()
     stats = server.core.stats
     by_family = {f: t.allocations for f, t in totals_by_family(allocations).items()}
-
-    def talker_key(alloc: AllocationInfo) -> tuple[int, int, int]:
-        return (
-            server.traffic.bytes_of(alloc.flow, alloc.relay_port),
-            alloc.channels,
-            alloc.permissions,
-        )
-
-    ranked = sorted(allocations, key=talker_key, reverse=True)[: max(0, top)]
     remaining = drainer.remaining()
     return {
         "version": __version__,
@@ -121,21 +111,38 @@ def status_snapshot(
         "auth_failures": stats.auth_failures,
         "drops": drop_counts(stats),
         "top_by": "python_bytes",
-        "top": [
-            {
-                "allocation": allocation_id(a.flow),
-                "client": str(a.flow.client),
-                "username": a.username,
-                "relay_port": a.relay_port,
-                "family": family_label(a.families),
-                "permissions": a.permissions,
-                "channels": a.channels,
-                "python_bytes": server.traffic.bytes_of(a.flow, a.relay_port),
-                "expires_in": round(a.expires - core_now, 1),
-            }
-            for a in ranked
-        ],
+        "top": _top_allocations(server, allocations, top),
     }
+
+
+def _top_allocations(
+    server: RelayServer, allocations: list[AllocationInfo], top: int
+) -> list[dict[str, Any]]:
+    """The `top` allocations by Python-path bytes, then channels, then permissions."""
+
+    def talker_key(alloc: AllocationInfo) -> tuple[int, int, int]:
+        return (
+            server.traffic.bytes_of(alloc.flow, alloc.relay_port),
+            alloc.channels,
+            alloc.permissions,
+        )
+
+    ranked = sorted(allocations, key=talker_key, reverse=True)[: max(0, top)]
+    core_now = server.now()  # allocation expiry is on the core's (monotonic) clock
+    return [
+        {
+            "allocation": allocation_id(a.flow),
+            "client": str(a.flow.client),
+            "username": a.username,
+            "relay_port": a.relay_port,
+            "family": family_label(a.families),
+            "permissions": a.permissions,
+            "channels": a.channels,
+            "python_bytes": server.traffic.bytes_of(a.flow, a.relay_port),
+            "expires_in": round(a.expires - core_now, 1),
+        }
+        for a in ranked
+    ]
 
 
 __all__ = ["EXPECTED_MODES", "fastpath_counters", "not_ready", "status_snapshot"]
