@@ -1,0 +1,108 @@
+"""The kernel fast path: an XDP program that relays ChannelData <-> UDP for bound channels.
+
+The server only talks to the `FastPath` protocol below; `open_fastpath` returns the XDP-backed
+implementation, or `NullFastPath` when the fast path is off or cannot load (Python then relays
+everything, correctly, only slower).
+
+CONTRACT: `FastPathConfig`, `FastPath`, `NullFastPath` and `open_fastpath` are the API the server
+uses; the XDP implementation lives in `xdp.py`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Protocol
+
+from xdpturn.proto.commands import ChannelRoute
+
+
+class FastPathMode(Enum):
+    AUTO = "auto"  # native XDP where the driver allows, else generic
+    XDP = "xdp"  # native only
+    GENERIC = "generic"  # generic (skb) mode only
+    OFF = "off"
+
+
+@dataclass
+class FastPathConfig:
+    mode: FastPathMode
+    interfaces: list[str]
+    turn_port: int = 3478
+    # What clients are told; a packet to one of these is a packet to the relay itself.
+    public_ipv4: ipaddress.IPv4Address | None = None
+    public_ipv6: ipaddress.IPv6Address | None = None
+    # Source addresses for packets the program sends (the interface addresses; they differ from
+    # the public ones behind 1:1 NAT). None: taken from the interface.
+    local_ipv4: ipaddress.IPv4Address | None = None
+    local_ipv6: ipaddress.IPv6Address | None = None
+
+
+@dataclass
+class FastPathCounters:
+    """Totals over all CPUs: per route name (e.g. "ipv4_channel_to_ipv6_udp"), packets and bytes;
+    per pass reason (e.g. "not_turn", "no_channel", "fragment") and per drop reason, packets."""
+
+    routes: dict[str, tuple[int, int]] = field(default_factory=dict)
+    passes: dict[str, int] = field(default_factory=dict)
+    drops: dict[str, int] = field(default_factory=dict)
+
+
+class FastPath(Protocol):
+    @property
+    def mode(self) -> str:
+        """One of "native", "generic" or "off"."""
+
+    def install(self, route: ChannelRoute) -> None:
+        """Add both directions of a channel. Failure is logged, never raised."""
+
+    def remove(self, route: ChannelRoute) -> None: ...
+
+    def counters(self) -> FastPathCounters: ...
+
+    def problem(self) -> str | None:
+        """Why the kernel is not carrying bound channels although attached; None when it is (or
+        has none to carry, or is off: `mode` says that)."""
+
+    def close(self) -> None:
+        """Detach the program and free its maps."""
+
+
+class NullFastPath:
+    """No kernel fast path: Python relays everything."""
+
+    @property
+    def mode(self) -> str:
+        return "off"
+
+    def install(self, route: ChannelRoute) -> None:
+        pass
+
+    def remove(self, route: ChannelRoute) -> None:
+        pass
+
+    def counters(self) -> FastPathCounters:
+        return FastPathCounters()
+
+    def problem(self) -> str | None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+def open_fastpath(config: FastPathConfig) -> FastPath:
+    """Load and attach the XDP program per `config`; on failure log why and return NullFastPath."""
+    log = logging.getLogger("xdpturn.fastpath")
+    if config.mode is FastPathMode.OFF:
+        log.info("fast path off (configured)")
+        return NullFastPath()
+    from xdpturn.fastpath.xdp import XdpFastPath  # loads libbpf only when wanted
+
+    try:
+        return XdpFastPath(config)
+    except (OSError, ValueError) as e:
+        log.warning("fast path unavailable, Python relays everything: %s", e)
+        return NullFastPath()
