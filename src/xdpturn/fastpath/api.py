@@ -1,17 +1,9 @@
-"""The kernel fast path: an XDP program that relays ChannelData <-> UDP for bound channels.
-
-The server only talks to the `FastPath` protocol below; `open_fastpath` returns the XDP-backed
-implementation, or `NullFastPath` when the fast path is off or cannot load (Python then relays
-everything, correctly, only slower).
-
-CONTRACT: `FastPathConfig`, `FastPath`, `NullFastPath` and `open_fastpath` are the API the server
-uses; the XDP implementation lives in `xdp.py`.
-"""
+"""What the server knows of the fast path: its settings, its counters and the `FastPath` protocol
+(`NullFastPath` when it is off). The XDP implementation is `xdp.py`."""
 
 from __future__ import annotations
 
 import ipaddress
-import logging
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol
@@ -93,16 +85,4 @@ class NullFastPath:
         pass
 
 
-def open_fastpath(config: FastPathConfig) -> FastPath:
-    """Load and attach the XDP program per `config`; on failure log why and return NullFastPath."""
-    log = logging.getLogger("xdpturn.fastpath")
-    if config.mode is FastPathMode.OFF:
-        log.info("fast path off (configured)")
-        return NullFastPath()
-    from xdpturn.fastpath.xdp import XdpFastPath  # loads libbpf only when wanted
-
-    try:
-        return XdpFastPath(config)
-    except (OSError, ValueError) as e:
-        log.warning("fast path unavailable, Python relays everything: %s", e)
-        return NullFastPath()
+__all__ = ["FastPath", "FastPathConfig", "FastPathCounters", "FastPathMode", "NullFastPath"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from xdpturn.fastpath import FastPathCounters
+from xdpturn.fastpath.api import FastPathCounters
 
 log = logging.getLogger("xdpturn.fastpath")
 

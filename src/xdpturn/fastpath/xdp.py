@@ -13,8 +13,15 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from xdpturn.fastpath import FastPathConfig, FastPathCounters, FastPathMode, maps
 from xdpturn.fastpath import libbpf as bpf
+from xdpturn.fastpath import maps
+from xdpturn.fastpath.api import (
+    FastPath,
+    FastPathConfig,
+    FastPathCounters,
+    FastPathMode,
+    NullFastPath,
+)
 from xdpturn.fastpath.health import CarryingCheck
 from xdpturn.fastpath.nexthop import NextHops
 from xdpturn.proto.addr import ClientAddr, IPAddress
@@ -286,3 +293,15 @@ def attached_counters(interface: str | int, object_path: Path = OBJECT_PATH) -> 
     finally:
         for m in found.values():
             os.close(m.fd)
+
+
+def open_fastpath(config: FastPathConfig) -> FastPath:
+    """Load and attach the XDP program per `config`; on failure log why and return NullFastPath."""
+    if config.mode is FastPathMode.OFF:
+        log.info("fast path off (configured)")
+        return NullFastPath()
+    try:
+        return XdpFastPath(config)
+    except (OSError, ValueError) as e:
+        log.warning("fast path unavailable, Python relays everything: %s", e)
+        return NullFastPath()
