@@ -18,7 +18,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-from xdpturn.fastpath import FastPathConfig, FastPathMode
+from xdpturn.fastpath import FastPathConfig, FastPathMode, GuardConfig
 from xdpturn.log import LEVELS, LogFormat
 from xdpturn.proto.addr import Family, IPAddress, TransportAddr
 from xdpturn.proto.auth import Authenticator
@@ -169,6 +169,10 @@ def parse_rate(text: str) -> float:
     if not 0 <= value < float("inf"):
         raise ValueError(f"expected a rate per second >= 0 such as 20 (0: no limit), got {text!r}")
     return value
+
+
+def parse_on_off(text: str) -> bool:
+    return _choice(("on", "off"))(text) == "on"
 
 
 def parse_readable_file(text: str) -> Path:
@@ -384,6 +388,31 @@ class ServeConfig:
         name="interface",
         commas=True,
     )
+    # What the XDP program drops, and what both paths read from sources without an allocation
+    # (docs/security.md).
+    fastpath_guard: bool = option(
+        "on|off",
+        "let the XDP program drop what can never be valid (junk on the TURN port, ChannelData "
+        "from addresses without an allocation, peers without a permission) and rate-limit STUN "
+        "(default: on)",
+        parse_on_off,
+        True,
+        show_default=False,
+    )
+    stun_rate_per_source: float = option(
+        "N",
+        "datagrams per second the relay reads from one source address (an IPv6 /64) without an "
+        "allocation: STUN on the TURN port past XDP, or on the listening sockets in Python; "
+        "0: no limit",
+        parse_rate,
+        GuardConfig.stun_rate_per_source,
+    )
+    stun_rate_total: float = option(
+        "N",
+        "the same from all sources without an allocation together; 0: no limit",
+        parse_rate,
+        GuardConfig.stun_rate_total,
+    )
     listen_tcp: list[TransportAddr] = repeatable(
         "ADDR:PORT",
         "TCP address for TURN clients (TURN over TCP); repeatable; off unless given",
@@ -438,6 +467,7 @@ class ServeConfig:
     relay_addresses: dict[Family, IPAddress] = field(init=False, repr=False, compare=False)
     relay_binds: dict[Family, IPAddress] = field(init=False, repr=False, compare=False)
     server: ServerConfig = field(init=False, repr=False, compare=False)
+    guard: GuardConfig = field(init=False, repr=False, compare=False)
     fastpath_settings: FastPathConfig = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -473,6 +503,11 @@ class ServeConfig:
             max_allocations_per_user=self.max_allocations_per_user,
             max_allocations_per_ip=self.max_allocations_per_ip,
         )
+        guard = GuardConfig(
+            enabled=self.fastpath_guard,
+            stun_rate_per_source=self.stun_rate_per_source,
+            stun_rate_total=self.stun_rate_total,
+        )
         local_v4 = relay_binds.get(Family.IPV4)
         local_v6 = relay_binds.get(Family.IPV6)
         fastpath = FastPathConfig(
@@ -483,11 +518,13 @@ class ServeConfig:
             public_ipv6=public_v6,
             local_ipv4=local_v4 if isinstance(local_v4, ipaddress.IPv4Address) else None,
             local_ipv6=local_v6 if isinstance(local_v6, ipaddress.IPv6Address) else None,
+            guard=guard,
         )
         for name, value in (
             ("relay_addresses", relay_addresses),
             ("relay_binds", relay_binds),
             ("server", server),
+            ("guard", guard),
             ("fastpath_settings", fastpath),
         ):
             object.__setattr__(self, name, value)

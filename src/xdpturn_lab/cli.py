@@ -29,6 +29,26 @@ def _bench(args: argparse.Namespace) -> int:
     return main(args)
 
 
+def _add_flood(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "flood",
+        help="a legitimate client's loss and round trip while junk floods the relay",
+        description="Build a testbed; for each relay, ping through a channel at 500/s, quiet "
+        "and while one process floods the TURN port with junk; print loss, round trips, the "
+        "junk rate and the relay's memory. Needs root. See docs/security.md.",
+    )
+    from xdpturn_lab.bench.flood import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(run=_flood)
+
+
+def _flood(args: argparse.Namespace) -> int:
+    from xdpturn_lab.bench.flood import main
+
+    return main(args)
+
+
 def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "demo",
@@ -55,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_bench(sub)
+    _add_flood(sub)
     _add_demo(sub)
     return parser
 

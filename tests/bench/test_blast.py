@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from xdpturn.proto import stun
 from xdpturn.proto.channel_data import decode_channel_data, encode_channel_data
 from xdpturn_lab.bench import tools
 from xdpturn_lab.bench.tools import RecvResult, SendResult
@@ -324,3 +325,38 @@ def test_netns_ceiling(blast: Path, capsys: pytest.CaptureFixture[str]) -> None:
             subprocess.run(["ip", "netns", "delete", ns], check=False, capture_output=True)
     with capsys.disabled():
         print("\n" + "\n".join(lines))
+
+
+def test_junk_sends_every_kind_of_bad_datagram(blast: Path) -> None:
+    """junk: STUN that decodes and STUN that does not, ChannelData whose length lies, random
+    bytes, and 65,000-byte datagrams; the same sequence every run."""
+    count = 1024
+
+    def one_run() -> list[bytes]:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 20)
+            sock.bind((V4, 0))
+            sock.settimeout(5)
+            sent = tools.junk(sock.getsockname(), rate=20_000, duration=5, count=count).run()
+            assert (sent.sent, sent.errors) == (count, 0)
+            return [sock.recv(65535) for _ in range(count)]
+
+    got = one_run()
+    stun_ok = stun_bad = lying = big = 0
+    for data in got:
+        if len(data) == 65000:
+            big += 1
+        elif data[0] >> 6 == 1:
+            try:
+                decode_channel_data(data)
+            except ValueError:
+                lying += 1
+        elif len(data) >= 8 and data[4:8] == b"\x21\x12\xa4\x42":
+            try:
+                stun.decode(data)
+                stun_ok += 1
+            except ValueError:
+                stun_bad += 1
+    assert big == count // 256
+    assert stun_ok > 50 and stun_bad > 200 and lying > 150, (stun_ok, stun_bad, lying)
+    assert one_run() == got

@@ -21,7 +21,7 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -29,6 +29,8 @@ import pytest
 
 from xdpturn.fastpath import FastPathConfig, FastPathMode
 from xdpturn.fastpath.xdp import XdpFastPath
+from xdpturn.proto.addr import ClientFlow
+from xdpturn.proto.commands import ChannelRoute
 from xdpturn_lab.testbed import netns
 
 TURN_PORT = 3478
@@ -157,3 +159,22 @@ def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"not true within {timeout} s")
         time.sleep(0.01)
+
+
+@contextmanager
+def allocated(fp: XdpFastPath, routes: Sequence[ChannelRoute]) -> Iterator[None]:
+    """The guard's view of what the server holds with these routes installed: each client's
+    allocation (UDP) on its relay port and a permission for each peer, as the core would say."""
+    opened = {(ClientFlow(r.client), r.relay_port) for r in routes}
+    permitted = {(r.relay_port, r.peer.ip) for r in routes}
+    for flow, port in opened:
+        fp.allocation_opened(flow, port)
+    for port, ip in permitted:
+        fp.permit(port, ip)
+    try:
+        yield
+    finally:
+        for port, ip in permitted:
+            fp.unpermit(port, ip)
+        for flow, port in opened:
+            fp.allocation_closed(flow, port)

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from tests.fastpath import test_routes
-from tests.fastpath.conftest import LOCAL4, LOCAL6, PEER_MAC, TURN_PORT, Lab
+from tests.fastpath.conftest import LOCAL4, LOCAL6, PEER_MAC, TURN_PORT, Lab, allocated
 from tests.fastpath.packets import (
     channel_data,
     expected_frame,
@@ -88,7 +88,8 @@ def routed(lab: Lab) -> Iterator[Lab]:
     r = route(str(CLIENT4), CHANNEL, RELAY, str(PEER4))
     lab.fastpath.install(r)
     try:
-        yield lab
+        with allocated(lab.fastpath, [r, route(str(CLIENT4), CHANNEL + 1, RELAY, str(PEER6))]):
+            yield lab
     finally:
         lab.fastpath.remove(r)
 
@@ -135,7 +136,17 @@ def test_lying_channel_data_over_ipv4(
         and chan_len + 4 <= udp_len - 8
         and udp_len - 12 - chan_len <= 3
     )
-    event("forwarded" if ok else "passed")
+    # IP and UDP agree, but the ChannelData inside can never be valid: the guard drops it.
+    lying_inside = (
+        14 + tot_len <= len(frame)
+        and udp_len == tot_len - 20
+        and udp_len >= 8
+        and (udp_len < 12 or chan_len + 4 > udp_len - 8)
+    )
+    event("forwarded" if ok else "dropped" if lying_inside else "passed")
+    if lying_inside:
+        assert out.action == bpf.XDP_DROP
+        return
     if not ok:
         assert (out.action, out.frame) == (bpf.XDP_PASS, frame)
         return

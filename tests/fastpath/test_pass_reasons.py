@@ -1,4 +1,8 @@
-"""Everything the program cannot relay goes to the stack (XDP_PASS), untouched, reason counted."""
+"""Everything the program cannot relay goes to the stack (XDP_PASS), untouched, reason counted.
+
+With the guard on (the default), some of these are dropped instead (test_guard.py): they are
+checked here with the guard off, the program's behaviour before the guard and with
+--fastpath-guard off."""
 
 from __future__ import annotations
 
@@ -14,8 +18,17 @@ from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop
 from scapy.layers.l2 import ARP, Ether
 from scapy.packet import Raw
 
-from tests.fastpath.conftest import LOCAL4, LOCAL6, PUBLIC4, TURN_PORT, Lab, forwarding
+from tests.fastpath.conftest import (
+    LOCAL4,
+    LOCAL6,
+    PUBLIC4,
+    TURN_PORT,
+    Lab,
+    allocated,
+    forwarding,
+)
 from tests.fastpath.packets import RELAY_MAC_IN, channel_data, route, run, taddr, udp_frame
+from xdpturn.fastpath import GuardConfig
 from xdpturn.fastpath import libbpf as bpf
 from xdpturn.fastpath.maps import reason_names
 from xdpturn.fastpath.xdp import OBJECT_PATH
@@ -73,6 +86,7 @@ class Case:
     frame: bytes
     ingress: str = "rly0"
     forwarding: bool = False  # on for the ingress device: the bpf_fib_lookup fallback answers
+    guard: bool = True  # False: the guard drops it; checked with the guard off
 
 
 def cases() -> Iterator[Case]:
@@ -111,13 +125,13 @@ def cases() -> Iterator[Case]:
     yield Case("not_turn", udp_frame(taddr(P4), taddr(f"{LOCAL4}:40000"), b"x"), "rly1")
     stun = bytes.fromhex("0001 0000 2112a442") + b"\x01" * 12
     yield Case("stun", udp_frame(taddr(C4), TURN4, stun))
-    yield Case("bad_channel_number", chd4(0x8000))
-    yield Case("bad_channel_number", chd4(0xFFFF))
-    yield Case("bad_channel_length", chd4(0x4000, b"data", length=5))
-    yield Case("bad_channel_length", chd4(0x4000, b"data", pad=4))
-    yield Case("truncated", udp_frame(taddr(C4), TURN4, b"\x40\x00"))
+    yield Case("bad_channel_number", chd4(0x8000), guard=False)
+    yield Case("bad_channel_number", chd4(0xFFFF), guard=False)
+    yield Case("bad_channel_length", chd4(0x4000, b"data", length=5), guard=False)
+    yield Case("bad_channel_length", chd4(0x4000, b"data", pad=4))  # a known client
+    yield Case("truncated", udp_frame(taddr(C4), TURN4, b"\x40\x00"), guard=False)
     yield Case("no_channel", chd4(0x4FFF))
-    yield Case("no_channel", udp_frame(taddr("192.0.2.10:50001"), TURN4, cd))
+    yield Case("no_channel", udp_frame(taddr("192.0.2.10:50001"), TURN4, cd), guard=False)
     yield Case("no_peer", udp_frame(taddr("198.51.100.20:6001"), taddr(f"{LOCAL4}:{RELAY}"), b"x"))
     yield Case("hairpin_no_route", chd4(0x4005))
     yield Case("zero_checksum", with_udp_checksum_zero(chd4(0x4001)))  # IPv4 in, IPv6 out
@@ -144,7 +158,8 @@ def installed(lab: Lab) -> Iterator[Lab]:
     for r in ROUTES:
         lab.fastpath.install(r)
     try:
-        yield lab
+        with allocated(lab.fastpath, ROUTES):
+            yield lab
     finally:
         for r in ROUTES:
             lab.fastpath.remove(r)
@@ -154,8 +169,13 @@ def installed(lab: Lab) -> Iterator[Lab]:
 def test_pass(installed: Lab, case: Case) -> None:
     fp = installed.fastpath
     before = fp.counters().passes
-    with forwarding(installed.ns, case.ingress) if case.forwarding else nullcontext():
-        out = run(fp, installed.ns, installed.ifindex[case.ingress], case.frame)
+    if not case.guard:
+        fp.guard.configure(GuardConfig(enabled=False))
+    try:
+        with forwarding(installed.ns, case.ingress) if case.forwarding else nullcontext():
+            out = run(fp, installed.ns, installed.ifindex[case.ingress], case.frame)
+    finally:
+        fp.guard.configure(GuardConfig())
     assert out.action == bpf.XDP_PASS
     assert out.frame == case.frame, "a passed packet must reach the stack unchanged"
     after = fp.counters().passes

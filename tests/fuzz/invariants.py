@@ -24,9 +24,18 @@ import random
 import struct
 
 from xdpturn.proto import stun
-from xdpturn.proto.addr import ClientAddr, ClientFlow, Family, PeerAddr, Transport, TransportAddr
+from xdpturn.proto.addr import (
+    ClientAddr,
+    ClientFlow,
+    Family,
+    IPAddress,
+    PeerAddr,
+    Transport,
+    TransportAddr,
+)
 from xdpturn.proto.auth import Authenticator
 from xdpturn.proto.commands import (
+    AddPermission,
     AllocationClosed,
     AllocationOpened,
     CloseRelayPort,
@@ -34,6 +43,7 @@ from xdpturn.proto.commands import (
     InstallChannel,
     OpenRelayPort,
     RemoveChannel,
+    RemovePermission,
     SendToClient,
     SendToPeer,
 )
@@ -156,6 +166,8 @@ class ServerUnderFuzz:
         self.nonces: dict[ClientFlow, bytes] = {}
         self.signed: set[ClientFlow] = set()  # clients that sent a validly signed request
         self.streams = {f: StreamDecoder() for f in CLIENTS if f.transport is not Transport.UDP}
+        # Permissions announced to the runtime (the kernel's view), by allocation port.
+        self.permitted: set[tuple[int, IPAddress]] = set()
 
     def run(self, script: bytes) -> None:
         at = 0
@@ -260,7 +272,23 @@ class ServerUnderFuzz:
             elif isinstance(command, OpenRelayPort):
                 if command.relay_port not in self.ports.open:
                     raise Violation(f"opening a port the chooser did not hand out: {command}")
-            elif not isinstance(command, RemoveChannel | AllocationClosed | CloseRelayPort):
+            elif isinstance(command, AddPermission):
+                key = (command.relay_port, command.peer)
+                if command.relay_port not in self.ports.open or key in self.permitted:
+                    raise Violation(f"permission for no allocation, or twice: {command}")
+                own = command.peer in (PUBLIC_V4, PUBLIC_V6)
+                if not own and not self.policy.permits(command.peer):
+                    raise Violation(f"permission for a refused peer: {command}")
+                self.permitted.add(key)
+            elif isinstance(command, RemovePermission):
+                key = (command.relay_port, command.peer)
+                if key not in self.permitted:
+                    raise Violation(f"withdrawn permission never announced: {command}")
+                self.permitted.discard(key)
+            elif isinstance(command, AllocationClosed):
+                if any(port == command.relay_port for port, _ in self.permitted):
+                    raise Violation(f"allocation closed with permissions announced: {command}")
+            elif not isinstance(command, RemoveChannel | CloseRelayPort):
                 raise Violation(f"unexpected command {command}")
         flows = {a.flow for a in self.server.allocations()}
         if not flows <= self.signed:

@@ -13,7 +13,7 @@ from tests.proto.harness import PEER, Harness
 from xdpturn.proto import stun
 from xdpturn.proto.addr import Transport
 from xdpturn.proto.channel_data import encode_channel_data
-from xdpturn.proto.commands import AllocationClosed, SendToPeer
+from xdpturn.proto.commands import AllocationClosed, RemovePermission, SendToPeer
 from xdpturn.proto.framing import FramingError, StreamDecoder
 from xdpturn.proto.stun import Message, MessageClass, Method
 
@@ -31,7 +31,10 @@ def test_closing_the_connection_deletes_the_allocation(transport: Transport) -> 
 
     h.server.handle_flow_closed(client.flow, h.now)
 
-    assert h.take() == [AllocationClosed(client.flow, port, "connection_closed")]
+    assert h.take() == [
+        RemovePermission(port, PEER.ip),
+        AllocationClosed(client.flow, port, "connection_closed"),
+    ]
     assert port not in h.ports.open
     assert [a.flow for a in h.server.allocations()] == [other.flow]
     # Nothing is left to relay for the closed flow; the other flow still relays.

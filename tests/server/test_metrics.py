@@ -14,7 +14,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from xdpturn.cli.ops import render, watch
-from xdpturn.fastpath import FastPathCounters, FastPathMode
+from xdpturn.fastpath import FastPathCounters, FastPathMode, NullFastPath
 from xdpturn.proto.addr import Family, TransportAddr
 from xdpturn.proto.channel_data import encode_channel_data
 from xdpturn.proto.commands import ChannelRoute
@@ -85,7 +85,7 @@ async def relay_with_ops(
             await ops.stop()
 
 
-class FakeFastPath:
+class FakeFastPath(NullFastPath):
     """A FastPath whose counters are whatever the test says."""
 
     def __init__(self, mode: str, counters: FastPathCounters, problem: str | None = None) -> None:
@@ -198,7 +198,7 @@ def test_fast_path_counters_show_per_route_and_pass_reason() -> None:
     counters = FastPathCounters(
         routes={"ipv4_channel_to_ipv4_udp": (11, 1100), "ipv4_udp_to_ipv6_channel": (3, 333)},
         passes={"not_turn": 5, "no_channel": 2},
-        drops={"rewritten_truncated": 1},
+        drops={"rewritten_truncated": 1, "unknown_client": 7, "stun_rate_source": 9},
     )
     config = loopback_config(fastpath=FastPathMode.AUTO, interfaces=["lo"])
 
@@ -215,7 +215,8 @@ def test_fast_path_counters_show_per_route_and_pass_reason() -> None:
             assert value(metrics, "xdpturn_relayed_bytes_total", **labels) == nbytes
         for reason, n in counters.passes.items():
             assert value(metrics, "xdpturn_fastpath_passes_total", reason=reason) == n
-        assert value(metrics, "xdpturn_fastpath_drops_total", reason="rewritten_truncated") == 1
+        for reason, n in counters.drops.items():
+            assert value(metrics, "xdpturn_fastpath_drops_total", reason=reason) == n
         modes = {
             m: value(metrics, "xdpturn_fastpath_mode", mode=m) for m in ("native", "generic", "off")
         }
@@ -227,6 +228,7 @@ def test_fast_path_counters_show_per_route_and_pass_reason() -> None:
             "configured": "auto",
             "problem": None,
             "passes": {"no_channel": 2, "not_turn": 5},
+            "drops": {"rewritten_truncated": 1, "stun_rate_source": 9, "unknown_client": 7},
         }
 
     run(main())
@@ -326,6 +328,8 @@ def test_status_command_prints_json_once_and_a_table() -> None:
             later["relayed"] = [dict(r, packets=r["packets"] + 1000) for r in snapshot["relayed"]]
             table = render(later, snapshot, "127.0.0.1:9478")
             assert "ready" in table and "client_to_peer" in table and "500" in table
+            later["fastpath"] = dict(later["fastpath"], drops={"unknown_client": 12})
+            assert "xdp-drop:unknown_client 12" in render(later, snapshot, "127.0.0.1:9478")
 
     run(main())
 

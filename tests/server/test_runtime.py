@@ -14,7 +14,7 @@ import pytest
 
 from xdpturn.client import TurnClient, TurnClientError
 from xdpturn.config import ConfigError
-from xdpturn.fastpath import FastPathCounters
+from xdpturn.fastpath import FastPathCounters, NullFastPath
 from xdpturn.log import setup_logging
 from xdpturn.proto.addr import ClientFlow, Family, PeerAddr, TransportAddr
 from xdpturn.proto.commands import (
@@ -139,7 +139,7 @@ class FakeCore:
         pass  # only stream (TCP/TLS) flows close, and these tests speak UDP
 
 
-class RecordingFastPath:
+class RecordingFastPath(NullFastPath):
     def __init__(self, fail: bool = False) -> None:
         self.fail = fail
         self.calls: list[str] = []

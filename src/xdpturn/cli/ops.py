@@ -102,6 +102,7 @@ def render(snapshot: Mapping[str, Any], previous: Mapping[str, Any] | None, sour
         )
     problems = {f"pass:{k}": v for k, v in fp["passes"].items() if v}
     problems.update({f"drop:{k}": v for k, v in snapshot["drops"].items() if v})
+    problems.update({f"xdp-drop:{k}": v for k, v in fp.get("drops", {}).items() if v})
     if problems:
         lines.append("")
         lines.append("  ".join(f"{k} {_units(v)}" for k, v in sorted(problems.items())))

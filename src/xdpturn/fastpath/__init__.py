@@ -10,6 +10,7 @@ from xdpturn.fastpath.api import (
     FastPathConfig,
     FastPathCounters,
     FastPathMode,
+    GuardConfig,
     NullFastPath,
 )
 from xdpturn.fastpath.xdp import open_fastpath
@@ -19,6 +20,7 @@ __all__ = [
     "FastPathConfig",
     "FastPathCounters",
     "FastPathMode",
+    "GuardConfig",
     "NullFastPath",
     "open_fastpath",
 ]

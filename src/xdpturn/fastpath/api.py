@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol
 
+from xdpturn.proto.addr import ClientFlow, IPAddress
 from xdpturn.proto.commands import ChannelRoute
 
 
@@ -16,6 +17,21 @@ class FastPathMode(Enum):
     XDP = "xdp"  # native only
     GENERIC = "generic"  # generic (skb) mode only
     OFF = "off"
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    """What the relay drops before parsing (docs/security.md). `stun_rate_per_source`: datagrams
+    per second from one source address (an IPv6 source counts by its /64) without an
+    allocation; `stun_rate_total`: the same from all such sources together. The XDP program
+    applies them to STUN on the TURN port, the Python path to what it reads from its listening
+    sockets (which only such sources reach). Each bucket holds one second's worth; 0 turns a
+    limit off. `enabled` False turns the XDP program's drops off (it then passes what it cannot
+    relay, as before the guard); the rates still apply."""
+
+    enabled: bool = True
+    stun_rate_per_source: float = 200
+    stun_rate_total: float = 5000
 
 
 @dataclass
@@ -30,12 +46,16 @@ class FastPathConfig:
     # the public ones behind 1:1 NAT). None: taken from the interface.
     local_ipv4: ipaddress.IPv4Address | None = None
     local_ipv6: ipaddress.IPv6Address | None = None
+    # What the program drops and rate-limits (see GuardConfig).
+    guard: GuardConfig = field(default_factory=GuardConfig)
 
 
 @dataclass
 class FastPathCounters:
     """Totals over all CPUs: per route name (e.g. "ipv4_channel_to_ipv6_udp"), packets and bytes;
-    per pass reason (e.g. "not_turn", "no_channel", "fragment") and per drop reason, packets."""
+    per pass reason (e.g. "not_turn", "no_channel", "fragment"), packets; per drop reason (what
+    can never be valid, or over a rate limit: e.g. "unknown_client", "stun_rate_source"),
+    packets."""
 
     routes: dict[str, tuple[int, int]] = field(default_factory=dict)
     passes: dict[str, int] = field(default_factory=dict)
@@ -51,6 +71,18 @@ class FastPath(Protocol):
         """Add both directions of a channel. Failure is logged, never raised."""
 
     def remove(self, route: ChannelRoute) -> None: ...
+
+    def allocation_opened(self, flow: ClientFlow, relay_port: int) -> None:
+        """The kernel learns an allocation: its port (peers without a permission there are
+        dropped) and, for a UDP client, the client's address (its ChannelData and STUN are let
+        through unlimited)."""
+
+    def allocation_closed(self, flow: ClientFlow, relay_port: int) -> None: ...
+
+    def permit(self, relay_port: int, peer: IPAddress) -> None:
+        """`peer` may send to `relay_port` (AddPermission)."""
+
+    def unpermit(self, relay_port: int, peer: IPAddress) -> None: ...
 
     def counters(self) -> FastPathCounters: ...
 
@@ -75,6 +107,18 @@ class NullFastPath:
     def remove(self, route: ChannelRoute) -> None:
         pass
 
+    def allocation_opened(self, flow: ClientFlow, relay_port: int) -> None:
+        pass
+
+    def allocation_closed(self, flow: ClientFlow, relay_port: int) -> None:
+        pass
+
+    def permit(self, relay_port: int, peer: IPAddress) -> None:
+        pass
+
+    def unpermit(self, relay_port: int, peer: IPAddress) -> None:
+        pass
+
     def counters(self) -> FastPathCounters:
         return FastPathCounters()
 
@@ -85,4 +129,11 @@ class NullFastPath:
         pass
 
 
-__all__ = ["FastPath", "FastPathConfig", "FastPathCounters", "FastPathMode", "NullFastPath"]
+__all__ = [
+    "FastPath",
+    "FastPathConfig",
+    "FastPathCounters",
+    "FastPathMode",
+    "GuardConfig",
+    "NullFastPath",
+]

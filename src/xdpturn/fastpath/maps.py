@@ -108,6 +108,82 @@ class RouteStats(ctypes.Structure):
     _fields_ = (("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64))
 
 
+# --- The guard (bpf/guard.h) ---
+
+GUARD_ENABLED = 1
+GUARD_CLIENTS_COMPLETE = 2
+
+
+class GuardConfig(ctypes.Structure):
+    """struct xdpturn_guard_config (guard_config[0]): host-order nanoseconds and flags."""
+
+    _fields_ = (
+        ("source_interval_ns", ctypes.c_uint64),
+        ("source_burst_ns", ctypes.c_uint64),
+        ("total_interval_ns", ctypes.c_uint64),
+        ("total_burst_ns", ctypes.c_uint64),
+        ("flags", ctypes.c_uint32),
+        ("pad", ctypes.c_uint8 * 4),
+    )
+
+
+class ClientKey(ctypes.BigEndianStructure):
+    """struct xdpturn_client_key: a UDP client with an allocation."""
+
+    _fields_ = (
+        ("addr", _Addr16),
+        ("port", ctypes.c_uint16),
+        ("family", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8),
+    )
+
+
+class PermissionKey(ctypes.BigEndianStructure):
+    """struct xdpturn_permission_key: (allocation port, peer address) with a permission."""
+
+    _fields_ = (
+        ("peer_addr", _Addr16),
+        ("relay_port", ctypes.c_uint16),
+        ("family", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8),
+    )
+
+
+class SourceKey(ctypes.BigEndianStructure):
+    """struct xdpturn_source_key: a source address (IPv6 cut to its /64)."""
+
+    _fields_ = (("addr", _Addr16),)
+
+
+NS_PER_S = 1_000_000_000
+
+
+def guard_config(enabled: bool, per_source: float, total: float) -> GuardConfig:
+    """Rates in datagrams per second (0: no limit); each bucket holds one second's worth, and
+    at least one datagram."""
+    source = max(1, round(NS_PER_S / per_source)) if per_source else 0
+    everyone = max(1, round(NS_PER_S / total)) if total else 0
+    return GuardConfig(
+        source_interval_ns=source,
+        source_burst_ns=max(NS_PER_S, source),
+        total_interval_ns=everyone,
+        total_burst_ns=max(NS_PER_S, everyone),
+        flags=(GUARD_ENABLED | GUARD_CLIENTS_COMPLETE) if enabled else 0,
+    )
+
+
+def client_key(client: TransportAddr) -> ClientKey:
+    return ClientKey(
+        addr=_Addr16(*addr16(client.ip)), port=client.port, family=family_of(client.ip)
+    )
+
+
+def permission_key(relay_port: int, peer: IPAddress) -> PermissionKey:
+    return PermissionKey(
+        peer_addr=_Addr16(*addr16(peer)), relay_port=relay_port, family=family_of(peer)
+    )
+
+
 # ctypes mirror -> the C struct it mirrors
 MIRRORS: dict[str, type[ctypes.Structure] | type[ctypes.BigEndianStructure]] = {
     "xdpturn_chan_key": ChanKey,
@@ -118,6 +194,10 @@ MIRRORS: dict[str, type[ctypes.Structure] | type[ctypes.BigEndianStructure]] = {
     "xdpturn_addr_key": AddrKey,
     "xdpturn_next_hop": NextHop,
     "xdpturn_route_stats": RouteStats,
+    "xdpturn_guard_config": GuardConfig,
+    "xdpturn_client_key": ClientKey,
+    "xdpturn_permission_key": PermissionKey,
+    "xdpturn_source_key": SourceKey,
 }
 
 ROUTE_ENUM = "xdpturn_route"
@@ -172,7 +252,7 @@ def reason_names(btf: BtfInfo) -> list[str]:
 
 
 def drop_names(btf: BtfInfo) -> list[str]:
-    """Drop-reason names by index, e.g. "rewritten_truncated"."""
+    """Drop-reason names by index, e.g. "unknown_client"."""
     return _names(btf.enums[DROP_ENUM], _DROP_PREFIX)
 
 

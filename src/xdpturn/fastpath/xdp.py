@@ -22,9 +22,10 @@ from xdpturn.fastpath.api import (
     FastPathMode,
     NullFastPath,
 )
+from xdpturn.fastpath.guard import Guard
 from xdpturn.fastpath.health import CarryingCheck
 from xdpturn.fastpath.nexthop import NextHops
-from xdpturn.proto.addr import ClientAddr, IPAddress
+from xdpturn.proto.addr import ClientAddr, ClientFlow, IPAddress
 from xdpturn.proto.commands import ChannelRoute
 
 log = logging.getLogger("xdpturn.fastpath")
@@ -88,6 +89,7 @@ class XdpFastPath:
                 fixed,
                 tick=self.problem,
             )
+            self.guard = Guard(self._obj, config.guard)
             for ifname in config.interfaces:
                 self._attach(ifname)
             self._next_hops.start()
@@ -133,6 +135,10 @@ class XdpFastPath:
             return
         assert last is not None
         raise last
+
+    @property
+    def config(self) -> FastPathConfig:
+        return self._config
 
     @property
     def mode(self) -> str:
@@ -212,6 +218,18 @@ class XdpFastPath:
         else:
             self._port_users.pop(port, None)
 
+    def allocation_opened(self, flow: ClientFlow, relay_port: int) -> None:
+        self.guard.allocation_opened(flow, relay_port)
+
+    def allocation_closed(self, flow: ClientFlow, relay_port: int) -> None:
+        self.guard.allocation_closed(flow, relay_port)
+
+    def permit(self, relay_port: int, peer: IPAddress) -> None:
+        self.guard.permit(relay_port, peer)
+
+    def unpermit(self, relay_port: int, peer: IPAddress) -> None:
+        self.guard.unpermit(relay_port, peer)
+
     @property
     def routes(self) -> int:
         """Number of installed channel routes."""
@@ -272,11 +290,11 @@ def attached_counters(interface: str | int, object_path: Path = OBJECT_PATH) -> 
     try:
         for map_id in bpf.prog_map_ids(prog_id):
             name, m = bpf.map_by_id(map_id)
-            if name in ("route_stats", "pass_stats") and name not in found:
+            if name in ("route_stats", "pass_stats", "drop_stats") and name not in found:
                 found[name] = m
             else:
                 os.close(m.fd)
-        if set(found) != {"route_stats", "pass_stats"}:
+        if not {"route_stats", "pass_stats"} <= set(found):
             raise LookupError(f"program {prog_id} on {interface} has no xdpturn counter maps")
         if found["route_stats"].value_size != ctypes.sizeof(maps.RouteStats):
             raise LookupError(f"program {prog_id} on {interface}: route_stats is not xdpturn's")
@@ -289,6 +307,10 @@ def attached_counters(interface: str | int, object_path: Path = OBJECT_PATH) -> 
         for i, reason in enumerate(maps.reason_names(btf)):
             raws = found["pass_stats"].lookup_percpu(i.to_bytes(4, "little"))
             out.passes[reason] = sum(int.from_bytes(r, "little") for r in raws)
+        if "drop_stats" in found:
+            for i, reason in enumerate(maps.drop_names(btf)):
+                raws = found["drop_stats"].lookup_percpu(i.to_bytes(4, "little"))
+                out.drops[reason] = sum(int.from_bytes(r, "little") for r in raws)
         return out
     finally:
         for m in found.values():

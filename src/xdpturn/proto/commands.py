@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from xdpturn.proto.addr import ClientAddr, ClientFlow, Family, PeerAddr
+from xdpturn.proto.addr import ClientAddr, ClientFlow, Family, IPAddress, PeerAddr
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +90,23 @@ class AllocationClosed:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class AddPermission:
+    """Peer address `peer` may now send to allocation port `relay_port` (any transport). For the
+    kernel's view of permissions, which drops what no permission admits before Python sees it."""
+
+    relay_port: int
+    peer: IPAddress
+
+
+@dataclass(frozen=True, slots=True)
+class RemovePermission:
+    """The permission for `peer` on `relay_port` expired, or its allocation closed."""
+
+    relay_port: int
+    peer: IPAddress
+
+
 Command = (
     SendToClient
     | SendToPeer
@@ -99,4 +116,6 @@ Command = (
     | RemoveChannel
     | AllocationOpened
     | AllocationClosed
+    | AddPermission
+    | RemovePermission
 )

@@ -46,6 +46,7 @@ from xdpturn.proto.channel_data import (
     split_channel_data,
 )
 from xdpturn.proto.commands import (
+    AddPermission,
     AllocationClosed,
     AllocationOpened,
     ChannelRoute,
@@ -54,6 +55,7 @@ from xdpturn.proto.commands import (
     InstallChannel,
     OpenRelayPort,
     RemoveChannel,
+    RemovePermission,
     SendToClient,
     SendToPeer,
 )
@@ -152,6 +154,8 @@ class _Allocation:
     channels: dict[int, _Channel] = field(default_factory=dict)
     channel_by_peer: dict[PeerAddr, int] = field(default_factory=dict)
     wakeup: float | None = None  # earliest pending timer entry for this allocation
+    # Permissions the runtime was told of (AddPermission sent, RemovePermission not yet).
+    announced: set[IPAddress] = field(default_factory=set)
 
     def has_permission(self, ip: IPAddress, now: float) -> bool:
         expires = self.permissions.get(ip)
@@ -864,7 +868,14 @@ class TurnServer:
 
     def _sync_routes(self, alloc: _Allocation, now: float) -> None:
         """A channel is in the fast path iff it is bound, its peer has a permission and the
-        client uses UDP. Every change of those goes through here."""
+        client uses UDP. Every change of those goes through here, and so does every change of
+        the permissions the runtime is told of."""
+        live = {ip for ip, expires in alloc.permissions.items() if expires > now}
+        for ip in live - alloc.announced:
+            self._push(AddPermission(alloc.relay_port, ip))
+        for ip in alloc.announced - live:
+            self._push(RemovePermission(alloc.relay_port, ip))
+        alloc.announced = live
         for channel in alloc.channels.values():
             wanted = (
                 alloc.flow.transport == Transport.UDP
@@ -886,6 +897,9 @@ class TurnServer:
                     alloc.flow.client, channel.number, alloc.relay_port, channel.peer
                 )
                 self._push(RemoveChannel(route))
+        for ip in alloc.announced:
+            self._push(RemovePermission(alloc.relay_port, ip))
+        alloc.announced = set()
         del self._by_flow[alloc.flow]
         del self._by_port[alloc.relay_port]
         _decrement(self._per_user, alloc.username)

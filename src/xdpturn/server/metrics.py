@@ -171,7 +171,7 @@ class RelayCollector:
         yield passes
         drops = CounterMetricFamily(
             "xdpturn_fastpath_drops",
-            "Packets the XDP program dropped, by reason (none expected)",
+            "Packets the XDP program dropped: never valid, or STUN over a rate limit, by reason",
             labels=["reason"],
         )
         for reason, n in sorted(counters.drops.items()):

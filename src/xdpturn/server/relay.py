@@ -24,6 +24,7 @@ from xdpturn.config import ServeConfig
 from xdpturn.fastpath import FastPath, FastPathMode, NullFastPath, open_fastpath
 from xdpturn.proto.addr import ClientAddr, ClientFlow, Family, PeerAddr, Transport, TransportAddr
 from xdpturn.proto.commands import (
+    AddPermission,
     AllocationClosed,
     AllocationOpened,
     CloseRelayPort,
@@ -31,12 +32,15 @@ from xdpturn.proto.commands import (
     InstallChannel,
     OpenRelayPort,
     RemoveChannel,
+    RemovePermission,
     SendToClient,
     SendToPeer,
 )
 from xdpturn.proto.ports import PortChooser
 from xdpturn.proto.server import AllocationInfo, RelayPorts, ServerConfig, TurnServer
 from xdpturn.proto.stats import CoreStats
+from xdpturn.server.budget import ListenerBudget, source_key
+from xdpturn.server.clientsockets import ClientSockets, enable_port_sharing
 from xdpturn.server.sockets import (
     MAX_DATAGRAM,
     RelaySockets,
@@ -54,6 +58,11 @@ log = logging.getLogger("xdpturn.server")
 # Datagrams read per readiness callback before yielding to the loop, so one busy socket cannot
 # starve the others or the timer.
 BATCH = 64
+# The same for a listening socket. Once every client with an allocation reads from its own socket
+# (see clientsockets; the event loop reads those for us), a listener carries only newcomers and
+# junk; a smaller share per loop iteration bounds what a flood there adds to the allocated
+# clients' round trips.
+LISTENER_BATCH = 16
 
 # Entries in each of the runtime's address caches (see RelayServer.__init__) before it is
 # emptied and refilled: enough for every sender of a busy relay, bounded against a flood of
@@ -117,6 +126,13 @@ class RelayServer:
         self._rng = rng
         self._clock = clock
         self._listeners: list[socket.socket] = []
+        # Each UDP client with an allocation gets its own connected socket on the listening port
+        # (see clientsockets), so a flood on the listener does not bury its datagrams.
+        self._client_sockets: ClientSockets | None = None
+        # How much the listeners may take of the process (see budget), and the timers of
+        # listeners not read meanwhile.
+        self._budget = ListenerBudget(config.guard)
+        self._paused: dict[int, asyncio.TimerHandle] = {}
         self._core: Core | None = None
         self._relay_sockets: RelaySockets | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -141,6 +157,9 @@ class RelayServer:
         try:
             self._listeners = self._bind_listeners()
             self._client_flows = [{} for _ in self._listeners]
+            self._client_sockets = ClientSockets(
+                loop, self._listeners, self._on_client_socket_datagram, self.stats
+            )
             self._relay_sockets = RelaySockets(
                 loop, self.config.relay_binds, self._on_peer_readable
             )
@@ -159,7 +178,7 @@ class RelayServer:
             self._state = "stopped"
             raise
         for index, sock in enumerate(self._listeners):
-            loop.add_reader(sock.fileno(), self._on_client_readable, sock, index)
+            self._read_listener(sock, index)
         self._state = "running"
         server = self.config.server
         log.info(
@@ -181,7 +200,7 @@ class RelayServer:
         skipped: list[str] = []
         for addr in self.config.listen:
             try:
-                socks.append(open_udp_socket(addr))
+                socks.append(open_udp_socket(addr, before_bind=enable_port_sharing))
             except OSError as e:
                 # A wildcard listener of a family the host lacks (IPv6 disabled, as in many
                 # containers) is skipped, so the default `--listen` works there.
@@ -234,6 +253,11 @@ class RelayServer:
         log.info("stopped", extra={"stats": dict(self.stats)})
 
     def _close_sockets(self) -> None:
+        for handle in self._paused.values():
+            handle.cancel()
+        self._paused.clear()
+        if self._client_sockets is not None:
+            self._client_sockets.close_all()
         for sock in self._listeners:
             if self._loop is not None and sock.fileno() >= 0:
                 self._loop.remove_reader(sock.fileno())
@@ -277,18 +301,29 @@ class RelayServer:
         return self.core.allocations()
 
     @property
+    def client_socket_count(self) -> int:
+        """Connected sockets of UDP clients with an allocation (see clientsockets)."""
+        return len(self._client_sockets) if self._client_sockets is not None else 0
+
+    @property
     def relay_port_count(self) -> int:
         """Allocation ports currently bound (a leak shows here after allocations close)."""
         return len(self._relay_sockets) if self._relay_sockets is not None else 0
 
     # Inputs
 
-    def _on_client_readable(self, sock: socket.socket, listener: int) -> None:
-        # Per datagram, so what the loop calls is looked up once per batch.
-        handle, clock, drain = self.core.handle_client_datagram, self._clock, self._drain
-        recvfrom = sock.recvfrom
-        flows = self._client_flows[listener]
-        for _ in range(BATCH):
+    def _read_listener(self, sock: socket.socket, listener: int) -> None:
+        assert self._loop is not None
+        self._loop.add_reader(sock.fileno(), self._on_listener_readable, sock, listener)
+
+    def _on_listener_readable(self, sock: socket.socket, listener: int) -> None:
+        """A listener: newcomers and junk, read within the budget (see budget)."""
+        budget, deliver, recvfrom = self._budget, self._client_datagram, sock.recvfrom
+        now = time.monotonic()
+        for _ in range(LISTENER_BATCH):
+            if not budget.total.take(now):
+                self._pause_listener(sock, listener, budget.total.wait(now))
+                break
             try:
                 data, addr = recvfrom(MAX_DATAGRAM)
             except (BlockingIOError, InterruptedError):
@@ -296,18 +331,44 @@ class RelayServer:
             except OSError as e:
                 self._count_error("client_receive_errors", e)
                 break
-            flow = flows.get(addr)
-            if flow is None:
-                if len(flows) >= ADDRESS_CACHE:
-                    flows.clear()
-                client = ClientAddr(from_sockaddr(addr[0], addr[1]))
-                flow = flows[addr] = ClientFlow(client, listener)
-            try:
-                handle(data, flow, clock())
-            except Exception:
-                self._core_failed("client datagram", client=str(flow.client))
-            drain()
+            if addr not in budget.allocated and not budget.source_allows(source_key(addr[0]), now):
+                self.stats["listener_source_limited"] += 1
+                continue
+            deliver(data, addr, listener)
         self._arm_timer()
+
+    def _on_client_socket_datagram(self, data: bytes, addr: Any, listener: int) -> None:
+        """A datagram from a client with an allocation, on its own socket (clientsockets)."""
+        self._client_datagram(data, addr, listener)
+        self._arm_timer()
+
+    def _client_datagram(self, data: bytes, addr: Any, listener: int) -> None:
+        flows = self._client_flows[listener]
+        flow = flows.get(addr)
+        if flow is None:
+            if len(flows) >= ADDRESS_CACHE:
+                flows.clear()
+            client = ClientAddr(from_sockaddr(addr[0], addr[1]))
+            flow = flows[addr] = ClientFlow(client, listener)
+        try:
+            self.core.handle_client_datagram(data, flow, self._clock())
+        except Exception:
+            self._core_failed("client datagram", client=str(flow.client))
+        self._drain()
+
+    def _pause_listener(self, sock: socket.socket, listener: int, wait: float) -> None:
+        # The relay-wide rate is spent: the kernel drops what overflows the listener's queue
+        # meanwhile, and the loop serves the clients' own sockets. Resumed for a whole batch.
+        assert self._loop is not None
+        self.stats["listener_paused"] += 1
+        self._loop.remove_reader(sock.fileno())
+        wait += (LISTENER_BATCH - 1) * self._budget.total.interval
+        self._paused[listener] = self._loop.call_later(wait, self._resume_listener, sock, listener)
+
+    def _resume_listener(self, sock: socket.socket, listener: int) -> None:
+        self._paused.pop(listener, None)
+        if self._state == "running" and sock.fileno() >= 0:
+            self._read_listener(sock, listener)
 
     def _on_peer_readable(self, sock: socket.socket, relay_port: int, family: Family) -> None:
         handle, clock, drain = self.core.handle_peer_datagram, self._clock, self._drain
@@ -446,10 +507,29 @@ class RelayServer:
                         "install" if install else "remove",
                         extra={"client": str(route.client), "channel": route.channel},
                     )
+            case AddPermission(relay_port, peer) | RemovePermission(relay_port, peer):
+                add = isinstance(command, AddPermission)
+                self._tell_fastpath(
+                    "permit" if add else "unpermit",
+                    lambda: (self.fastpath.permit if add else self.fastpath.unpermit)(
+                        relay_port, peer
+                    ),
+                    relay_port=relay_port,
+                    peer=str(peer),
+                )
             case AllocationOpened(flow, relay_port, families, username, lifetime):
+                self._tell_fastpath(
+                    "allocation opened",
+                    lambda: self.fastpath.allocation_opened(flow, relay_port),
+                    relay_port=relay_port,
+                )
                 self.traffic.opened(flow, relay_port)
                 if flow.transport is not Transport.UDP:  # exempt from the idle timeout
                     self.streams.allocation_changed(flow, True)
+                else:
+                    self._budget.exempt(to_sockaddr(flow.client))
+                    if self._client_sockets is not None:
+                        self._client_sockets.open(flow)
                 log.info(
                     "allocation opened",
                     extra={
@@ -462,9 +542,18 @@ class RelayServer:
                     },
                 )
             case AllocationClosed(flow, relay_port, reason):
+                self._tell_fastpath(
+                    "allocation closed",
+                    lambda: self.fastpath.allocation_closed(flow, relay_port),
+                    relay_port=relay_port,
+                )
                 self.traffic.closed(flow, relay_port)
                 if flow.transport is not Transport.UDP:  # the idle timeout applies again
                     self.streams.allocation_changed(flow, False)
+                else:
+                    self._budget.unexempt(to_sockaddr(flow.client))
+                    if self._client_sockets is not None:
+                        self._client_sockets.close(flow)
                 log.info(
                     "allocation closed",
                     extra={
@@ -474,6 +563,14 @@ class RelayServer:
                         "reason": reason,
                     },
                 )
+
+    def _tell_fastpath(self, what: str, call: Callable[[], None], **fields: object) -> None:
+        try:
+            call()
+        except Exception:
+            # The kernel only filters and speeds things up; Python still holds the truth.
+            self.stats["fastpath_errors"] += 1
+            log.exception("fast path: %s failed", what, extra=fields)
 
     def _send(self, sock: socket.socket, data: bytes, to: TransportAddr, side: str) -> None:
         sockaddrs = self._sockaddrs

@@ -95,6 +95,7 @@ def status_snapshot(
             "configured": server.config.fastpath.value,
             "problem": server.fastpath.problem(),
             "passes": dict(sorted(counters.passes.items())),
+            "drops": dict(sorted(counters.drops.items())),
         },
         "allocations": {
             "total": len(allocations),

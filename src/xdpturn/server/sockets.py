@@ -21,14 +21,19 @@ MAX_DATAGRAM = 65535
 SockAddr = tuple[str, int] | tuple[str, int, int, int]
 
 
-def open_udp_socket(addr: TransportAddr) -> socket.socket:
+def open_udp_socket(
+    addr: TransportAddr, before_bind: Callable[[socket.socket], None] | None = None
+) -> socket.socket:
     """A bound, non-blocking UDP socket. IPv6 sockets are IPv6-only, so that 0.0.0.0:P and
-    [::]:P can both be bound. Raises OSError when the address cannot be bound."""
+    [::]:P can both be bound. `before_bind` may set options that must precede bind(). Raises
+    OSError when the address cannot be bound."""
     family = socket.AF_INET if addr.family is Family.IPV4 else socket.AF_INET6
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if before_bind is not None:
+            before_bind(sock)
         set_receive_buffer(sock, RECEIVE_BUFFER)
         sock.setblocking(False)
         sock.bind(to_sockaddr(addr))

@@ -7,7 +7,12 @@
 //   echo  --on A:P | --fd N  [--duration S] [--count N] [--batch N] [--sockbuf B]
 //   ping  --to A:P [--from A:P | --fd N] [--channel N] --rate PPS --count N --size B
 //         [--timeout S] [--duration S]
+//   junk  --to A:P [--from A:P] --rate PPS|max --duration S [--count N] [--batch N] [--sockbuf B]
 //
+// junk sends what an attacker would throw at a TURN port (random bytes; truncated and bit-flipped
+// STUN requests; ChannelData with random channel numbers and lying lengths; one 65,000-byte
+// datagram in 256), cycling through a pool made once from a fixed seed, so runs are comparable
+// and the sender's cost per datagram is the syscall's. Its result is that of send.
 // Every payload starts with a big-endian u64 sequence number (0, 1, 2, ...) and a big-endian u64
 // CLOCK_MONOTONIC timestamp in ns. CLOCK_MONOTONIC is one clock for the whole machine (network
 // namespaces included), so recv can compute one-way latency when the sender runs on the same host.
@@ -86,7 +91,9 @@ static void usage(const char *msg) {
             "[--idle-timeout S] [--count N] [--batch N] [--sockbuf B]\n"
             "  echo --on A:P|--fd N [--duration S] [--count N] [--batch N] [--sockbuf B]\n"
             "  ping --to A:P [--from A:P|--fd N] [--channel N] --rate PPS --count N --size B "
-            "[--timeout S] [--duration S]\n",
+            "[--timeout S] [--duration S]\n"
+            "  junk --to A:P [--from A:P] --rate PPS|max --duration S [--count N] [--batch N] "
+            "[--sockbuf B]\n",
             cmd_name, msg);
     exit(2);
 }
@@ -992,6 +999,171 @@ static int cmd_ping(int argc, char **argv) {
     return 0;
 }
 
+// ---------------------------------------------------------------------------------------------
+// junk
+
+#define JUNK_POOL 4096
+#define JUNK_BIG 65000
+#define JUNK_MAX_SMALL 1200
+#define STUN_COOKIE 0x2112A442u
+
+static uint64_t junk_state = 0x9E3779B97F4A7C15ULL;
+
+static uint64_t junk_rand(void) {  // xorshift64*
+    junk_state ^= junk_state >> 12;
+    junk_state ^= junk_state << 25;
+    junk_state ^= junk_state >> 27;
+    return junk_state * 0x2545F4914F6CDD1DULL;
+}
+
+static void junk_random(uint8_t *p, size_t len) {
+    for (size_t i = 0; i < len; i++) p[i] = (uint8_t)junk_rand();
+}
+
+// A well-formed STUN request: header and a few attributes (REQUESTED-TRANSPORT, USERNAME,
+// SOFTWARE); returns its length. The method is Binding or Allocate.
+static size_t junk_stun(uint8_t *p) {
+    size_t len = 20;
+    put_be16(p, junk_rand() & 1 ? 0x0001 : 0x0003);
+    uint32_t cookie = htonl(STUN_COOKIE);
+    memcpy(p + 4, &cookie, 4);
+    junk_random(p + 8, 12);
+    put_be16(p + len, 0x0019);  // REQUESTED-TRANSPORT: UDP
+    put_be16(p + len + 2, 4);
+    p[len + 4] = 17;
+    p[len + 5] = p[len + 6] = p[len + 7] = 0;
+    len += 8;
+    size_t ulen = 4 + junk_rand() % 60;
+    put_be16(p + len, 0x0006);  // USERNAME
+    put_be16(p + len + 2, (unsigned)ulen);
+    for (size_t i = 0; i < ulen; i++) p[len + 4 + i] = (uint8_t)('a' + junk_rand() % 26);
+    size_t padded = (ulen + 3) & ~(size_t)3;
+    memset(p + len + 4 + ulen, 0, padded - ulen);
+    len += 4 + padded;
+    put_be16(p + len, 0x8022);  // SOFTWARE
+    put_be16(p + len + 2, 8);
+    memcpy(p + len + 4, "junk/1.0", 8);
+    len += 12;
+    put_be16(p + 2, (unsigned)(len - 20));
+    return len;
+}
+
+// One junk datagram at p (room for JUNK_BIG bytes); returns its length.
+static size_t junk_make(uint8_t *p, unsigned i) {
+    if (i % 256 == 255) {  // a datagram that the IP layer must fragment on most links
+        junk_random(p, JUNK_BIG);
+        return JUNK_BIG;
+    }
+    switch (i % 4) {
+    case 0: {  // random bytes of a random length
+        size_t len = 1 + junk_rand() % JUNK_MAX_SMALL;
+        junk_random(p, len);
+        return len;
+    }
+    case 1: {  // a STUN request cut short (the header's length field now lies)
+        size_t len = junk_stun(p);
+        return 1 + junk_rand() % (len - 1);
+    }
+    case 2: {  // a STUN request with 1-3 bits flipped anywhere, header included
+        size_t len = junk_stun(p);
+        unsigned flips = 1 + (unsigned)(junk_rand() % 3);
+        for (unsigned f = 0; f < flips; f++) {
+            size_t bit = junk_rand() % (len * 8);
+            p[bit / 8] ^= (uint8_t)(1u << (bit % 8));
+        }
+        return len;
+    }
+    default: {  // ChannelData, random channel in 0x4000-0x7FFF, a length that rarely tells the truth
+        size_t payload = junk_rand() % JUNK_MAX_SMALL;
+        put_be16(p, 0x4000 | (unsigned)(junk_rand() & 0x3FFF));
+        put_be16(p + 2, (unsigned)(junk_rand() % 4 == 0 ? payload : junk_rand() & 0xFFFF));
+        junk_random(p + 4, payload);
+        return 4 + payload;
+    }
+    }
+}
+
+static int cmd_junk(int argc, char **argv) {
+    struct opts o;
+    parse_opts(argc, argv, O_TO | O_FROM | O_RATE | O_DURATION | O_COUNT | O_BATCH | O_SOCKBUF, &o);
+    require(&o, O_TO, "--to is required");
+    require(&o, O_RATE, "--rate is required");
+    require(&o, O_DURATION, "--duration is required");
+    struct sock s = open_sock(&o, (o.seen & O_FROM) ? &o.from : NULL, &o.to);
+
+    // The pool: JUNK_POOL datagrams, the big ones sharing one buffer (their bytes do not matter).
+    uint8_t *big = malloc(JUNK_BIG);
+    uint8_t *small = malloc((size_t)JUNK_POOL * JUNK_MAX_SMALL);
+    size_t *lens = calloc(JUNK_POOL, sizeof(*lens));
+    uint8_t **bufs = calloc(JUNK_POOL, sizeof(*bufs));
+    uint8_t *scratch = malloc(JUNK_BIG);
+    if (!big || !small || !lens || !bufs || !scratch) die("out of memory");
+    junk_random(big, JUNK_BIG);
+    for (unsigned i = 0; i < JUNK_POOL; i++) {
+        size_t len = junk_make(scratch, i);
+        if (len == JUNK_BIG) {
+            bufs[i] = big;
+        } else {
+            bufs[i] = small + (size_t)i * JUNK_MAX_SMALL;
+            memcpy(bufs[i], scratch, len);
+        }
+        lens[i] = len;
+    }
+    free(scratch);
+
+    struct batch b;
+    batch_init(&b, o.batch, 1, false, false);
+    name_msgs(&b, &s);
+
+    print_ready(&s);
+    uint64_t limit = o.count ? o.count : UINT64_MAX;
+    uint64_t sent = 0, nbytes = 0, errors = 0, calls = 0;
+    uint64_t start = now_ns(), deadline = start + o.duration_ns, t = start;
+    double per_ns = o.rate / 1e9;
+    while (!stop_requested && sent < limit) {
+        t = now_ns();
+        if (t >= deadline) break;
+        uint64_t n = o.batch;
+        if (limit - sent < n) n = limit - sent;
+        if (o.rate > 0) {
+            uint64_t due = (uint64_t)((double)(t - start) * per_ns) + 1;
+            if (due <= sent) {
+                uint64_t next = start + (uint64_t)ceil((double)sent / per_ns);
+                struct timespec ts = to_timespec(next < deadline ? next : deadline);
+                clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL);
+                continue;
+            }
+            if (due - sent < n) n = due - sent;
+        }
+        for (unsigned j = 0; j < n; j++) {
+            unsigned k = (unsigned)((sent + j) % JUNK_POOL);
+            b.iov[j].iov_base = bufs[k];
+            b.iov[j].iov_len = lens[k];
+        }
+        int r = sendmmsg(s.fd, b.m, (unsigned)n, 0);
+        calls++;
+        if (r < 0) {
+            errors++;
+            if (!send_error_transient(s.fd, errno, deadline)) die("sendmmsg: %s", strerror(errno));
+            continue;
+        }
+        for (int j = 0; j < r; j++) nbytes += b.iov[j].iov_len;
+        sent += (uint64_t)r;
+    }
+    t = now_ns();
+    double elapsed = (double)(t - start) / 1e9;
+    char dst[128];
+    format_addr(&s.peer.ss, s.peer.len, dst, sizeof(dst));
+    printf("{\"type\":\"result\",\"cmd\":\"junk\",\"to\":\"%s\",\"sent\":%llu,\"bytes\":%llu,"
+           "\"datagram_bytes\":%llu,\"elapsed_s\":%.6f,\"pps\":%.1f,\"errors\":%llu,"
+           "\"calls\":%llu,\"gso_segments\":1,\"interrupted\":%s}\n",
+           dst, (unsigned long long)sent, (unsigned long long)nbytes,
+           (unsigned long long)(sent ? nbytes / sent : 0), elapsed,
+           elapsed > 0 ? (double)sent / elapsed : 0.0, (unsigned long long)errors,
+           (unsigned long long)calls, stop_requested ? "true" : "false");
+    return 0;
+}
+
 int main(int argc, char **argv) {
     if (argc < 2) usage("missing subcommand");
     cmd_name = argv[1];
@@ -1001,5 +1173,6 @@ int main(int argc, char **argv) {
     if (strcmp(argv[1], "recv") == 0) return cmd_recv(argc - 1, argv + 1);
     if (strcmp(argv[1], "echo") == 0) return cmd_echo(argc - 1, argv + 1);
     if (strcmp(argv[1], "ping") == 0) return cmd_ping(argc - 1, argv + 1);
+    if (strcmp(argv[1], "junk") == 0) return cmd_junk(argc - 1, argv + 1);
     usage("unknown subcommand");
 }

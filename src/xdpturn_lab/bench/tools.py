@@ -268,6 +268,31 @@ def send(
     return Command(tuple(args), partial(from_json, SendResult), duration + _GRACE_S, fd)
 
 
+def junk(
+    to: Address,
+    *,
+    rate: float | None,
+    duration: float,
+    count: int | None = None,
+    source: Address | None = None,
+    batch: int | None = None,
+    sockbuf: int | None = None,
+) -> Command[SendResult]:
+    """What an attacker throws at a TURN port, at `rate` per second (None: as fast as one core
+    sends): random bytes, truncated and bit-flipped STUN requests, ChannelData with random
+    channel numbers and lying lengths, and one 65,000-byte datagram in 256. The same sequence
+    every run (a fixed seed). `datagram_bytes` of the result is the average size."""
+    args = ["junk", "--to", format_address(to), *_source(source, None)]
+    args += ["--rate", "max" if rate is None else _num(rate), "--duration", _num(duration)]
+    if count is not None:
+        args += ["--count", str(count)]
+    if batch is not None:
+        args += ["--batch", str(batch)]
+    if sockbuf is not None:
+        args += ["--sockbuf", str(sockbuf)]
+    return Command(tuple(args), partial(from_json, SendResult), duration + _GRACE_S)
+
+
 def recv(
     on: Address | None = None,
     *,

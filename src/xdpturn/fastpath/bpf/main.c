@@ -6,7 +6,8 @@
  *     another allocation's client as ChannelData when the peer is the relay itself);
  *   - an allocation port with routes: UDP from a peer -> from_ipv{4,6}_udp/ (ChannelData to the client).
  * Anything the program cannot route goes to the stack (XDP_PASS) with its reason counted; Python
- * handles it. The program drops nothing it has not rewritten (see enum xdpturn_drop).
+ * handles it. What can never be valid, and STUN over its rate, is dropped instead (guard.h);
+ * besides, the program drops nothing it has not rewritten (see enum xdpturn_drop).
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -23,6 +24,7 @@
 #include "maps.h"
 #include "emit.h"
 #include "leaves.h"
+#include "guard.h"
 
 #include "from_ipv4_channel/to_ipv4_udp.h"
 #include "from_ipv4_channel/to_ipv6_udp.h"
@@ -163,21 +165,21 @@ static __always_inline int handle_channel(struct xdp_md *ctx, struct cursor *c, 
 	__u32 pad;
 
 	if (payload_len < sizeof(*chd))
-		return exit_pass(XDPTURN_PASS_TRUNCATED);
+		return guard_drop(XDPTURN_DROP_NOT_TURN_MESSAGE, XDPTURN_PASS_TRUNCATED);
 	chd = cursor_take(c, sizeof(*chd));
 	if (!chd)
 		return exit_pass(XDPTURN_PASS_TRUNCATED);
 	if ((chd->channel & bpf_htons(0xc000)) == 0)
-		return exit_pass(XDPTURN_PASS_STUN);
+		return guard_stun(p, chd, c->end);
 	channel = bpf_ntohs(chd->channel);
 	if (channel < 0x4000 || channel > 0x7fff) /* RFC 5766 range, as the Python relay */
-		return exit_pass(XDPTURN_PASS_BAD_CHANNEL_NUMBER);
+		return guard_drop(XDPTURN_DROP_NOT_TURN_MESSAGE, XDPTURN_PASS_BAD_CHANNEL_NUMBER);
 	p->chan_len = bpf_ntohs(chd->len);
 	if ((__u32)p->chan_len + sizeof(*chd) > payload_len)
-		return exit_pass(XDPTURN_PASS_BAD_CHANNEL_LENGTH);
+		return guard_drop(XDPTURN_DROP_BAD_CHANNEL_DATA, XDPTURN_PASS_BAD_CHANNEL_LENGTH);
 	pad = payload_len - sizeof(*chd) - p->chan_len;
-	if (pad > 3)
-		return exit_pass(XDPTURN_PASS_BAD_CHANNEL_LENGTH);
+	if (pad > 3) /* Python ignores any padding; the program only unwraps up to 3 bytes */
+		return guard_channel_miss(p, XDPTURN_PASS_BAD_CHANNEL_LENGTH);
 	p->channel = chd->channel;
 	p->chan_strip_sum = channel_strip_sum(ctx, p, chd, udp_off, pad);
 
@@ -187,7 +189,7 @@ static __always_inline int handle_channel(struct xdp_md *ctx, struct cursor *c, 
 	key.family = p->family;
 	route = bpf_map_lookup_elem(&chan_to_udp, &key);
 	if (!route)
-		return exit_pass(XDPTURN_PASS_NO_CHANNEL);
+		return guard_channel_miss(p, XDPTURN_PASS_NO_CHANNEL);
 	if (p->ttl <= 1)
 		return exit_pass(XDPTURN_PASS_TTL_EXPIRED);
 
@@ -231,14 +233,14 @@ static __always_inline int handle_udp(struct xdp_md *ctx, struct packet *p,
 	__u32 *users = bpf_map_lookup_elem(&relay_ports, &port);
 
 	if (!users || *users == 0)
-		return exit_pass(XDPTURN_PASS_NOT_TURN);
+		return guard_peer_miss(p, XDPTURN_PASS_NOT_TURN, is_relay_addr(&p->src, p->family));
 	__builtin_memcpy(key.peer_addr, &p->src, 16);
 	key.peer_port = p->sport;
 	key.relay_port = p->dport;
 	key.family = p->family;
 	route = bpf_map_lookup_elem(&udp_to_chan, &key);
 	if (!route)
-		return exit_pass(XDPTURN_PASS_NO_PEER);
+		return guard_peer_miss(p, XDPTURN_PASS_NO_PEER, is_relay_addr(&p->src, p->family));
 	if (p->ttl <= 1)
 		return exit_pass(XDPTURN_PASS_TTL_EXPIRED);
 

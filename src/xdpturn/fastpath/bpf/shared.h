@@ -59,11 +59,19 @@ enum xdpturn_reason {
 	XDPTURN_PASS_COUNT,
 };
 
-/* Why the program dropped a packet (XDP_DROP). Only a buffer that is already rewritten and then
- * fails the bounds re-check after bpf_xdp_adjust_head, which cannot happen in practice: it can no
- * longer go to the stack. Counted apart from the pass reasons, because it is not a pass. */
+/* Why the program dropped a packet (XDP_DROP), counted apart from the pass reasons because it is
+ * not a pass. REWRITTEN_TRUNCATED: a buffer already rewritten then fails the bounds re-check after
+ * bpf_xdp_adjust_head, which cannot happen in practice: it can no longer go to the stack. The
+ * others are the guard's (bpf/guard.h): it can never be valid, or it is over a rate limit. */
 enum xdpturn_drop {
 	XDPTURN_DROP_REWRITTEN_TRUNCATED = 0,
+	XDPTURN_DROP_NOT_TURN_MESSAGE,     /* TURN port: under 4 bytes, or first two bits 10/11 */
+	XDPTURN_DROP_BAD_STUN,             /* first bits 00, but no cookie or a length that lies */
+	XDPTURN_DROP_BAD_CHANNEL_DATA,     /* ChannelData whose length runs past the datagram */
+	XDPTURN_DROP_UNKNOWN_CLIENT,       /* ChannelData from an address without an allocation */
+	XDPTURN_DROP_NO_PERMISSION,        /* to an allocation port from a peer without permission */
+	XDPTURN_DROP_STUN_RATE_SOURCE,     /* STUN from a source over its rate */
+	XDPTURN_DROP_STUN_RATE_TOTAL,      /* STUN from all sources without allocation over theirs */
 	XDPTURN_DROP_COUNT,
 };
 
@@ -132,6 +140,45 @@ struct xdpturn_next_hop {
 struct xdpturn_route_stats {
 	__u64 packets;
 	__u64 bytes; /* frame bytes as sent */
+};
+
+/* --- The guard: what the program drops instead of passing (bpf/guard.h, docs/security.md) --- */
+
+/* guard_config.flags */
+#define XDPTURN_GUARD_ENABLED 1U       /* drop what can never be valid; else pass, as before */
+#define XDPTURN_GUARD_CLIENTS_COMPLETE 2U /* every UDP allocation is in guard_clients */
+
+/* guard_config[0], written by the loader. A rate limit is a GCRA schedule: each packet moves a
+ * bucket's time `interval_ns` ahead, and a packet that would put it more than `burst_ns` ahead of
+ * now is dropped. interval_ns 0: no limit. */
+struct xdpturn_guard_config {
+	__u64 source_interval_ns;
+	__u64 source_burst_ns;
+	__u64 total_interval_ns;
+	__u64 total_burst_ns;
+	__u32 flags;
+	__u8 pad[4];
+};
+
+/* guard_clients: (address, port) of a UDP client with an allocation, value unused (1). */
+struct xdpturn_client_key {
+	__u8 addr[16];
+	__be16 port;
+	__u8 family;
+	__u8 pad;
+};
+
+/* guard_permissions: (allocation port, peer address) that a permission admits. */
+struct xdpturn_permission_key {
+	__u8 peer_addr[16];
+	__be16 relay_port;
+	__u8 family;
+	__u8 pad;
+};
+
+/* guard_sources: a source's rate-limit schedule, keyed by its address (an IPv6 one cut to /64). */
+struct xdpturn_source_key {
+	__u8 addr[16];
 };
 
 #endif /* XDPTURN_SHARED_H */

@@ -15,6 +15,7 @@ import tempfile
 import time
 from typing import Any, Protocol
 
+from xdpturn.fastpath import FastPathCounters
 from xdpturn.proto.addr import Family, TransportAddr
 from xdpturn_lab.testbed import netns
 from xdpturn_lab.testbed.scenario import DEFAULT_SECRET, TURN_PORT, RelayProcess
@@ -115,6 +116,9 @@ class XdpturnRelay:
     def route_packets(self) -> dict[str, int]:
         """Packets per route of the XDP program so far (all CPUs)."""
         return {route: packets for route, (packets, _) in self._proc.counters().routes.items()}
+
+    def counters(self) -> FastPathCounters:
+        return self._proc.counters()
 
     def fastpath_counters(self) -> dict[str, Any]:
         c = self._proc.counters()
