@@ -31,7 +31,8 @@ def unavailable(reason: str) -> NoReturn:
 
 
 class Serve:
-    """`xdpturn serve` as a subprocess, its JSON log lines read by a thread into a queue."""
+    """`xdpturn serve` as a subprocess, its JSON log lines read by a thread into a queue. One
+    worker unless `env` sets XDPTURN_WORKERS (the default, the CPUs, varies by machine)."""
 
     def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
         self.proc = subprocess.Popen(
@@ -39,7 +40,7 @@ class Serve:
             stderr=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             text=True,
-            env={**os.environ, **(env or {})},
+            env={**os.environ, "XDPTURN_WORKERS": "1", **(env or {})},
         )
         self.lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()

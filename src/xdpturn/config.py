@@ -12,6 +12,7 @@ sockets bind) is computed then too, once: the layers below receive plain values.
 from __future__ import annotations
 
 import ipaddress
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from enum import Enum
@@ -33,6 +34,12 @@ V = TypeVar("V")
 E = TypeVar("E", bound=Enum)
 ENV_PREFIX = "XDPTURN_"
 DEFAULT_TURN_PORT = 3478
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, e.g. `taskset` or a cgroup cpuset):
+    the default number of workers."""
+    return len(os.sched_getaffinity(0))
 
 
 class ConfigError(ValueError):
@@ -461,6 +468,14 @@ class ServeConfig:
         "after SIGTERM or `xdpturn drain`, exit when allocations are gone or this has passed",
         parse_seconds,
         300.0,
+    )
+    workers: int = option(
+        "N",
+        "relay processes sharing the listening sockets (SO_REUSEPORT), one per core (default: "
+        "the CPUs this process may run on)",
+        parse_positive,
+        available_cpus(),
+        show_default=False,
     )
 
     # Derived once, when the configuration is made (see __post_init__).

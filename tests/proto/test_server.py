@@ -274,8 +274,26 @@ def test_quotas_per_user_per_ip_and_total() -> None:
     bob2 = h.client("192.0.2.1:3")
     bob2.username, bob2.password = "bob", "builder"
     assert error_code(bob2.allocate()) == 508  # total 3 reached before the IP check
-    h.config.max_allocations = None
+
+
+def test_quota_per_ip_counts_every_user_and_frees_on_delete() -> None:
+    config = ServerConfig(
+        realm=REALM,
+        public_ipv4=PUBLIC_V4,
+        auth=Authenticator(users={"alice": "wonderland", "bob": "builder"}),
+        max_allocations_per_ip=2,
+    )
+    h = Harness(config=config)
+    alice = h.client("192.0.2.1:1")
+    assert alice.allocate().cls == MessageClass.SUCCESS
+    bob = h.client("192.0.2.1:2")
+    bob.username, bob.password = "bob", "builder"
+    assert bob.allocate().cls == MessageClass.SUCCESS
+    bob2 = h.client("192.0.2.1:3")
+    bob2.username, bob2.password = "bob", "builder"
     assert error_code(bob2.allocate()) == 486  # 192.0.2.1 has 2
+    assert alice.refresh(0).cls == MessageClass.SUCCESS
+    assert bob2.allocate().cls == MessageClass.SUCCESS  # alice's went, so did its count
 
 
 def test_port_exhaustion_is_508() -> None:

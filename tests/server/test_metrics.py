@@ -120,7 +120,8 @@ def test_python_relaying_moves_the_counters_by_what_was_sent() -> None:
     in_payloads = [b"b" * n for n in (7, 70, 700)]
 
     async def main() -> None:
-        async with relay_with_ops(RelayServer(config)) as (ops, _):
+        relay = RelayServer(config)
+        async with relay_with_ops(relay) as (ops, _):
             metrics_at = ops.bound_address
             before = await scrape(metrics_at)
             assert value(before, "xdpturn_ready") == 1
@@ -150,7 +151,7 @@ def test_python_relaying_moves_the_counters_by_what_was_sent() -> None:
                     await StunClient(other, listen).exchange(
                         client.message(Method.BINDING), sign=False
                     )
-                traffic = ops.server.traffic
+                traffic = relay.traffic
                 assert len(traffic.to_client) == 1 and list(traffic.to_peers) == [relayed.port]
         assert status == 200
         assert traffic.to_client == {} and traffic.to_peers == {}  # forgotten when closed

@@ -73,11 +73,10 @@ def _serve(args: argparse.Namespace) -> int:
 
     setup_logging(config.log_format, config.log_level)
     try:
-        run(config)
+        return run(config)
     except StartError as e:
         print(f"xdpturn serve: {e}", file=sys.stderr)
         return 1
-    return 0
 
 
 # credentials

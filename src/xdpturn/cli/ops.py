@@ -83,6 +83,16 @@ def render(snapshot: Mapping[str, Any], previous: Mapping[str, Any] | None, sour
         + f"   permissions {allocs['permissions']}   channels {allocs['channels']}"
         + f"   auth failures {snapshot['auth_failures']}"
     )
+    workers = snapshot.get("workers")  # only with --workers N > 1
+    if workers:
+        lines.append(
+            f"workers {len(workers)}:   "
+            + "   ".join(
+                f"#{w['worker']} {'up' if w['running'] else 'DOWN'} allocations "
+                f"{w['allocations']} python {_units(w['python_packets'])} pkts"
+                for w in workers
+            )
+        )
     lines.append("")
     elapsed = snapshot["time"] - previous["time"] if previous else 0.0
     before = {(r["path"], r["route"]): r for r in previous["relayed"]} if previous else {}

@@ -10,8 +10,10 @@ import ctypes
 import logging
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from xdpturn.fastpath import libbpf as bpf
 from xdpturn.fastpath import maps
@@ -34,6 +36,13 @@ OBJECT_PATH = Path(__file__).parent / "bpf" / "xdpturn.bpf.o"
 PROGRAM_NAME = "xdpturn"
 
 
+class NextHopKeeper(Protocol):
+    """Keeps the next hop of every destination of an installed route (`NextHops`)."""
+
+    def add(self, ip: IPAddress) -> None: ...
+    def release(self, ip: IPAddress) -> None: ...
+
+
 @dataclass
 class _Attachment:
     ifname: str
@@ -53,6 +62,8 @@ class XdpFastPath:
         self._routes: dict[tuple[ClientAddr, int], ChannelRoute] = {}
         self._port_users: dict[int, int] = {}
         self._next_hops: NextHops | None = None
+        self._keeper: NextHopKeeper | None = None  # _next_hops, unless keep_next_hops_with
+        self._route_count: Callable[[], int] | None = None  # see count_routes_with
         self._check = CarryingCheck()
         self._obj = bpf.BpfObject(object_path)
         try:
@@ -93,6 +104,7 @@ class XdpFastPath:
             for ifname in config.interfaces:
                 self._attach(ifname)
             self._next_hops.start()
+            self._keeper = self._next_hops
         except BaseException:
             self.close()
             raise
@@ -164,9 +176,9 @@ class XdpFastPath:
             self.remove(old)
         ck, cv = maps.chan_entry(route.client, route.channel, route.relay_port, route.peer)
         uk, uv = maps.udp_entry(route.client, route.channel, route.relay_port, route.peer)
-        if self._next_hops is not None:
-            self._next_hops.add(route.client.ip)
-            self._next_hops.add(route.peer.ip)
+        if self._keeper is not None:
+            self._keeper.add(route.client.ip)
+            self._keeper.add(route.peer.ip)
         try:
             # The reverse direction first: a ChannelData packet never finds half a route.
             self.udp_to_chan.update(bytes(uk), bytes(uv))
@@ -194,9 +206,16 @@ class XdpFastPath:
             log.warning("fast path: releasing port %d failed: %s", route.relay_port, e)
 
     def _release_next_hops(self, route: ChannelRoute) -> None:
-        if self._next_hops is not None:
-            self._next_hops.release(route.client.ip)
-            self._next_hops.release(route.peer.ip)
+        if self._keeper is not None:
+            self._keeper.release(route.client.ip)
+            self._keeper.release(route.peer.ip)
+
+    def keep_next_hops_with(self, keeper: NextHopKeeper) -> None:
+        """Hand the destinations of this process's routes to `keeper` instead of the watcher
+        this object started. A worker process (server.workers) inherits the object across fork
+        but not the watcher thread, and shares its netlink sockets with the other workers: it
+        passes them to the supervisor, whose one watcher counts every worker's routes."""
+        self._keeper = keeper
 
     @property
     def next_hops(self) -> NextHops | None:
@@ -255,10 +274,17 @@ class XdpFastPath:
     def problem(self) -> str | None:
         if not self._attachments:
             return None  # not attached: the mode says so
-        return self._check.update(self.counters(), self.routes)
+        routes = self._route_count() if self._route_count is not None else self.routes
+        return self._check.update(self.counters(), routes)
+
+    def count_routes_with(self, count: Callable[[], int]) -> None:
+        """Judge whether the kernel carries by `count()` routes rather than this object's own:
+        the supervisor of several workers installs none itself (server.workers)."""
+        self._route_count = count
 
     def close(self) -> None:
         """Detach from every interface (only if our program is still the one attached), free."""
+        self._keeper = None
         if self._next_hops is not None:
             self._next_hops.close()
             self._next_hops = None

@@ -11,7 +11,9 @@ from the injected `wall_clock` when a request is authenticated, and nowhere else
 
 Packets to itself: when a client sends to one of the relay's own public addresses and the port
 is a live allocation, the datagram is handed to that allocation here, as if it had arrived from
-the network, and never becomes a `SendToPeer`.
+the network, and never becomes a `SendToPeer`. When another worker process of the same relay
+holds that port (an injected `SiblingAllocations` says so), it becomes a `SendToPeer` to the
+address that worker's socket listens on, and arrives there from a peer.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ import hmac
 import ipaddress
 import itertools
 import random
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ParamSpec, Protocol, TypeVar
@@ -60,6 +61,7 @@ from xdpturn.proto.commands import (
     SendToPeer,
 )
 from xdpturn.proto.policy import PeerPolicy
+from xdpturn.proto.quotas import LocalQuotas, QuotaRefusal, Quotas
 from xdpturn.proto.ratelimit import SourceBuckets
 from xdpturn.proto.stats import CoreStats, Drop, Route
 from xdpturn.proto.stun import AttrType, Message, MessageClass, Method
@@ -97,6 +99,21 @@ class RelayPorts(Protocol):
     def release(self, port: int) -> None: ...
 
 
+class SiblingAllocations(Protocol):
+    """The allocations of all worker processes of one relay: each core tells it of its own,
+    and asks it about the others'."""
+
+    def opened(self, port: int, families: frozenset[Family]) -> None:
+        """This core's allocation on `port` is live."""
+
+    def closed(self, port: int) -> None:
+        """This core's allocation on `port` is gone."""
+
+    def route(self, port: int, family: Family) -> PeerAddr | None:
+        """Where to send a datagram for the relay's own `family` address on `port` so that the
+        worker holding that allocation receives it from a peer; None when no worker does."""
+
+
 @dataclass
 class ServerConfig:
     realm: str = "xdpturn"
@@ -114,6 +131,9 @@ class ServerConfig:
     unauthenticated_rate: float = 20.0
     unauthenticated_burst: int = 40
     unauthenticated_sources: int = 65536
+    # The key of the stateless nonces; random when None. Workers of one relay share one, so a
+    # nonce from any of them is valid on all.
+    nonce_key: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -192,13 +212,21 @@ class TurnServer:
         rng: random.Random | None = None,
         *,
         wall_clock: Callable[[], float],
+        quotas: Quotas | None = None,
+        siblings: SiblingAllocations | None = None,
     ) -> None:
+        """`quotas` counts allocations against the config's limits (default: this core
+        alone); `siblings` knows the allocations of other workers (default: there are none)."""
         self.config = config
         self._wall_clock = wall_clock
         self.stats = CoreStats()
         self._ports = ports
         self._rng = rng if rng is not None else random.Random()
-        self._nonce_key = self._rng.randbytes(16)
+        self._nonce_key = config.nonce_key or self._rng.randbytes(16)
+        self._quotas: Quotas = quotas or LocalQuotas(
+            config.max_allocations, config.max_allocations_per_user, config.max_allocations_per_ip
+        )
+        self._siblings = siblings
         self._public: dict[Family, IPAddress] = {}
         if config.public_ipv4 is not None:
             self._public[Family.IPV4] = config.public_ipv4
@@ -213,8 +241,6 @@ class TurnServer:
         self._by_flow: dict[ClientFlow, _Allocation] = {}
         self._by_port: dict[int, _Allocation] = {}
         self._opening: dict[int, _PendingAllocate] = {}  # by the port being opened
-        self._per_user: Counter[str] = Counter()
-        self._per_ip: Counter[IPAddress] = Counter()
         self._timers: list[tuple[float, int, int]] = []  # (when, seq, relay_port)
         self._seq = itertools.count()
         self._commands: list[Command] = []
@@ -411,6 +437,11 @@ class TurnServer:
             return
         # Packets to itself: deliver to the allocation on that port, never through a socket.
         target = self._by_port.get(peer.port)
+        if target is None and self._siblings is not None:
+            sibling = self._siblings.route(peer.port, peer.family)
+            if sibling is not None:  # another worker's: through its socket, as from a peer
+                self._send_to_peer(alloc, sibling, data, now, False)
+                return
         if target is None or target.expires <= now or peer.family not in target.families:
             self._drop(Drop.SELF_NOT_ALLOCATION)
             return
@@ -604,10 +635,11 @@ class TurnServer:
         if message.get(AttrType.RESERVATION_TOKEN) is not None:
             raise TurnError(508, "Reservations not supported")
         families, address_errors = self._requested_families(message)
-        self._check_quotas(request.username, flow)
         lifetime = _granted_lifetime(message, default=DEFAULT_ALLOCATION_LIFETIME)
+        self._acquire_quota(request.username, flow)
         pending = _PendingAllocate(request, families, address_errors, lifetime)
         if not self._open_next_port(pending):
+            self._quotas.release(request.username, flow.client.ip)
             raise TurnError(508, "No relay port free")
         return None
 
@@ -619,6 +651,7 @@ class TurnServer:
             if pending.refused:  # the Allocate is answered here, not by the caller
                 self._release_refused(pending)
                 request = pending.request
+                self._quotas.release(request.username, request.flow.client.ip)
                 error = TurnError(508, "No relay port free")
                 self._respond_error(request.flow, request.message, error, request)
             return False
@@ -665,8 +698,8 @@ class TurnServer:
         )
         self._by_flow[flow] = alloc
         self._by_port[port] = alloc
-        self._per_user[request.username] += 1
-        self._per_ip[flow.client.ip] += 1
+        if self._siblings is not None:
+            self._siblings.opened(port, families)
         self._schedule(alloc, alloc.expires)
         self._push(AllocationOpened(flow, port, families, request.username, lifetime))
         return alloc.allocate_response
@@ -705,15 +738,11 @@ class TurnServer:
             raise TurnError(440)
         return frozenset({family}), []
 
-    def _check_quotas(self, username: str, flow: ClientFlow) -> None:
-        config = self.config
-        if config.max_allocations is not None and len(self._by_port) >= config.max_allocations:
+    def _acquire_quota(self, username: str, flow: ClientFlow) -> None:
+        refusal = self._quotas.acquire(username, flow.client.ip)
+        if refusal is QuotaRefusal.TOTAL:
             raise TurnError(508, "Relay is full")
-        limit = config.max_allocations_per_user
-        if limit is not None and self._per_user[username] >= limit:
-            raise TurnError(486)
-        limit = config.max_allocations_per_ip
-        if limit is not None and self._per_ip[flow.client.ip] >= limit:
+        if refusal is not None:
             raise TurnError(486)
 
     def _refresh(self, request: _Request, now: float) -> Message:
@@ -764,7 +793,7 @@ class TurnServer:
         if not CHANNEL_MIN <= number <= ACCEPTED_CHANNEL_MAX:
             raise TurnError(400, "Channel number out of range")
         peer = self._checked_peer(alloc, peer_value, message.transaction_id)
-        if self._is_self(peer) and peer.port not in self._by_port:
+        if self._is_self(peer) and not self._is_allocation(peer):
             raise TurnError(403, "Relay address that is not an allocation")
         # Rebinding rules (section 11.2): a number keeps its peer and a peer its number,
         # also during the cool-down after expiry.
@@ -784,6 +813,13 @@ class TurnServer:
         self._permit(alloc, peer.ip, now)
         self._sync_routes(alloc, now)
         return stun.response(message)
+
+    def _is_allocation(self, peer: PeerAddr) -> bool:
+        """The relay's own address `peer` is an allocation of this worker or of another."""
+        if peer.port in self._by_port:
+            return True
+        siblings = self._siblings
+        return siblings is not None and siblings.route(peer.port, peer.family) is not None
 
     def _checked_peer(self, alloc: _Allocation, value: bytes, transaction_id: bytes) -> PeerAddr:
         peer = PeerAddr(_decode(stun.decode_xor_address, value, transaction_id))
@@ -902,8 +938,9 @@ class TurnServer:
         alloc.announced = set()
         del self._by_flow[alloc.flow]
         del self._by_port[alloc.relay_port]
-        _decrement(self._per_user, alloc.username)
-        _decrement(self._per_ip, alloc.flow.client.ip)
+        self._quotas.release(alloc.username, alloc.flow.client.ip)
+        if self._siblings is not None:
+            self._siblings.closed(alloc.relay_port)
         self._ports.release(alloc.relay_port)
         self._push(CloseRelayPort(alloc.relay_port))
         self._push(AllocationClosed(alloc.flow, alloc.relay_port, reason))
@@ -919,7 +956,6 @@ class TurnServer:
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
-_K = TypeVar("_K")
 
 
 def _decode(decoder: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
@@ -946,17 +982,12 @@ def _method(number: int) -> int:
         return number
 
 
-def _decrement(counter: Counter[_K], key: _K) -> None:
-    counter[key] -= 1
-    if counter[key] <= 0:
-        del counter[key]
-
-
 __all__ = [
     "AllocationInfo",
     "Drop",
     "RelayPorts",
     "ServerConfig",
+    "SiblingAllocations",
     "TurnError",
     "TurnServer",
 ]

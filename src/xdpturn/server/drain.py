@@ -10,10 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from xdpturn.proto.addr import TransportAddr
-from xdpturn.server.relay import RelayServer
+
+if TYPE_CHECKING:
+    from collections import Counter
+
+    from xdpturn.config import ServeConfig
+    from xdpturn.fastpath import FastPath
+    from xdpturn.proto.addr import ClientFlow
+    from xdpturn.proto.server import AllocationInfo
+    from xdpturn.proto.stats import CoreStats
 
 log = logging.getLogger("xdpturn.server")
 
@@ -27,11 +35,43 @@ class DrainableCore(Protocol):
     def drain(self, alternate: TransportAddr | None = None) -> None: ...
 
 
+class CoreView(Protocol):
+    @property
+    def stats(self) -> CoreStats: ...
+
+
+class TrafficView(Protocol):
+    def bytes_of(self, flow: ClientFlow, relay_port: int) -> int: ...
+
+
+class RelayView(Protocol):
+    """What draining, /status and /metrics read of a relay: a `RelayServer`, or the sum over
+    the workers of one (server.workers.WorkerPool)."""
+
+    config: ServeConfig
+    stats: Counter[str]  # the runtime's own
+
+    @property
+    def running(self) -> bool: ...
+    @property
+    def fastpath(self) -> FastPath: ...
+    @property
+    def core(self) -> CoreView: ...
+    @property
+    def traffic(self) -> TrafficView: ...
+    @property
+    def listen_addresses(self) -> list[TransportAddr]: ...
+    @property
+    def relay_port_count(self) -> int: ...
+    def allocations(self) -> list[AllocationInfo]: ...
+    def now(self) -> float: ...
+
+
 class Drainer:
     """One drain per process: `start()` begins it, `done` is set when it is over."""
 
     def __init__(
-        self, server: RelayServer, *, alternate: TransportAddr | None, timeout: float
+        self, server: RelayView, *, alternate: TransportAddr | None, timeout: float
     ) -> None:
         self.server = server
         self.alternate = alternate
@@ -92,4 +132,4 @@ class Drainer:
             self._task.cancel()
 
 
-__all__ = ["DrainableCore", "Drainer"]
+__all__ = ["DrainableCore", "Drainer", "RelayView"]

@@ -81,10 +81,16 @@ def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return factory
 
 
-def run(config: ServeConfig) -> None:
-    """Blocking entry point for `xdpturn serve`; raises StartError if it cannot start."""
+def run(config: ServeConfig) -> int:
+    """Blocking entry point for `xdpturn serve`; raises StartError if it cannot start, else
+    returns the exit status. More than one worker: see xdpturn.server.workers."""
+    if config.workers > 1:
+        from xdpturn.server.workers import run_workers
+
+        return run_workers(config)
     with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
         runner.run(serve(config))
+    return 0
 
 
 __all__ = ["StartError", "event_loop_factory", "run", "serve"]

@@ -37,8 +37,8 @@ from prometheus_client.registry import CollectorRegistry
 
 from xdpturn import __version__
 from xdpturn.proto.addr import TransportAddr
-from xdpturn.server.drain import Drainer
-from xdpturn.server.relay import RelayServer, StartError
+from xdpturn.server.drain import Drainer, RelayView
+from xdpturn.server.relay import StartError
 from xdpturn.server.snapshot import fastpath_counters, not_ready, status_snapshot
 from xdpturn.server.traffic import (
     drop_counts,
@@ -59,7 +59,7 @@ MAX_CONNECTIONS = 32  # a scraper, `xdpturn status` and a probe or two; more is 
 class RelayCollector:
     """Reads the relay's state on every scrape."""
 
-    def __init__(self, server: RelayServer, drainer: Drainer) -> None:
+    def __init__(self, server: RelayView, drainer: Drainer) -> None:
         self.server = server
         self.drainer = drainer
 
@@ -179,7 +179,7 @@ class RelayCollector:
         yield drops
 
 
-def make_registry(server: RelayServer, drainer: Drainer) -> CollectorRegistry:
+def make_registry(server: RelayView, drainer: Drainer) -> CollectorRegistry:
     """A registry of its own (not the global one), so several relays can run in one process."""
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)
@@ -203,7 +203,7 @@ def _json(status: HTTPStatus, value: object) -> Response:
 class OpsServer:
     """The HTTP listener on the running event loop."""
 
-    def __init__(self, server: RelayServer, drainer: Drainer, address: TransportAddr) -> None:
+    def __init__(self, server: RelayView, drainer: Drainer, address: TransportAddr) -> None:
         self.server = server
         self.drainer = drainer
         self.address = address

@@ -16,7 +16,7 @@ import random
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any, Protocol
 
@@ -99,6 +99,31 @@ class StartError(Exception):
     """The relay could not start (e.g. a --listen address cannot be bound)."""
 
 
+def bind_udp_listeners(addrs: Sequence[TransportAddr]) -> list[socket.socket]:
+    """UDP sockets bound to the --listen `addrs`, open to port sharing (the connected client
+    sockets of clientsockets, and the other workers' listeners); raises StartError."""
+    socks: list[socket.socket] = []
+    skipped: list[str] = []
+    for addr in addrs:
+        try:
+            socks.append(open_udp_socket(addr, before_bind=enable_port_sharing))
+        except OSError as e:
+            # A wildcard listener of a family the host lacks (IPv6 disabled, as in many
+            # containers) is skipped, so the default `--listen` works there.
+            no_family = e.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL)
+            if addr.ip.is_unspecified and no_family:
+                skipped.append(str(addr))
+                continue
+            for sock in socks:
+                sock.close()
+            raise StartError(f"--listen: cannot bind {addr}: {e.strerror or e}") from e
+    if not socks:
+        raise StartError(f"--listen: cannot bind any of {', '.join(skipped)}")
+    for addr_text in skipped:
+        log.warning("address family not available, not listening", extra={"listen": addr_text})
+    return socks
+
+
 class RelayServer:
     """Runs one TURN relay on the running event loop.
 
@@ -115,7 +140,12 @@ class RelayServer:
         fastpath: FastPath | None = None,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
+        listeners: Sequence[socket.socket] = (),
+        stream_listeners: Sequence[socket.socket] = (),
     ) -> None:
+        """`listeners`/`stream_listeners`: sockets already bound to the --listen and then the
+        --listen-tcp and --listen-tls addresses, used instead of binding them (a worker gets
+        its own from the supervisor, see xdpturn.server.workers)."""
         self.config = config
         self.stats: Counter[str] = Counter()  # the runtime's own: send errors, drops
         self.traffic = AllocationTraffic()  # Python-path bytes per allocation, for /status
@@ -126,6 +156,8 @@ class RelayServer:
         self._rng = rng
         self._clock = clock
         self._listeners: list[socket.socket] = []
+        self._bound = list(listeners)
+        self._bound_streams = list(stream_listeners)
         # Each UDP client with an allocation gets its own connected socket on the listening port
         # (see clientsockets), so a flood on the listener does not bury its datagrams.
         self._client_sockets: ClientSockets | None = None
@@ -155,7 +187,7 @@ class RelayServer:
         self._loop = loop = asyncio.get_running_loop()
         self._state = "starting"
         try:
-            self._listeners = self._bind_listeners()
+            self._listeners = self._bound or bind_udp_listeners(self.config.listen)
             self._client_flows = [{} for _ in self._listeners]
             self._client_sockets = ClientSockets(
                 loop, self._listeners, self._on_client_socket_datagram, self.stats
@@ -168,7 +200,7 @@ class RelayServer:
             chooser = PortChooser(self.config.ports, self._rng or random.SystemRandom())
             self._core = self._core_factory(self.config.server, chooser, self._rng)
             try:
-                await self.streams.start(self.config)
+                await self.streams.start(self.config, self._bound_streams)
             except StreamBindError as e:
                 raise StartError(str(e)) from e
             if self._fastpath is None:
@@ -194,28 +226,6 @@ class RelayServer:
             },
         )
         self._arm_timer()
-
-    def _bind_listeners(self) -> list[socket.socket]:
-        socks: list[socket.socket] = []
-        skipped: list[str] = []
-        for addr in self.config.listen:
-            try:
-                socks.append(open_udp_socket(addr, before_bind=enable_port_sharing))
-            except OSError as e:
-                # A wildcard listener of a family the host lacks (IPv6 disabled, as in many
-                # containers) is skipped, so the default `--listen` works there.
-                no_family = e.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL)
-                if addr.ip.is_unspecified and no_family:
-                    skipped.append(str(addr))
-                    continue
-                for sock in socks:
-                    sock.close()
-                raise StartError(f"--listen: cannot bind {addr}: {e.strerror or e}") from e
-        if not socks:
-            raise StartError(f"--listen: cannot bind any of {', '.join(skipped)}")
-        for addr_text in skipped:
-            log.warning("address family not available, not listening", extra={"listen": addr_text})
-        return socks
 
     def _open_fastpath(self) -> FastPath:
         if self.config.fastpath is FastPathMode.OFF:
@@ -603,5 +613,6 @@ __all__ = [
     "RelayServer",
     "StartError",
     "allocation_id",
+    "bind_udp_listeners",
     "turn_server",
 ]

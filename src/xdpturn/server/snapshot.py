@@ -16,8 +16,8 @@ from typing import Any
 from xdpturn import __version__
 from xdpturn.fastpath import FastPathCounters, FastPathMode
 from xdpturn.proto.server import AllocationInfo
-from xdpturn.server.drain import Drainer
-from xdpturn.server.relay import RelayServer, allocation_id
+from xdpturn.server.drain import Drainer, RelayView
+from xdpturn.server.relay import allocation_id
 from xdpturn.server.traffic import (
     drop_counts,
     error_counts,
@@ -38,7 +38,7 @@ EXPECTED_MODES: dict[FastPathMode, frozenset[str]] = {
 }
 
 
-def not_ready(server: RelayServer, drainer: Drainer) -> list[str]:
+def not_ready(server: RelayView, drainer: Drainer) -> list[str]:
     """Why the relay should not get new clients; empty when it is ready."""
     reasons = []
     if not server.running:
@@ -55,7 +55,7 @@ def not_ready(server: RelayServer, drainer: Drainer) -> list[str]:
     return reasons
 
 
-def fastpath_counters(server: RelayServer) -> FastPathCounters:
+def fastpath_counters(server: RelayView) -> FastPathCounters:
     try:
         return server.fastpath.counters()
     except Exception:
@@ -65,7 +65,7 @@ def fastpath_counters(server: RelayServer) -> FastPathCounters:
 
 
 def status_snapshot(
-    server: RelayServer,
+    server: RelayView,
     drainer: Drainer,
     *,
     started: float,
@@ -117,7 +117,7 @@ def status_snapshot(
 
 
 def _top_allocations(
-    server: RelayServer, allocations: list[AllocationInfo], top: int
+    server: RelayView, allocations: list[AllocationInfo], top: int
 ) -> list[dict[str, Any]]:
     """The `top` allocations by Python-path bytes, then channels, then permissions."""
 

@@ -25,7 +25,7 @@ import logging
 import socket
 import ssl
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import cast
 
@@ -52,13 +52,17 @@ class StreamBindError(Exception):
     """A --listen-tcp/--listen-tls address could not be bound; `str()` names the option."""
 
 
-def open_tcp_listener(addr: TransportAddr) -> socket.socket:
-    """A bound, listening, non-blocking TCP socket; IPv6 ones are IPv6-only (as for UDP)."""
+def open_tcp_listener(addr: TransportAddr, *, reuse_port: bool = False) -> socket.socket:
+    """A bound, listening, non-blocking TCP socket; IPv6 ones are IPv6-only (as for UDP).
+    `reuse_port`: one of a group on the same address (one per worker) that the kernel spreads
+    new connections over (SO_REUSEPORT)."""
     family = socket.AF_INET if addr.family is Family.IPV4 else socket.AF_INET6
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         # A restarted relay must rebind while old connections sit in TIME_WAIT.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.setblocking(False)
@@ -87,8 +91,9 @@ class StreamListeners:
         self.idle_timeout = 30.0  # --stream-idle-timeout
         self._full_logged = False
 
-    async def start(self, config: ServeConfig) -> None:
-        """Bind every --listen-tcp and --listen-tls address; raises StreamBindError."""
+    async def start(self, config: ServeConfig, bound: Sequence[socket.socket] = ()) -> None:
+        """Bind every --listen-tcp and --listen-tls address; raises StreamBindError. `bound`:
+        listening sockets already bound to them, in that order (a worker's, see workers.py)."""
         loop = asyncio.get_running_loop()
         self.max_connections = config.max_stream_connections
         self.idle_timeout = config.stream_idle_timeout
@@ -101,9 +106,9 @@ class StreamListeners:
             listener_context.sni_callback = self._select_context
         wanted = [(Transport.TCP, a) for a in config.listen_tcp]
         wanted += [(Transport.TLS, a) for a in config.listen_tls]
-        for kind, addr in wanted:
+        for index, (kind, addr) in enumerate(wanted):
             try:
-                sock = open_tcp_listener(addr)
+                sock = bound[index] if bound else open_tcp_listener(addr)
             except OSError as e:
                 self.close()
                 raise StreamBindError(
