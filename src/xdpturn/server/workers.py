@@ -4,7 +4,7 @@ The supervisor (the process `xdpturn serve` started) binds every listening addre
 worker with SO_REUSEPORT, so the kernel spreads clients over the workers by 4-tuple (a client's
 5-tuple always lands on the same one) and hands each TCP/TLS connection to one; it loads and
 attaches the fast path once; then it forks the workers. Each worker runs the single-process relay
-(`RelayServer` under `relay.serve`) on its own sockets, with what the workers must agree on
+(`RelayServer` under `lifecycle.serve`) on its own sockets, with what the workers must agree on
 shared:
 
 - allocation ports: each worker binds its own allocations' sockets; a port bound by another
