@@ -131,19 +131,34 @@ MAX_UNAUTHENTICATED_ANSWER = max_unauthenticated_answer(REALM)
 
 
 class _Ports:
+    """The core's port chooser (`free`, even ports and pairs) and what the runtime has open
+    (`open`, kept by `ServerUnderFuzz.commands` from OpenRelayPort/CloseRelayPort)."""
+
     def __init__(self) -> None:
         self.free = list(range(RELAY_PORT_LOW, RELAY_PORT_LOW + 16))
+        self.handed_out: set[int] = set()
+        self.reserved: set[int] = set()  # the N + 1 of pairs (EVEN-PORT with the R bit)
         self.open: set[int] = set()
 
-    def acquire(self, families: frozenset[Family]) -> int | None:
-        if not self.free:
-            return None
-        port = self.free.pop(0)
-        self.open.add(port)
-        return port
+    def acquire(
+        self, families: frozenset[Family], *, even: bool = False, pair: bool = False
+    ) -> int | None:
+        for port in self.free:
+            if (even or pair) and port % 2:
+                continue
+            if pair and port + 1 not in self.free:
+                continue
+            for taken in (port, port + 1) if pair else (port,):
+                self.free.remove(taken)
+                self.handed_out.add(taken)
+            if pair:
+                self.reserved.add(port + 1)
+            return port
+        return None
 
     def release(self, port: int) -> None:
-        self.open.remove(port)
+        self.handed_out.remove(port)
+        self.reserved.discard(port)
         self.free.append(port)
 
 
@@ -250,7 +265,14 @@ class ServerUnderFuzz:
         while (command := self.server.next_command()) is not None:
             out.append(command)
             if isinstance(command, OpenRelayPort):
+                if command.relay_port in self.ports.open:
+                    raise Violation(f"opening an open port: {command}")
+                self.ports.open.add(command.relay_port)
                 self.server.handle_relay_port(command.relay_port, True, self.now)
+            elif isinstance(command, CloseRelayPort):
+                if command.relay_port not in self.ports.open:
+                    raise Violation(f"closing a port not open: {command}")
+                self.ports.open.remove(command.relay_port)
         return out
 
     def check(self, commands: list[Command], client: ClientFlow | None) -> None:
@@ -270,7 +292,7 @@ class ServerUnderFuzz:
                 if command.relay_port not in self.ports.open:
                     raise Violation(f"datagram from no allocation: {command}")
             elif isinstance(command, OpenRelayPort):
-                if command.relay_port not in self.ports.open:
+                if command.relay_port not in self.ports.handed_out:
                     raise Violation(f"opening a port the chooser did not hand out: {command}")
             elif isinstance(command, AddPermission):
                 key = (command.relay_port, command.peer)
@@ -293,8 +315,14 @@ class ServerUnderFuzz:
         flows = {a.flow for a in self.server.allocations()}
         if not flows <= self.signed:
             raise Violation(f"allocations of clients that never signed: {flows - self.signed}")
-        if {a.relay_port for a in self.server.allocations()} != self.ports.open:
+        # Open ports: those handed out (every OpenRelayPort is answered at once here), each an
+        # allocation's or held for a RESERVATION-TOKEN (which may since have become one's).
+        allocated = {a.relay_port for a in self.server.allocations()}
+        ports = self.ports
+        if ports.open != ports.handed_out or not allocated <= ports.open:
             raise Violation("allocations and open relay ports disagree")
+        if not ports.open - allocated <= ports.reserved:
+            raise Violation(f"open ports of no allocation: {ports.open - allocated}")
 
     def check_answer(self, command: SendToClient, client: ClientFlow | None) -> None:
         flow = command.flow

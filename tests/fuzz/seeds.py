@@ -28,6 +28,7 @@ def peer_attr(peer: TransportAddr) -> tuple[int, bytes]:
 
 UDP = (AttrType.REQUESTED_TRANSPORT, stun.encode_requested_transport(17))
 DUAL = (AttrType.ADDITIONAL_ADDRESS_FAMILY, stun.encode_address_family(Family.IPV6))
+EVEN_RESERVE = (AttrType.EVEN_PORT, stun.encode_even_port(True))
 ALLOCATE = request(Method.ALLOCATE, UDP)
 PERMIT = request(Method.CREATE_PERMISSION, peer_attr(PEERS[0]))
 BIND = request(
@@ -88,6 +89,13 @@ def server_seeds() -> list[bytes]:
                 step(udp, request(Method.ALLOCATE, UDP, DUAL)),
                 step(3, request(Method.ALLOCATE, UDP, DUAL)),
                 step(3, to_self),
+            ]
+        ),
+        b"".join(  # an RTP/RTCP pair: the reservation expires unused
+            [
+                step(udp, request(Method.ALLOCATE, UDP, EVEN_RESERVE)),
+                step(3, request(Method.ALLOCATE, UDP, EVEN_RESERVE)),
+                step(5, b"\x78"),
             ]
         ),
         b"".join(step(8, request(Method.BINDING)) for _ in range(3)),

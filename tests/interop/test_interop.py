@@ -1,5 +1,6 @@
 """Clients no one here wrote, against `xdpturn serve`: aioice's TURN client and coturn's
-turnutils_uclient (REST API auth with -W, to a UDP echo peer and client-to-client)."""
+turnutils_uclient (REST API auth with -W, to a UDP echo peer and client-to-client; with -c and
+in its default mode, where it allocates RTP/RTCP pairs with EVEN-PORT and RESERVATION-TOKEN)."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def free_udp_port() -> int:
 
 
 @pytest.fixture
-def relay() -> Iterator[TransportAddr]:
+def served() -> Iterator[tuple[Serve, TransportAddr]]:
     """The relay listens on loopback and tells clients a documentation address, as behind 1:1
     NAT, so loopback peers are plain peers and its public address is itself."""
     args = ["--listen", "127.0.0.1:0", "--public-ipv4", "203.0.113.1"]
@@ -39,7 +40,12 @@ def relay() -> Iterator[TransportAddr]:
     with Serve([*args, "--log-format", "json"]) as serve:
         listen = serve.wait_for("listening")["listen"]
         assert isinstance(listen, list)
-        yield TransportAddr.parse(str(listen[0]))
+        yield serve, TransportAddr.parse(str(listen[0]))
+
+
+@pytest.fixture
+def relay(served: tuple[Serve, TransportAddr]) -> TransportAddr:
+    return served[1]
 
 
 class Collect(asyncio.DatagramProtocol):
@@ -84,13 +90,16 @@ def test_aioice_turn_client_relays_both_ways(relay: TransportAddr) -> None:
     asyncio.run(main())
 
 
-def uclient(relay: TransportAddr, *extra: str) -> str:
+def uclient(relay: TransportAddr, *extra: str, rtcp: bool = False) -> str:
+    """4 clients x 100 messages of 200 bytes, 5 ms apart. Without `rtcp` (-c), one allocation
+    per client; with it, uclient's default: an RTP allocation with EVEN-PORT (R bit set), then
+    an RTCP one on the reserved next port with the RESERVATION-TOKEN it got."""
     binary = shutil.which("turnutils_uclient")
     if binary is None:
         unavailable("coturn's turnutils_uclient is not installed")
     args = [binary, "-W", SECRET, "-u", "uclient", "-p", str(relay.port)]
-    # 4 clients x 100 messages of 200 bytes, 5 ms apart; -c: no RTCP allocations.
-    args += ["-m", "4", "-n", "100", "-l", "200", "-z", "5", "-c", *extra, str(relay.ip)]
+    args += ["-m", "4", "-n", "100", "-l", "200", "-z", "5", *([] if rtcp else ["-c"])]
+    args += [*extra, str(relay.ip)]
     result = subprocess.run(args, capture_output=True, text=True, timeout=60)
     return result.stdout + result.stderr
 
@@ -103,7 +112,7 @@ def assert_no_loss(output: str, expected: int) -> None:
     assert int(received.group(1)) == expected, output[-2000:]
 
 
-def test_coturn_uclient_to_an_echo_peer_loses_nothing(relay: TransportAddr) -> None:
+def uclient_to_echo_peer(relay: TransportAddr, *, rtcp: bool) -> str:
     binary = shutil.which("turnutils_peer")
     if binary is None:
         unavailable("coturn's turnutils_peer is not installed")
@@ -114,13 +123,43 @@ def test_coturn_uclient_to_an_echo_peer_loses_nothing(relay: TransportAddr) -> N
         stderr=subprocess.DEVNULL,
     )
     try:
-        output = uclient(relay, "-e", "127.0.0.1", "-r", str(port))
+        return uclient(relay, "-e", "127.0.0.1", "-r", str(port), rtcp=rtcp)
     finally:
         peer.terminate()
         peer.wait(timeout=BOUNDED)
-    assert_no_loss(output, 400)
+
+
+def assert_rtp_rtcp_pairs(serve: Serve, pairs: int) -> None:
+    """The relay logged `pairs` allocations on an even port N (EVEN-PORT) each with one on
+    N + 1 (RESERVATION-TOKEN: relay ports are otherwise picked at random). uclient stops with
+    an error when either Allocate is refused, so this shows both were served."""
+    ports: set[int] = set()
+    while len({p for p in ports if p % 2 == 0 and p + 1 in ports}) < pairs:
+        port = serve.wait_for("allocation opened")["relay_port"]  # bounded wait
+        assert isinstance(port, int)
+        ports.add(port)
+
+
+def test_coturn_uclient_to_an_echo_peer_loses_nothing(relay: TransportAddr) -> None:
+    assert_no_loss(uclient_to_echo_peer(relay, rtcp=False), 400)
 
 
 def test_coturn_uclient_client_to_client_through_the_relay_itself(relay: TransportAddr) -> None:
     # -y: the clients send to each other's relayed addresses: packets to itself.
     assert_no_loss(uclient(relay, "-y"), 400)
+
+
+def test_coturn_uclient_rtp_rtcp_pairs_to_an_echo_peer_lose_nothing(
+    served: tuple[Serve, TransportAddr],
+) -> None:
+    serve, relay = served
+    assert_no_loss(uclient_to_echo_peer(relay, rtcp=True), 400)
+    assert_rtp_rtcp_pairs(serve, 3)  # what uclient -m 4 opens towards a peer
+
+
+def test_coturn_uclient_rtp_rtcp_pairs_client_to_client_lose_nothing(
+    served: tuple[Serve, TransportAddr],
+) -> None:
+    serve, relay = served
+    assert_no_loss(uclient(relay, "-y", rtcp=True), 400)
+    assert_rtp_rtcp_pairs(serve, 2)  # what uclient -m 4 -y opens

@@ -42,24 +42,43 @@ PEER_V6 = PeerAddr(addr("[2001:db8:2::7]:4000"))
 
 
 class FakePorts:
-    """Ports handed out in order from a small range; tests check release. `refused` ports are
-    ones the runtime cannot open (another program holds them)."""
+    """The core's port chooser and the runtime's sockets, faked: ports are handed out in order
+    from a small range, released ones last; `open` are the ports the core has opened
+    (OpenRelayPort) and not closed yet, which tests check. `refused` ports are ones the runtime
+    cannot open (another program holds them)."""
 
     def __init__(self, low: int = 50000, high: int = 50999) -> None:
         self.free = list(range(low, high + 1))
         self.open: dict[int, frozenset[Family]] = {}
         self.refused: set[int] = set()
 
-    def acquire(self, families: frozenset[Family]) -> int | None:
-        if not self.free:
-            return None
-        port = self.free.pop(0)
-        self.open[port] = families
-        return port
+    def acquire(
+        self, families: frozenset[Family], *, even: bool = False, pair: bool = False
+    ) -> int | None:
+        for port in self.free:
+            if (even or pair) and port % 2:
+                continue
+            if pair and port + 1 not in self.free:
+                continue
+            for taken in (port, port + 1) if pair else (port,):
+                self.free.remove(taken)
+            return port
+        return None
 
     def release(self, port: int) -> None:
-        del self.open[port]
+        assert port not in self.free, f"port {port} released twice"
         self.free.append(port)
+
+    def opened(self, command: OpenRelayPort) -> bool:
+        assert command.relay_port not in self.free, "opened a port the chooser did not hand out"
+        assert command.relay_port not in self.open, "opened twice"
+        if command.relay_port in self.refused:
+            return False
+        self.open[command.relay_port] = command.families
+        return True
+
+    def closed(self, command: CloseRelayPort) -> None:
+        del self.open[command.relay_port]
 
 
 @dataclass
@@ -193,9 +212,11 @@ class Harness:
         out: list[Command] = []
         while (command := self.server.next_command()) is not None:
             if isinstance(command, OpenRelayPort):
-                opened = command.relay_port not in self.ports.refused
+                opened = self.ports.opened(command)
                 self.server.handle_relay_port(command.relay_port, opened, self.now)
-            elif not isinstance(command, CloseRelayPort):
+            elif isinstance(command, CloseRelayPort):
+                self.ports.closed(command)
+            else:
                 out.append(command)
         return out
 

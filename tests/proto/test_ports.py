@@ -24,3 +24,23 @@ def test_the_first_port_depends_on_the_random_source() -> None:
         PortChooser(PortRange(50000, 59999), random.Random(seed)).acquire(V4) for seed in range(5)
     }
     assert len(firsts) == 5
+
+
+def test_a_pair_takes_both_its_ports_and_each_is_released_on_its_own() -> None:
+    chooser = PortChooser(PortRange(21001, 21006), random.Random(3))
+    assert {chooser.acquire(V4, pair=True), chooser.acquire(V4, pair=True)} == {21002, 21004}
+    assert chooser.acquire(V4, pair=True) is None  # 21006's N + 1 is outside the range
+    assert chooser.acquire(V4, even=True) == 21006
+    assert chooser.acquire(V4) == 21001
+    assert chooser.acquire(V4) is None  # the pairs' odd ports were taken with them
+    chooser.release(21005)  # the reservation expired
+    assert chooser.acquire(V4, pair=True) is None  # 21004 is still the RTP allocation's
+    assert chooser.acquire(V4) == 21005
+
+
+def test_even_asks_for_an_even_port_and_none_when_only_odd_ones_are_left() -> None:
+    chooser = PortChooser(PortRange(21001, 21004), random.Random(5))
+    assert {chooser.acquire(V4, even=True), chooser.acquire(V4, even=True)} == {21002, 21004}
+    assert chooser.acquire(V4, even=True) is None
+    assert chooser.acquire(V4, pair=True) is None
+    assert {chooser.acquire(V4), chooser.acquire(V4)} == {21001, 21003}

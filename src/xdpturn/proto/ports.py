@@ -29,21 +29,31 @@ class PortRange:
 
 class PortChooser:
     """The core's `RelayPorts`: ports of `ports` not handed out yet. Each search starts at a
-    random port (RFC 8656 section 7.2 recommends unpredictable relay ports) and walks the range
-    once."""
+    random candidate (RFC 8656 section 7.2 recommends unpredictable relay ports) and walks the
+    candidates once."""
 
     def __init__(self, ports: PortRange, rng: random.Random) -> None:
         self._ports = ports
         self._rng = rng
         self._taken: set[int] = set()
 
-    def acquire(self, families: frozenset[Family]) -> int | None:
-        span = len(self._ports)
-        start = self._rng.randrange(span)
-        for i in range(span):
-            port = self._ports.low + (start + i) % span
-            if port not in self._taken:
-                self._taken.add(port)
+    def acquire(
+        self, families: frozenset[Family], *, even: bool = False, pair: bool = False
+    ) -> int | None:
+        # Candidates: every port of the range, or its even ones (whose N + 1 is in the range
+        # too, for a pair).
+        step = 2 if even or pair else 1
+        low = self._ports.low + (self._ports.low % 2 if step == 2 else 0)
+        high = self._ports.high - 1 if pair else self._ports.high
+        count = (high - low) // step + 1 if high >= low else 0
+        if count == 0:
+            return None
+        start = self._rng.randrange(count)
+        for i in range(count):
+            port = low + (start + i) % count * step
+            wanted = (port, port + 1) if pair else (port,)
+            if not self._taken.intersection(wanted):
+                self._taken.update(wanted)
                 return port
         return None
 

@@ -5,7 +5,9 @@ timer ticks, and the runtime's answers to `OpenRelayPort`. Outputs: commands, pu
 `next_command()`. Which port an allocation gets is chosen here, by an injected `RelayPorts`
 (numbers only: `xdpturn.proto.ports`); the runtime opens and closes the sockets on
 `OpenRelayPort`/`CloseRelayPort` and says whether it could (a port another program holds is
-skipped). Randomness (nonce key, transaction ids) comes from an injected `random.Random`. One
+skipped). Randomness comes from an injected `random.Random` (tests seed it); without one, the
+nonce key and reservation tokens come from the system's CSPRNG, transaction ids from a
+`random.Random` (cheap, and unguessable ids are not needed there). One
 thing is wall time by definition: the expiry that TURN REST API usernames carry (unix time), read
 from the injected `wall_clock` when a request is authenticated, and nowhere else.
 
@@ -75,6 +77,9 @@ PERMISSION_LIFETIME = 300
 CHANNEL_LIFETIME = 600
 # A channel number and peer stay reserved this long after the binding expires (section 12).
 CHANNEL_COOLDOWN = 300
+# How long the port after an EVEN-PORT allocation with the R bit is held for its
+# RESERVATION-TOKEN: the "at least 30 seconds" of section 7.2, and no longer.
+RESERVATION_LIFETIME = 30
 NONCE_LIFETIME = 600
 
 UDP_PROTOCOL = 17
@@ -93,8 +98,12 @@ class TurnError(Exception):
 class RelayPorts(Protocol):
     """Chooses allocation port numbers (`xdpturn.proto.ports.PortChooser`; tests fake it)."""
 
-    def acquire(self, families: frozenset[Family]) -> int | None:
-        """A port number not handed out yet, or None when none is left."""
+    def acquire(
+        self, families: frozenset[Family], *, even: bool = False, pair: bool = False
+    ) -> int | None:
+        """A port number not handed out yet, or None when none is left. `even`: an even one.
+        `pair`: an even N whose N + 1 is free too; both are taken (each released on its own),
+        N is returned."""
 
     def release(self, port: int) -> None: ...
 
@@ -184,13 +193,32 @@ class _Allocation:
 
 @dataclass
 class _PendingAllocate:
-    """An Allocate whose port the runtime is opening; `refused` are ports it could not open."""
+    """An Allocate whose port the runtime is opening: `port`, and for EVEN-PORT with the R bit
+    `port + 1` too (`pair`). `waiting` are the ports not answered yet, `opened` those that
+    opened; `refused` are ports the runtime could not open, held until the Allocate is answered
+    so the chooser does not offer them again."""
 
     request: _Request
     families: frozenset[Family]
     address_errors: list[tuple[Family, int]]
     lifetime: int
+    even: bool = False
+    pair: bool = False
+    port: int = 0
+    waiting: set[int] = field(default_factory=set)
+    opened: list[int] = field(default_factory=list)
     refused: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _Reservation:
+    """A port held for the Allocate that presents `token` (RFC 8656 section 7.2). Its sockets
+    are open (the runtime opened them with the pair), so no other program can take the port."""
+
+    token: bytes
+    relay_port: int
+    families: frozenset[Family]
+    expires: float
 
 
 @dataclass
@@ -222,7 +250,10 @@ class TurnServer:
         self.stats = CoreStats()
         self._ports = ports
         self._rng = rng if rng is not None else random.Random()
-        self._nonce_key = config.nonce_key or self._rng.randbytes(16)
+        # What must not be guessed: a client that knew the nonce key could forge nonces, one
+        # that guessed a token could take the port reserved for another client.
+        self._secret_rng = rng if rng is not None else random.SystemRandom()
+        self._nonce_key = config.nonce_key or self._secret_rng.randbytes(16)
         self._quotas: Quotas = quotas or LocalQuotas(
             config.max_allocations, config.max_allocations_per_user, config.max_allocations_per_ip
         )
@@ -242,6 +273,9 @@ class TurnServer:
         self._by_port: dict[int, _Allocation] = {}
         self._opening: dict[int, _PendingAllocate] = {}  # by the port being opened
         self._timers: list[tuple[float, int, int]] = []  # (when, seq, relay_port)
+        # By token, in the order made, which is the order they expire in: every reservation
+        # lives RESERVATION_LIFETIME, so the first one is always the next to expire.
+        self._reservations: dict[bytes, _Reservation] = {}
         self._seq = itertools.count()
         self._commands: list[Command] = []
         self._next_command = 0
@@ -271,24 +305,41 @@ class TurnServer:
 
     def handle_relay_port(self, port: int, opened: bool, now: float) -> None:
         """The runtime's answer to `OpenRelayPort(port)`: the sockets are open, or they could not
-        be (another program holds the port), and the Allocate tries the next one."""
+        be (another program holds the port), and the Allocate tries the next one (the next
+        pair: one refused port of a pair closes the other)."""
         pending = self._opening.pop(port, None)
         if pending is None:  # not asked for (a runtime bug): give it back
             if opened:
                 self._push(CloseRelayPort(port))
             return
-        if not opened:
-            pending.refused.append(port)
+        pending.waiting.discard(port)
+        (pending.opened if opened else pending.refused).append(port)
+        if pending.waiting:  # the pair's other port is still being opened
+            return
+        if len(pending.opened) < (2 if pending.pair else 1):
+            for other in pending.opened:
+                self._ports.release(other)
+                self._push(CloseRelayPort(other))
+            pending.opened.clear()
             self._open_next_port(pending)
             return
         self._release_refused(pending)
         request = pending.request
-        self._respond(request.flow, self._allocated(pending, port, now), request, request.message)
+        response = self._allocated(pending, pending.port, now)
+        self._respond(request.flow, response, request, request.message)
 
     def get_timer(self) -> float | None:
-        return self._timers[0][0] if self._timers else None
+        timer = self._timers[0][0] if self._timers else None
+        reservation = self._first_reservation()
+        if reservation is not None and (timer is None or reservation.expires < timer):
+            return reservation.expires
+        return timer
 
     def handle_timer(self, now: float) -> None:
+        while (reservation := self._first_reservation()) is not None:
+            if reservation.expires > now:
+                break
+            self._cancel_reservation(reservation)
         while self._timers and self._timers[0][0] <= now:
             when, _, port = heapq.heappop(self._timers)
             alloc = self._by_port.get(port)
@@ -311,6 +362,8 @@ class TurnServer:
     def close(self, now: float) -> None:
         for alloc in list(self._by_port.values()):
             self._delete_allocation(alloc, "shutdown")
+        for reservation in list(self._reservations.values()):
+            self._cancel_reservation(reservation)
 
     def handle_flow_closed(self, flow: ClientFlow, now: float) -> None:
         """The TCP/TLS connection of `flow` closed. Its allocation is deleted at once: no
@@ -632,31 +685,43 @@ class TurnServer:
             raise TurnError(400, "Missing REQUESTED-TRANSPORT")
         if _decode(stun.decode_requested_transport, transport) != UDP_PROTOCOL:
             raise TurnError(442)
-        if message.get(AttrType.RESERVATION_TOKEN) is not None:
-            raise TurnError(508, "Reservations not supported")
-        families, address_errors = self._requested_families(message)
+        reservation = self._requested_reservation(message, now)
+        address_errors: list[tuple[Family, int]] = []
+        if reservation is not None:
+            families = reservation.families
+        else:
+            families, address_errors = self._requested_families(message)
+        even, pair = self._requested_parity(message)
         lifetime = _granted_lifetime(message, default=DEFAULT_ALLOCATION_LIFETIME)
         self._acquire_quota(request.username, flow)
-        pending = _PendingAllocate(request, families, address_errors, lifetime)
+        pending = _PendingAllocate(request, families, address_errors, lifetime, even, pair)
+        if reservation is not None:  # its port is open already: answered now
+            del self._reservations[reservation.token]  # single use
+            return self._allocated(pending, reservation.relay_port, now)
         if not self._open_next_port(pending):
             self._quotas.release(request.username, flow.client.ip)
-            raise TurnError(508, "No relay port free")
+            raise TurnError(508, _NO_PORT[even, pair])
         return None
 
     def _open_next_port(self, pending: _PendingAllocate) -> bool:
         """Ask the runtime to open the next free port for `pending`; False when none is left
         (after a refusal, the 508 is sent here)."""
-        port = self._ports.acquire(pending.families)
+        port = self._ports.acquire(pending.families, even=pending.even, pair=pending.pair)
         if port is None:
             if pending.refused:  # the Allocate is answered here, not by the caller
                 self._release_refused(pending)
                 request = pending.request
                 self._quotas.release(request.username, request.flow.client.ip)
-                error = TurnError(508, "No relay port free")
+                error = TurnError(508, _NO_PORT[pending.even, pending.pair])
                 self._respond_error(request.flow, request.message, error, request)
             return False
-        self._opening[port] = pending
-        self._push(OpenRelayPort(port, pending.families))
+        pending.port = port
+        # A pair's N + 1 is opened now, not when its token comes: then no other program can
+        # take it meanwhile, and the token's Allocate never fails for a port the relay promised.
+        for opening in (port, port + 1) if pending.pair else (port,):
+            pending.waiting.add(opening)
+            self._opening[opening] = pending
+            self._push(OpenRelayPort(opening, pending.families))
         return True
 
     def _release_refused(self, pending: _PendingAllocate) -> None:
@@ -682,6 +747,9 @@ class TurnServer:
                 stun.encode_address_error_code(family, code, stun.REASONS[code]),
             )
         response.add(AttrType.LIFETIME, stun.encode_u32(lifetime))
+        if pending.pair:
+            token = self._reserve(port + 1, families, now)
+            response.add(AttrType.RESERVATION_TOKEN, token)
         response.add(
             AttrType.XOR_MAPPED_ADDRESS,
             stun.encode_xor_address(flow.client, message.transaction_id),
@@ -703,6 +771,52 @@ class TurnServer:
         self._schedule(alloc, alloc.expires)
         self._push(AllocationOpened(flow, port, families, request.username, lifetime))
         return alloc.allocate_response
+
+    def _requested_reservation(self, message: Message, now: float) -> _Reservation | None:
+        """The reservation a RESERVATION-TOKEN names (section 7.2, check 5): it takes the
+        reserved port with that port's family, so the request may name no port parity and no
+        address family; a token that is unknown, expired or already used gets 508."""
+        value = message.get(AttrType.RESERVATION_TOKEN)
+        if value is None:
+            return None
+        for attr in (
+            AttrType.EVEN_PORT,
+            AttrType.REQUESTED_ADDRESS_FAMILY,
+            AttrType.ADDITIONAL_ADDRESS_FAMILY,
+        ):
+            if message.get(attr) is not None:
+                raise TurnError(400, f"RESERVATION-TOKEN with {attr.name.replace('_', '-')}")
+        token = _decode(stun.decode_reservation_token, value)
+        reservation = self._reservations.get(token)
+        if reservation is None or reservation.expires <= now:
+            raise TurnError(508, "No reservation for this token")
+        return reservation
+
+    def _requested_parity(self, message: Message) -> tuple[bool, bool]:
+        """(even, pair) from EVEN-PORT (section 7.2, check 8). A pair reserves N + 1 in the one
+        family of the request: a dual allocation cannot ask for it."""
+        value = message.get(AttrType.EVEN_PORT)
+        if value is None:
+            return False, False
+        pair = _decode(stun.decode_even_port, value)
+        if pair and message.get(AttrType.ADDITIONAL_ADDRESS_FAMILY) is not None:
+            raise TurnError(400, "EVEN-PORT with the R bit and ADDITIONAL-ADDRESS-FAMILY")
+        return True, pair
+
+    def _reserve(self, port: int, families: frozenset[Family], now: float) -> bytes:
+        token = self._secret_rng.randbytes(8)
+        while token in self._reservations:  # 64 random bits: in practice never
+            token = self._secret_rng.randbytes(8)
+        self._reservations[token] = _Reservation(token, port, families, now + RESERVATION_LIFETIME)
+        return token
+
+    def _first_reservation(self) -> _Reservation | None:
+        return next(iter(self._reservations.values()), None)
+
+    def _cancel_reservation(self, reservation: _Reservation) -> None:
+        del self._reservations[reservation.token]
+        self._ports.release(reservation.relay_port)
+        self._push(CloseRelayPort(reservation.relay_port))
 
     def _redirect(self) -> TurnError:
         if self._alternate is None:
@@ -953,6 +1067,13 @@ class TurnServer:
     def _drop(self, reason: Drop) -> None:
         self.stats.drops[reason] += 1
 
+
+# The 508 reason when `RelayPorts.acquire` finds nothing, by (even, pair).
+_NO_PORT = {
+    (False, False): "No relay port free",
+    (True, False): "No even relay port free",
+    (True, True): "No even/odd relay port pair free",
+}
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")

@@ -526,7 +526,7 @@ def decode_unknown_attributes(value: bytes) -> list[int]:
 
 
 def encode_even_port(reserve: bool) -> bytes:
-    """EVEN-PORT (RFC 8656 section 18.6): the R bit asks to reserve the next port too."""
+    """EVEN-PORT (RFC 8656 section 18.7): the R bit asks to reserve the next port too."""
     return bytes([0x80 if reserve else 0])
 
 
@@ -537,7 +537,7 @@ def decode_even_port(value: bytes) -> bool:
 
 
 def decode_reservation_token(value: bytes) -> bytes:
-    """RESERVATION-TOKEN (RFC 8656 section 18.9): an opaque 8-byte token."""
+    """RESERVATION-TOKEN (RFC 8656 section 18.10): an opaque 8-byte token."""
     if len(value) != 8:
         raise StunDecodeError(f"RESERVATION-TOKEN of {len(value)} bytes")
     return bytes(value)
