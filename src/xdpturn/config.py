@@ -182,6 +182,16 @@ def parse_on_off(text: str) -> bool:
     return _choice(("on", "off"))(text) == "on"
 
 
+def parse_milliseconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 1000:
+        raise ValueError(f"expected milliseconds > 0 and <= 1000 such as 5 or 0.5, got {text!r}")
+    return value
+
+
 def parse_readable_file(text: str) -> Path:
     path = Path(text)
     try:
@@ -450,6 +460,15 @@ class ServeConfig:
         "this long, and any connection stalled this long in the middle of a message",
         parse_seconds,
         30.0,
+    )
+    # Receive queues sized by time, not bytes (server/sockets.py: receive_buffer_for).
+    receive_queue_delay: float = option(
+        "MS",
+        "how long a datagram may wait in a UDP socket's receive queue: each queue holds this "
+        "much of what one worker relays, the kernel drops (and counts) the rest, so an "
+        "overloaded relay drops instead of delaying media",
+        parse_milliseconds,
+        5.0,
     )
     metrics: TransportAddr | None = optional(
         "ADDR:PORT",

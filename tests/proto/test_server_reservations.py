@@ -3,7 +3,7 @@ port, the next port held 30 s for a single-use token, and the errors the RFC giv
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 
@@ -325,7 +325,7 @@ def test_malformed_even_port_or_token_is_400(attr: int, value: bytes) -> None:
 
 def test_a_token_refused_by_quota_is_not_used_up() -> None:
     h = Harness()
-    h.config.max_allocations_per_ip = 1
+    h = Harness(config=replace(h.config, max_allocations_per_ip=1))
     token = reserve(h, "192.0.2.10:5000")
     before = state(h)
     second: Client = h.client("192.0.2.10:5001")  # same IP: over its quota

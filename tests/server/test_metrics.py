@@ -22,6 +22,7 @@ from xdpturn.proto.stun import Method
 from xdpturn.server import RelayServer
 from xdpturn.server.drain import Drainer
 from xdpturn.server.metrics import OpsServer
+from xdpturn.server.sockets import WORKER_RATE
 
 from .helpers import TIMEOUT, behind_nat_config, local, loopback_config, recv, run, sockaddr, udp
 from .test_loopback import StunClient
@@ -186,6 +187,33 @@ def test_python_relaying_moves_the_counters_by_what_was_sent() -> None:
         assert top["python_bytes"] > sum(map(len, out_payloads)) + sum(map(len, in_payloads))
 
     run(main())
+
+
+def test_a_full_receive_queue_drops_and_counts_instead_of_queueing() -> None:
+    # 1 ms at WORKER_RATE: each receive queue holds about 60 datagrams, where a 4 MiB buffer
+    # held thousands.
+    config = behind_nat_config(receive_queue_delay=1.0)
+    held = round(WORKER_RATE / 1000)
+    sent = 2000
+
+    async def main() -> tuple[float, float]:
+        async with relay_with_ops(RelayServer(config)) as (ops, _):
+            listen = ops.server.listen_addresses[0]
+            with udp() as sock:
+                for _ in range(sent):  # no await: the relay reads none of them meanwhile
+                    sock.sendto(b"\xffnot TURN", sockaddr(listen))
+            async with asyncio.timeout(TIMEOUT):
+                while True:
+                    metrics = await scrape(ops.bound_address)
+                    dropped = value(metrics, "xdpturn_receive_queue_drops_total", socket="listener")
+                    read = value(metrics, "xdpturn_drops_total", reason="not_turn")
+                    if dropped + read == sent:
+                        return dropped, read
+                    await asyncio.sleep(0.01)
+
+    dropped, read = run(main())
+    assert 0 < read < 2 * held  # the kernel's accounting: held + 1 on loopback
+    assert dropped == sent - read
 
 
 def _python_labels(

@@ -28,13 +28,9 @@ from collections.abc import Callable
 from typing import Any
 
 from xdpturn.proto.addr import ClientFlow, Family, Transport
-from xdpturn.server.sockets import set_receive_buffer, to_sockaddr
+from xdpturn.server.sockets import receive_drops, set_receive_buffer, to_sockaddr
 
 log = logging.getLogger("xdpturn.server")
-
-# Per client socket: a few hundred milliseconds of a busy client's media while Python catches up;
-# small next to the listener's, as there is one per allocation.
-CLIENT_RECEIVE_BUFFER = 1024 * 1024
 
 # (data, source address as recvfrom gives it, listener index)
 Deliver = Callable[[bytes, Any, int], None]
@@ -84,12 +80,16 @@ class ClientSockets:
         listeners: list[socket.socket],
         deliver: Deliver,
         stats: Counter[str],
+        receive_buffer: int,
     ) -> None:
         self._loop = loop
         self._listeners = listeners
         self._deliver = deliver
         self._stats = stats
+        # Sized by time like every UDP socket's (sockets.receive_buffer_for).
+        self._receive_buffer = receive_buffer
         self._sockets: dict[ClientFlow, _ClientSocket] = {}
+        self._closed_drops = 0  # receive_drops of the sockets already closed
 
     def open(self, flow: ClientFlow) -> None:
         if flow.transport is not Transport.UDP or flow in self._sockets:
@@ -109,7 +109,7 @@ class ClientSockets:
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             enable_port_sharing(sock)
-            set_receive_buffer(sock, CLIENT_RECEIVE_BUFFER)
+            set_receive_buffer(sock, self._receive_buffer)
             sock.setblocking(False)
             sock.bind(listener.getsockname())
             sock.connect(to_sockaddr(flow.client))
@@ -144,12 +144,24 @@ class ClientSockets:
     def close(self, flow: ClientFlow) -> None:
         entry = self._sockets.pop(flow, None)
         if entry is not None:
-            entry.close()
+            self._close(entry)
 
     def close_all(self) -> None:
         for entry in self._sockets.values():
-            entry.close()
+            self._close(entry)
         self._sockets.clear()
+
+    def _close(self, entry: _ClientSocket) -> None:
+        if entry.sock.fileno() >= 0:
+            self._closed_drops += receive_drops(entry.sock)
+        entry.close()
+
+    def receive_drops(self) -> int:
+        """Datagrams dropped at full receive queues of client sockets, closed ones too."""
+        open_drops = sum(
+            receive_drops(e.sock) for e in self._sockets.values() if e.sock.fileno() >= 0
+        )
+        return self._closed_drops + open_drops
 
     def __len__(self) -> int:
         return len(self._sockets)

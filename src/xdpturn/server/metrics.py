@@ -43,6 +43,7 @@ from xdpturn.server.snapshot import fastpath_counters, not_ready, status_snapsho
 from xdpturn.server.traffic import (
     drop_counts,
     error_counts,
+    receive_queue_drop_counts,
     relayed_rows,
     request_counts,
     totals_by_family,
@@ -144,6 +145,15 @@ class RelayCollector:
         for event, n in sorted(self.server.stats.items()):
             runtime.add_metric([event], n)
         yield runtime
+        queue_drops = CounterMetricFamily(
+            "xdpturn_receive_queue_drops",
+            "UDP datagrams the kernel dropped because a receive queue was full (relay "
+            "overloaded: see --receive-queue-delay), by socket kind (listener, client, relay)",
+            labels=["socket"],
+        )
+        for kind, n in receive_queue_drop_counts(self.server.receive_queue_drops()).items():
+            queue_drops.add_metric([kind], n)
+        yield queue_drops
 
     def _relayed(self) -> Iterator[Metric]:
         counters = fastpath_counters(self.server)

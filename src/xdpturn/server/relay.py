@@ -48,10 +48,12 @@ from xdpturn.server.sockets import (
     bound_address,
     from_sockaddr,
     open_udp_socket,
+    receive_buffer_for,
+    receive_drops,
     to_sockaddr,
 )
 from xdpturn.server.streams import StreamBindError, StreamListeners
-from xdpturn.server.traffic import AllocationTraffic
+from xdpturn.server.traffic import AllocationTraffic, ReceiveQueueDrops
 
 log = logging.getLogger("xdpturn.server")
 
@@ -99,14 +101,14 @@ class StartError(Exception):
     """The relay could not start (e.g. a --listen address cannot be bound)."""
 
 
-def bind_udp_listeners(addrs: Sequence[TransportAddr]) -> list[socket.socket]:
+def bind_udp_listeners(addrs: Sequence[TransportAddr], receive_buffer: int) -> list[socket.socket]:
     """UDP sockets bound to the --listen `addrs`, open to port sharing (the connected client
     sockets of clientsockets, and the other workers' listeners); raises StartError."""
     socks: list[socket.socket] = []
     skipped: list[str] = []
     for addr in addrs:
         try:
-            socks.append(open_udp_socket(addr, before_bind=enable_port_sharing))
+            socks.append(open_udp_socket(addr, receive_buffer, before_bind=enable_port_sharing))
         except OSError as e:
             # A wildcard listener of a family the host lacks (IPv6 disabled, as in many
             # containers) is skipped, so the default `--listen` works there.
@@ -167,6 +169,7 @@ class RelayServer:
         self._paused: dict[int, asyncio.TimerHandle] = {}
         self._core: Core | None = None
         self._relay_sockets: RelaySockets | None = None
+        self._receive_buffer = receive_buffer_for(config.receive_queue_delay / 1000)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
@@ -187,13 +190,19 @@ class RelayServer:
         self._loop = loop = asyncio.get_running_loop()
         self._state = "starting"
         try:
-            self._listeners = self._bound or bind_udp_listeners(self.config.listen)
+            self._listeners = self._bound or bind_udp_listeners(
+                self.config.listen, self._receive_buffer
+            )
             self._client_flows = [{} for _ in self._listeners]
             self._client_sockets = ClientSockets(
-                loop, self._listeners, self._on_client_socket_datagram, self.stats
+                loop,
+                self._listeners,
+                self._on_client_socket_datagram,
+                self.stats,
+                self._receive_buffer,
             )
             self._relay_sockets = RelaySockets(
-                loop, self.config.relay_binds, self._on_peer_readable
+                loop, self.config.relay_binds, self._on_peer_readable, self._receive_buffer
             )
             # Relay ports are chosen unpredictably (RFC 8656 section 7.2), so from the system's
             # randomness unless a test fixes it.
@@ -309,6 +318,16 @@ class RelayServer:
 
     def allocations(self) -> list[AllocationInfo]:
         return self.core.allocations()
+
+    def receive_queue_drops(self) -> ReceiveQueueDrops:
+        """Datagrams the kernel dropped because a socket's receive queue was full (see
+        --receive-queue-delay). Read from the sockets when asked: nothing per datagram."""
+        relay, clients = self._relay_sockets, self._client_sockets
+        return ReceiveQueueDrops(
+            listener=sum(receive_drops(s) for s in self._listeners if s.fileno() >= 0),
+            client=clients.receive_drops() if clients is not None else 0,
+            relay=relay.receive_drops() if relay is not None else 0,
+        )
 
     @property
     def client_socket_count(self) -> int:

@@ -7,26 +7,48 @@ import errno
 import ipaddress
 import logging
 import socket
+import struct
 from collections.abc import Callable, Mapping
 
 from xdpturn.proto.addr import Family, IPAddress, TransportAddr
 
 log = logging.getLogger("xdpturn.server")
 
-# Asked of every socket. Relayed media comes in bursts and Python drains it between other work,
-# so the kernel queue must absorb a burst; the kernel caps SO_RCVBUF at net.core.rmem_max.
-RECEIVE_BUFFER = 4 * 1024 * 1024
 MAX_DATAGRAM = 65535
+
+# Receive queues are sized by time, not bytes: under overload a deep queue only delays media
+# (fixed 4 MiB queues held hundreds of ms of it before anything was dropped). A socket's queue
+# holds what one worker relays in --receive-queue-delay; past that the kernel drops, and counts.
+# WORKER_RATE: datagrams per second one worker's Python path relays (docs/performance.md:
+# 55-65 k on the benchmark machine's core). DATAGRAM_TRUESIZE: what the kernel charges a queued
+# datagram against the buffer, its buffer's true size and not its payload: 832 bytes for up to
+# ~200 bytes on loopback, 2304 for 1200. Sizing with the smallest bounds the number of queued
+# datagrams, so the delay, for any mix of sizes.
+WORKER_RATE = 60_000
+DATAGRAM_TRUESIZE = 832
+# getsockopt(SO_MEMINFO) (Linux 3.x+): u32 counters, the ninth is the socket's drop count.
+SO_MEMINFO = getattr(socket, "SO_MEMINFO", 55)
+_MEMINFO_DROPS = 8
 
 SockAddr = tuple[str, int] | tuple[str, int, int, int]
 
 
+def receive_buffer_for(delay: float) -> int:
+    """The SO_RCVBUF for a receive queue of `delay` seconds at WORKER_RATE."""
+    datagrams = max(1, round(WORKER_RATE * delay))
+    # The kernel doubles the value it is given (the other half is for its bookkeeping) and
+    # charges datagrams against the doubled one.
+    return datagrams * DATAGRAM_TRUESIZE // 2
+
+
 def open_udp_socket(
-    addr: TransportAddr, before_bind: Callable[[socket.socket], None] | None = None
+    addr: TransportAddr,
+    receive_buffer: int,
+    before_bind: Callable[[socket.socket], None] | None = None,
 ) -> socket.socket:
-    """A bound, non-blocking UDP socket. IPv6 sockets are IPv6-only, so that 0.0.0.0:P and
-    [::]:P can both be bound. `before_bind` may set options that must precede bind(). Raises
-    OSError when the address cannot be bound."""
+    """A bound, non-blocking UDP socket with SO_RCVBUF `receive_buffer`. IPv6 sockets are
+    IPv6-only, so that 0.0.0.0:P and [::]:P can both be bound. `before_bind` may set options
+    that must precede bind(). Raises OSError when the address cannot be bound."""
     family = socket.AF_INET if addr.family is Family.IPV4 else socket.AF_INET6
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
@@ -34,7 +56,7 @@ def open_udp_socket(
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         if before_bind is not None:
             before_bind(sock)
-        set_receive_buffer(sock, RECEIVE_BUFFER)
+        set_receive_buffer(sock, receive_buffer)
         sock.setblocking(False)
         sock.bind(to_sockaddr(addr))
     except BaseException:
@@ -57,6 +79,19 @@ def set_receive_buffer(sock: socket.socket, size: int) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
     except OSError as e:
         log.debug("cannot set the receive buffer", extra={"error": str(e)})
+
+
+def receive_drops(sock: socket.socket) -> int:
+    """Datagrams the kernel dropped at this socket, nearly all because its receive queue was
+    full. Read when asked (a scrape), so receiving pays nothing for it."""
+    try:
+        meminfo = sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, 4 * (_MEMINFO_DROPS + 1))
+    except OSError:
+        return 0
+    if len(meminfo) < 4 * (_MEMINFO_DROPS + 1):
+        return 0
+    drops: int = struct.unpack_from("=I", meminfo, 4 * _MEMINFO_DROPS)[0]
+    return drops
 
 
 def to_sockaddr(addr: TransportAddr) -> SockAddr:
@@ -86,12 +121,18 @@ class RelaySockets:
     another."""
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, bind: Mapping[Family, IPAddress], reader: Reader
+        self,
+        loop: asyncio.AbstractEventLoop,
+        bind: Mapping[Family, IPAddress],
+        reader: Reader,
+        receive_buffer: int,
     ) -> None:
         self._loop = loop
         self._bind = bind
         self._reader = reader
+        self._receive_buffer = receive_buffer
         self._sockets: dict[int, dict[Family, socket.socket]] = {}
+        self._closed_drops = 0  # receive_drops of the sockets already closed
 
     def open(self, port: int, families: frozenset[Family]) -> bool:
         """Bind `port` in every family of `families`; False (and nothing bound) when it cannot."""
@@ -100,7 +141,8 @@ class RelaySockets:
         socks: dict[Family, socket.socket] = {}
         for family in sorted(families):
             try:
-                socks[family] = open_udp_socket(TransportAddr(self._bind[family], port))
+                address = TransportAddr(self._bind[family], port)
+                socks[family] = open_udp_socket(address, self._receive_buffer)
             except OSError as e:
                 if e.errno not in (errno.EADDRINUSE, errno.EACCES):
                     log.warning("cannot bind a relay port", extra={"port": port, "error": str(e)})
@@ -115,7 +157,15 @@ class RelaySockets:
     def close(self, port: int) -> None:
         for sock in self._sockets.pop(port, {}).values():
             self._loop.remove_reader(sock.fileno())
+            self._closed_drops += receive_drops(sock)
             sock.close()
+
+    def receive_drops(self) -> int:
+        """Datagrams dropped at full receive queues of allocation sockets, closed ones too."""
+        open_drops = sum(
+            receive_drops(s) for socks in self._sockets.values() for s in socks.values()
+        )
+        return self._closed_drops + open_drops
 
     def socket(self, port: int, family: Family) -> socket.socket | None:
         socks = self._sockets.get(port)  # per datagram: no throwaway {} as a default

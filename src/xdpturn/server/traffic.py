@@ -100,6 +100,20 @@ def totals_by_family(allocations: Iterable[AllocationInfo]) -> dict[str, FamilyT
     return totals
 
 
+@dataclass(frozen=True)
+class ReceiveQueueDrops:
+    """Datagrams the kernel dropped because a UDP socket's receive queue was full."""
+
+    listener: int = 0  # the TURN listeners
+    client: int = 0  # connected sockets of allocated UDP clients, closed ones included
+    relay: int = 0  # allocation ports, closed ones included
+
+
+def receive_queue_drop_counts(drops: ReceiveQueueDrops) -> dict[str, int]:
+    """By socket kind ("listener", "client", "relay")."""
+    return {"listener": drops.listener, "client": drops.client, "relay": drops.relay}
+
+
 def method_label(method: int) -> str:
     """ "allocate", or the number for a method the relay does not know ("0x00f")."""
     return method.name.lower() if isinstance(method, Method) else f"0x{method:03x}"

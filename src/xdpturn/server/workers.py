@@ -69,9 +69,9 @@ from xdpturn.server.relay import (
     StartError,
     bind_udp_listeners,
 )
-from xdpturn.server.sockets import bound_address
+from xdpturn.server.sockets import bound_address, receive_buffer_for
 from xdpturn.server.streams import StreamBindError, open_tcp_listener
-from xdpturn.server.traffic import error_counts, request_counts
+from xdpturn.server.traffic import ReceiveQueueDrops, error_counts, request_counts
 
 if TYPE_CHECKING:
     from xdpturn.fastpath.xdp import NextHopKeeper, XdpFastPath
@@ -322,6 +322,7 @@ class WorkerSnapshot:
     core_stats: CoreStats = field(default_factory=CoreStats)
     runtime_stats: Counter[str] = field(default_factory=Counter)
     relay_ports: int = 0
+    receive_queue_drops: ReceiveQueueDrops = field(default_factory=ReceiveQueueDrops)
     traffic: dict[tuple[ClientFlow, int], int] = field(default_factory=dict)  # Python bytes
     fastpath_routes: int = 0
 
@@ -336,6 +337,7 @@ def take_snapshot(index: int, server: RelayServer) -> WorkerSnapshot:
     snapshot.allocations = server.allocations()
     snapshot.core_stats = core.stats  # copied as it is pickled
     snapshot.relay_ports = server.relay_port_count
+    snapshot.receive_queue_drops = server.receive_queue_drops()
     fastpath = server.fastpath
     snapshot.fastpath_routes = fastpath.routes if isinstance(fastpath, SharedFastPath) else 0
     snapshot.traffic = {
@@ -451,6 +453,15 @@ class WorkerPool:
     @property
     def relay_port_count(self) -> int:
         return sum(s.relay_ports for s in self.snapshots.values())
+
+    def receive_queue_drops(self) -> ReceiveQueueDrops:
+        """Summed over the workers: each has its own listeners and sockets."""
+        drops = [s.receive_queue_drops for s in self.snapshots.values()]
+        return ReceiveQueueDrops(
+            listener=sum(d.listener for d in drops),
+            client=sum(d.client for d in drops),
+            relay=sum(d.relay for d in drops),
+        )
 
     def allocations(self) -> list[AllocationInfo]:
         return [a for s in self.snapshots.values() for a in s.allocations]
@@ -632,12 +643,13 @@ def bind_worker_listeners(config: ServeConfig, count: int) -> list[Listeners]:
     with SO_REUSEPORT. The first worker's binds resolve port 0; the others join those ports.
     Raises StartError naming the option when an address cannot be bound."""
     groups: list[Listeners] = []
+    receive_buffer = receive_buffer_for(config.receive_queue_delay / 1000)
     udp_addrs: list[TransportAddr] = list(config.listen)
     wanted = [(Transport.TCP, a) for a in config.listen_tcp]
     wanted += [(Transport.TLS, a) for a in config.listen_tls]
     try:
         for _ in range(count):
-            udp = bind_udp_listeners(udp_addrs)
+            udp = bind_udp_listeners(udp_addrs, receive_buffer)
             udp_addrs = [bound_address(s) for s in udp]  # the rest join exactly these
             streams: list[socket.socket] = []
             groups.append((udp, streams))
