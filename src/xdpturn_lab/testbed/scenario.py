@@ -136,6 +136,10 @@ class RelayProcess:
         args += ["--public-ipv4", str(r.public_ipv4), "--public-ipv6", str(r.public_ipv6)]
         args += ["--ports", RELAY_PORTS, "--auth-secret", self.secret, "--log-format", "json"]
         args += ["--workers", str(self.workers)]
+        # These scenarios check delivery, not delay: both directions' windows (2 x 256 small
+        # datagrams in flight, all through the listener when hairpinning) must fit the relay's
+        # queues while it is briefly descheduled on a busy machine; 20 ms holds 1,200.
+        args += ["--receive-queue-delay", "20"]
         if self.fastpath:
             args += ["--fastpath", "auto", "--interface", r.interface]
         else:
