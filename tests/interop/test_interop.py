@@ -112,7 +112,7 @@ def assert_no_loss(output: str, expected: int) -> None:
     assert int(received.group(1)) == expected, output[-2000:]
 
 
-def uclient_to_echo_peer(relay: TransportAddr, *, rtcp: bool) -> str:
+def uclient_to_echo_peer(relay: TransportAddr, *extra: str, rtcp: bool) -> str:
     binary = shutil.which("turnutils_peer")
     if binary is None:
         unavailable("coturn's turnutils_peer is not installed")
@@ -123,7 +123,7 @@ def uclient_to_echo_peer(relay: TransportAddr, *, rtcp: bool) -> str:
         stderr=subprocess.DEVNULL,
     )
     try:
-        return uclient(relay, "-e", "127.0.0.1", "-r", str(port), rtcp=rtcp)
+        return uclient(relay, "-e", "127.0.0.1", "-r", str(port), *extra, rtcp=rtcp)
     finally:
         peer.terminate()
         peer.wait(timeout=BOUNDED)
@@ -163,3 +163,12 @@ def test_coturn_uclient_rtp_rtcp_pairs_client_to_client_lose_nothing(
     serve, relay = served
     assert_no_loss(uclient(relay, "-y", rtcp=True), 400)
     assert_rtp_rtcp_pairs(serve, 2)  # what uclient -m 4 -y opens
+
+
+def test_coturn_uclient_rtp_rtcp_pairs_with_dont_fragment_lose_nothing(
+    served: tuple[Serve, TransportAddr],
+) -> None:
+    # -g: DONT-FRAGMENT in the Allocates; the relay sends with DF instead of refusing it.
+    serve, relay = served
+    assert_no_loss(uclient_to_echo_peer(relay, "-g", rtcp=True), 400)
+    assert_rtp_rtcp_pairs(serve, 3)

@@ -50,6 +50,7 @@ class FakePorts:
     def __init__(self, low: int = 50000, high: int = 50999) -> None:
         self.free = list(range(low, high + 1))
         self.open: dict[int, frozenset[Family]] = {}
+        self.dont_fragment: set[int] = set()  # open ports whose sockets send with DF
         self.refused: set[int] = set()
 
     def acquire(
@@ -75,10 +76,13 @@ class FakePorts:
         if command.relay_port in self.refused:
             return False
         self.open[command.relay_port] = command.families
+        if command.dont_fragment:
+            self.dont_fragment.add(command.relay_port)
         return True
 
     def closed(self, command: CloseRelayPort) -> None:
         del self.open[command.relay_port]
+        self.dont_fragment.discard(command.relay_port)
 
 
 @dataclass

@@ -5,7 +5,9 @@ The fake speaks a toy protocol so each test shows one runtime duty without STUN 
 
 from __future__ import annotations
 
+import asyncio
 import io
+import ipaddress
 import json
 import logging
 import socket
@@ -34,6 +36,7 @@ from xdpturn.proto.server import AllocationInfo, RelayPorts, ServerConfig
 from xdpturn.proto.stats import CoreStats
 from xdpturn.server import RelayServer, StartError
 from xdpturn.server import relay as relay_module
+from xdpturn.server.sockets import IP_MTU_DISCOVER, IP_PMTUDISC_DO, IPV6_DONTFRAG, RelaySockets
 
 from .helpers import (
     TEST_PORTS,
@@ -377,6 +380,34 @@ def test_relay_ports_taken_by_others_are_skipped_and_exhaustion_is_508() -> None
                         assert server.relay_port_count == 0
                         (again,) = await second.allocate(family=Family.IPV4)
                         assert again.port == taken + 1
+
+    run(main())
+
+
+def test_a_port_opened_for_dont_fragment_sends_with_df_and_others_as_the_kernel_likes() -> None:
+    v4, v6 = ipaddress.IPv4Address("127.0.0.1"), ipaddress.IPv6Address("::1")
+    both = frozenset({Family.IPV4, Family.IPV6})
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        sockets = RelaySockets(
+            loop, {Family.IPV4: v4, Family.IPV6: v6}, lambda s, p, f: None, 65536
+        )
+        try:
+            with udp() as probe:  # a port number free in IPv4, and so likely in IPv6
+                df_port = local(probe).port
+            assert sockets.open(df_port, both, dont_fragment=True)
+            assert sockets.open(0, frozenset({Family.IPV4}))  # 0: any free port
+            df_v4 = sockets.socket(df_port, Family.IPV4)
+            df_v6 = sockets.socket(df_port, Family.IPV6)
+            plain = sockets.socket(0, Family.IPV4)
+            assert df_v4 is not None and df_v6 is not None and plain is not None
+            mtu_discover = df_v4.getsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER)
+            assert mtu_discover == IP_PMTUDISC_DO
+            assert df_v6.getsockopt(socket.IPPROTO_IPV6, IPV6_DONTFRAG) == 1
+            assert plain.getsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER) != IP_PMTUDISC_DO
+        finally:
+            sockets.close_all()
 
     run(main())
 

@@ -30,10 +30,13 @@ class SendToPeer:
 @dataclass(frozen=True, slots=True)
 class OpenRelayPort:
     """Open allocation port `relay_port`: a UDP socket bound to it in each of `families`, its
-    datagrams fed to `handle_peer_datagram`. The runtime answers with `handle_relay_port`."""
+    datagrams fed to `handle_peer_datagram`. The runtime answers with `handle_relay_port`.
+    `dont_fragment`: what it sends leaves with the DF bit set (IPv4) or is never fragmented
+    (IPv6), as the client's DONT-FRAGMENT asked (RFC 8656 section 7.2)."""
 
     relay_port: int
     families: frozenset[Family]
+    dont_fragment: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -204,6 +204,7 @@ class _PendingAllocate:
     lifetime: int
     even: bool = False
     pair: bool = False
+    dont_fragment: bool = False
     port: int = 0
     waiting: set[int] = field(default_factory=set)
     opened: list[int] = field(default_factory=list)
@@ -218,6 +219,7 @@ class _Reservation:
     token: bytes
     relay_port: int
     families: frozenset[Family]
+    dont_fragment: bool  # its sockets were opened so (the pair's Allocate asked)
     expires: float
 
 
@@ -692,9 +694,19 @@ class TurnServer:
         else:
             families, address_errors = self._requested_families(message)
         even, pair = self._requested_parity(message)
+        dont_fragment = message.get(AttrType.DONT_FRAGMENT) is not None
+        if reservation is not None and dont_fragment and not reservation.dont_fragment:
+            # Section 7.2, check 4: DF it cannot give is an unknown comprehension-required
+            # attribute. The reserved port's sockets are open already, without DF.
+            error = TurnError(420)
+            unknown = stun.encode_unknown_attributes([AttrType.DONT_FRAGMENT])
+            error.attributes.append((AttrType.UNKNOWN_ATTRIBUTES, unknown))
+            raise error
         lifetime = _granted_lifetime(message, default=DEFAULT_ALLOCATION_LIFETIME)
         self._acquire_quota(request.username, flow)
-        pending = _PendingAllocate(request, families, address_errors, lifetime, even, pair)
+        pending = _PendingAllocate(
+            request, families, address_errors, lifetime, even, pair, dont_fragment
+        )
         if reservation is not None:  # its port is open already: answered now
             del self._reservations[reservation.token]  # single use
             return self._allocated(pending, reservation.relay_port, now)
@@ -721,7 +733,7 @@ class TurnServer:
         for opening in (port, port + 1) if pending.pair else (port,):
             pending.waiting.add(opening)
             self._opening[opening] = pending
-            self._push(OpenRelayPort(opening, pending.families))
+            self._push(OpenRelayPort(opening, pending.families, pending.dont_fragment))
         return True
 
     def _release_refused(self, pending: _PendingAllocate) -> None:
@@ -748,7 +760,7 @@ class TurnServer:
             )
         response.add(AttrType.LIFETIME, stun.encode_u32(lifetime))
         if pending.pair:
-            token = self._reserve(port + 1, families, now)
+            token = self._reserve(port + 1, pending, now)
             response.add(AttrType.RESERVATION_TOKEN, token)
         response.add(
             AttrType.XOR_MAPPED_ADDRESS,
@@ -803,11 +815,13 @@ class TurnServer:
             raise TurnError(400, "EVEN-PORT with the R bit and ADDITIONAL-ADDRESS-FAMILY")
         return True, pair
 
-    def _reserve(self, port: int, families: frozenset[Family], now: float) -> bytes:
+    def _reserve(self, port: int, pending: _PendingAllocate, now: float) -> bytes:
         token = self._secret_rng.randbytes(8)
         while token in self._reservations:  # 64 random bits: in practice never
             token = self._secret_rng.randbytes(8)
-        self._reservations[token] = _Reservation(token, port, families, now + RESERVATION_LIFETIME)
+        expires = now + RESERVATION_LIFETIME
+        reservation = _Reservation(token, port, pending.families, pending.dont_fragment, expires)
+        self._reservations[token] = reservation
         return token
 
     def _first_reservation(self) -> _Reservation | None:

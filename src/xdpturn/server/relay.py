@@ -517,9 +517,9 @@ class RelayServer:
     def _execute(self, command: Command) -> None:
         """Every command but the sends, which _drain runs itself."""
         match command:
-            case OpenRelayPort(relay_port, families):
+            case OpenRelayPort(relay_port, families, dont_fragment):
                 assert self._relay_sockets is not None
-                opened = self._relay_sockets.open(relay_port, families)
+                opened = self._relay_sockets.open(relay_port, families, dont_fragment)
                 self.core.handle_relay_port(relay_port, opened, self._clock())
             case CloseRelayPort(relay_port):
                 assert self._relay_sockets is not None

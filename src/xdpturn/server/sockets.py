@@ -30,6 +30,12 @@ DATAGRAM_TRUESIZE = 832
 SO_MEMINFO = getattr(socket, "SO_MEMINFO", 55)
 _MEMINFO_DROPS = 8
 
+# DONT-FRAGMENT: IPv4 datagrams with DF, never fragmented here (too big for the path: EMSGSIZE);
+# IPv6 datagrams never fragmented. Linux's values where Python's socket module lacks them.
+IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)
+IP_PMTUDISC_DO = getattr(socket, "IP_PMTUDISC_DO", 2)
+IPV6_DONTFRAG = getattr(socket, "IPV6_DONTFRAG", 62)
+
 SockAddr = tuple[str, int] | tuple[str, int, int, int]
 
 
@@ -79,6 +85,15 @@ def set_receive_buffer(sock: socket.socket, size: int) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
     except OSError as e:
         log.debug("cannot set the receive buffer", extra={"error": str(e)})
+
+
+def set_dont_fragment(sock: socket.socket, family: Family) -> None:
+    """What `sock` sends is never fragmented: DF set (IPv4), no fragment header (IPv6). A
+    datagram too big for the path then fails with EMSGSIZE (counted as a send error)."""
+    if family is Family.IPV4:
+        sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DO)
+    else:
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_DONTFRAG, 1)
 
 
 def receive_drops(sock: socket.socket) -> int:
@@ -134,15 +149,18 @@ class RelaySockets:
         self._sockets: dict[int, dict[Family, socket.socket]] = {}
         self._closed_drops = 0  # receive_drops of the sockets already closed
 
-    def open(self, port: int, families: frozenset[Family]) -> bool:
-        """Bind `port` in every family of `families`; False (and nothing bound) when it cannot."""
+    def open(self, port: int, families: frozenset[Family], dont_fragment: bool = False) -> bool:
+        """Bind `port` in every family of `families`; False (and nothing bound) when it cannot.
+        `dont_fragment`: see set_dont_fragment."""
         if port in self._sockets or not families or not families <= self._bind.keys():
             return False
         socks: dict[Family, socket.socket] = {}
         for family in sorted(families):
             try:
                 address = TransportAddr(self._bind[family], port)
-                socks[family] = open_udp_socket(address, self._receive_buffer)
+                socks[family] = sock = open_udp_socket(address, self._receive_buffer)
+                if dont_fragment:
+                    set_dont_fragment(sock, family)
             except OSError as e:
                 if e.errno not in (errno.EADDRINUSE, errno.EACCES):
                     log.warning("cannot bind a relay port", extra={"port": port, "error": str(e)})
