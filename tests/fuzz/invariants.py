@@ -161,6 +161,9 @@ class _Ports:
         self.reserved.discard(port)
         self.free.append(port)
 
+    def claim(self, port: int, families: frozenset[Family]) -> bool:
+        return False  # the fuzzer never restores a saved state
+
 
 class ServerUnderFuzz:
     """A TurnServer fed one script (see the module docstring), checking every command."""

@@ -84,6 +84,12 @@ class FakePorts:
         del self.open[command.relay_port]
         self.dont_fragment.discard(command.relay_port)
 
+    def claim(self, port: int, families: frozenset[Family]) -> bool:
+        if port not in self.free:
+            return False
+        self.free.remove(port)
+        return True
+
 
 @dataclass
 class Client:

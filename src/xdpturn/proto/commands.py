@@ -85,8 +85,9 @@ class AllocationOpened:
 
 @dataclass(frozen=True, slots=True)
 class AllocationClosed:
-    """An allocation was deleted: `reason` is "refresh", "expired", "shutdown" or
-    "connection_closed" (its TCP/TLS connection went away)."""
+    """An allocation was deleted: `reason` is "refresh", "expired", "shutdown",
+    "connection_closed" (its TCP/TLS connection went away) or "port_unavailable" (carried over
+    from the previous process, its port could not be opened again)."""
 
     flow: ClientFlow
     relay_port: int

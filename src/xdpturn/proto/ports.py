@@ -60,5 +60,13 @@ class PortChooser:
     def release(self, port: int) -> None:
         self._taken.discard(port)
 
+    def claim(self, port: int, families: frozenset[Family]) -> bool:
+        """Take `port` itself (an allocation carried over from the previous process); False
+        when it is outside the range or handed out already."""
+        if port not in self._ports or port in self._taken:
+            return False
+        self._taken.add(port)
+        return True
+
 
 __all__ = ["PortChooser", "PortRange"]

@@ -62,6 +62,7 @@ from xdpturn.proto.commands import (
     SendToClient,
     SendToPeer,
 )
+from xdpturn.proto.handover import CoreState, SavedAllocation, SavedChannel
 from xdpturn.proto.policy import PeerPolicy
 from xdpturn.proto.quotas import LocalQuotas, QuotaRefusal, Quotas
 from xdpturn.proto.ratelimit import SourceBuckets
@@ -106,6 +107,10 @@ class RelayPorts(Protocol):
         N is returned."""
 
     def release(self, port: int) -> None: ...
+
+    def claim(self, port: int, families: frozenset[Family]) -> bool:
+        """Take port number `port` itself (an allocation carried over from the previous
+        process); False when it is not free."""
 
 
 class SiblingAllocations(Protocol):
@@ -274,6 +279,7 @@ class TurnServer:
         self._by_flow: dict[ClientFlow, _Allocation] = {}
         self._by_port: dict[int, _Allocation] = {}
         self._opening: dict[int, _PendingAllocate] = {}  # by the port being opened
+        self._reopening: set[int] = set()  # ports of restored allocations (restore_state)
         self._timers: list[tuple[float, int, int]] = []  # (when, seq, relay_port)
         # By token, in the order made, which is the order they expire in: every reservation
         # lives RESERVATION_LIFETIME, so the first one is always the next to expire.
@@ -309,6 +315,12 @@ class TurnServer:
         """The runtime's answer to `OpenRelayPort(port)`: the sockets are open, or they could not
         be (another program holds the port), and the Allocate tries the next one (the next
         pair: one refused port of a pair closes the other)."""
+        if port in self._reopening:
+            self._reopening.discard(port)
+            alloc = self._by_port.get(port)
+            if not opened and alloc is not None:
+                self._delete_allocation(alloc, "port_unavailable")
+            return
         pending = self._opening.pop(port, None)
         if pending is None:  # not asked for (a runtime bug): give it back
             if opened:
@@ -385,6 +397,98 @@ class TurnServer:
     @property
     def draining(self) -> bool:
         return self._draining
+
+    def export_state(self, now: float, wall_now: float) -> CoreState:
+        """What the next process needs to carry on (see xdpturn.proto.handover), times on the
+        wall clock. Allocations of TCP/TLS clients are left out: their connections end with
+        this process."""
+        to_wall = wall_now - now
+        return CoreState(
+            nonce_key=self._nonce_key,
+            allocations=tuple(
+                SavedAllocation(
+                    flow=a.flow,
+                    username=a.username,
+                    key=a.key,
+                    relay_port=a.relay_port,
+                    families=a.families,
+                    expires=a.expires + to_wall,
+                    allocate_transaction=a.allocate_transaction,
+                    allocate_response=a.allocate_response,
+                    permissions={ip: e + to_wall for ip, e in a.permissions.items()},
+                    channels=tuple(
+                        SavedChannel(c.number, c.peer, c.expires + to_wall)
+                        for c in a.channels.values()
+                    ),
+                )
+                for a in self._by_port.values()
+                if a.flow.transport is Transport.UDP and a.expires > now
+            ),
+        )
+
+    def restore_state(
+        self, state: CoreState, now: float, wall_now: float, listeners: int
+    ) -> list[tuple[SavedAllocation, str]]:
+        """Carry on with the allocations of `state` (a fresh server only). Their ports are
+        claimed and opened again (one whose port cannot be opened is then closed with reason
+        "port_unavailable"), their channels installed again (the same routes: the fast path
+        keeps them), and their timers run from the saved deadlines. Returns the allocations not
+        taken, each with why (expired, its port or listener gone, a clash)."""
+        if self._by_port:
+            raise RuntimeError("restore_state on a server that has allocations")
+        self._nonce_key = state.nonce_key
+        to_core = now - wall_now
+        skipped: list[tuple[SavedAllocation, str]] = []
+        for saved in state.allocations:
+            expires = saved.expires + to_core
+            reason = None
+            if expires <= now:
+                reason = "expired"
+            elif saved.flow.listener >= listeners:
+                reason = "listener gone"
+            elif saved.flow in self._by_flow or saved.relay_port in self._by_port:
+                reason = "duplicate"
+            elif not saved.families or not saved.families <= self._public.keys():
+                reason = "family not served"
+            elif not self._ports.claim(saved.relay_port, saved.families):
+                reason = "port unavailable"
+            elif self._quotas.acquire(saved.username, saved.flow.client.ip) is not None:
+                self._ports.release(saved.relay_port)
+                reason = "over a quota"  # the new configuration's limits are lower
+            if reason is not None:
+                skipped.append((saved, reason))
+                continue
+            alloc = _Allocation(
+                flow=saved.flow,
+                username=saved.username,
+                key=saved.key,
+                relay_port=saved.relay_port,
+                families=saved.families,
+                expires=expires,
+                allocate_transaction=saved.allocate_transaction,
+                allocate_response=saved.allocate_response,
+                permissions={ip: e + to_core for ip, e in saved.permissions.items()},
+            )
+            for c in saved.channels:
+                alloc.channels[c.number] = _Channel(
+                    c.number, c.peer, c.expires + to_core, to_self=self._is_self(c.peer)
+                )
+                alloc.channel_by_peer[c.peer] = c.number
+            self._by_flow[alloc.flow] = alloc
+            self._by_port[alloc.relay_port] = alloc
+            if self._siblings is not None:
+                self._siblings.opened(alloc.relay_port, alloc.families)
+            self._reopening.add(alloc.relay_port)
+            self._push(OpenRelayPort(alloc.relay_port, alloc.families))
+            lifetime = max(0, int(expires - now))
+            self._push(
+                AllocationOpened(
+                    alloc.flow, alloc.relay_port, alloc.families, alloc.username, lifetime
+                )
+            )
+            # Expires what lapsed while no process ran, installs the rest, arms the timer.
+            self._sweep(alloc, now)
+        return skipped
 
     def allocations(self) -> list[AllocationInfo]:
         return [
