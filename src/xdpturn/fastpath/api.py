@@ -6,7 +6,8 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Protocol
 
 from xdpturn.proto.addr import ClientFlow, IPAddress
 from xdpturn.proto.commands import ChannelRoute
@@ -48,6 +49,9 @@ class FastPathConfig:
     local_ipv6: ipaddress.IPv6Address | None = None
     # What the program drops and rate-limits (see GuardConfig).
     guard: GuardConfig = field(default_factory=GuardConfig)
+    # Where the program and maps are pinned over a restart (with --state-dir), else None.
+    pin_dir: Path | None = None
+    object_path: Path | None = None  # None: the object installed with xdpturn
 
 
 @dataclass
@@ -90,6 +94,14 @@ class FastPath(Protocol):
         """Why the kernel is not carrying bound channels although attached; None when it is (or
         has none to carry, or is off: `mode` says that)."""
 
+    def settle(self) -> None:
+        """After adopting a previous process's maps and restoring the core: remove what the maps
+        hold beyond the routes installed since."""
+
+    def keep_for_restart(self) -> dict[str, Any] | None:
+        """Stop, leaving the program attached and its maps pinned for the next process; what
+        that process needs to adopt them (None: nothing to adopt)."""
+
     def close(self) -> None:
         """Detach the program and free its maps."""
 
@@ -123,6 +135,12 @@ class NullFastPath:
         return FastPathCounters()
 
     def problem(self) -> str | None:
+        return None
+
+    def settle(self) -> None:
+        pass
+
+    def keep_for_restart(self) -> dict[str, Any] | None:
         return None
 
     def close(self) -> None:

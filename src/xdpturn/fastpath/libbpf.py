@@ -78,6 +78,12 @@ def _declare(b: ctypes.CDLL) -> None:
         "bpf_map__value_size": ([vp], u32),
         "bpf_map__max_entries": ([vp], u32),
         "bpf_map__type": ([vp], c_int),
+        "bpf_map__map_flags": ([vp], u32),
+        "bpf_map__name": ([vp], cp),
+        "bpf_map__reuse_fd": ([vp, c_int], c_int),
+        "bpf_object__next_map": ([vp, vp], vp),
+        "bpf_obj_pin": ([c_int, cp], c_int),
+        "bpf_obj_get": ([cp], c_int),
         "bpf_map_update_elem": ([c_int, vp, vp, ctypes.c_uint64], c_int),
         "bpf_map_lookup_elem": ([c_int, vp, vp], c_int),
         "bpf_map_delete_elem": ([c_int, vp], c_int),
@@ -244,20 +250,71 @@ class Map:
             cur = ctypes.create_string_buffer(nxt.raw, self.key_size)
 
 
-class BpfObject:
-    """An opened and loaded BPF object file. close() frees it (maps and programs with it)."""
+@dataclass(frozen=True)
+class MapShape:
+    """What the kernel fixes when a map is created: a map can stand in for another only if
+    these are equal."""
 
-    def __init__(self, path: Path) -> None:
+    map_type: int
+    key_size: int
+    value_size: int
+    max_entries: int
+    flags: int
+
+
+class BpfObject:
+    """An opened and loaded BPF object file. close() frees it (maps and programs with it).
+
+    `reuse` names maps (by name) to take from existing fds instead of creating them: the
+    loaded program then works on those maps (bpf_map__reuse_fd); the caller checks they fit
+    (`map_shapes`, `map_shape_of`)."""
+
+    def __init__(self, path: Path, reuse: dict[str, int] | None = None) -> None:
         self.path = path
         ctypes.set_errno(0)
         self._obj: int | None = _check_ptr(
             lib().bpf_object__open_file(str(path).encode(), None), f"open {path}"
         )
         try:
+            for name, fd in (reuse or {}).items():
+                m = self._find_map(name)
+                _check(lib().bpf_map__reuse_fd(m, fd), f"reuse map {name}")
             _check(lib().bpf_object__load(self._obj), f"load {path}")
         except BaseException:
             self.close()
             raise
+
+    @classmethod
+    def map_shapes(cls, path: Path) -> dict[str, MapShape]:
+        """The maps an object defines, by name, without loading it. Internal maps (global
+        data: `.rodata`, `.bss`) are left out."""
+        b = lib()
+        ctypes.set_errno(0)
+        obj = _check_ptr(b.bpf_object__open_file(str(path).encode(), None), f"open {path}")
+        try:
+            shapes: dict[str, MapShape] = {}
+            m = b.bpf_object__next_map(obj, None)
+            while m:
+                raw: bytes = b.bpf_map__name(m)
+                name = raw.decode()
+                if "." not in name:
+                    shapes[name] = MapShape(
+                        b.bpf_map__type(m),
+                        b.bpf_map__key_size(m),
+                        b.bpf_map__value_size(m),
+                        b.bpf_map__max_entries(m),
+                        b.bpf_map__map_flags(m),
+                    )
+                m = b.bpf_object__next_map(obj, m)
+            return shapes
+        finally:
+            b.bpf_object__close(obj)
+
+    def _find_map(self, name: str) -> int:
+        ctypes.set_errno(0)
+        return _check_ptr(
+            lib().bpf_object__find_map_by_name(self._handle(), name.encode()), f"map {name}"
+        )
 
     def _handle(self) -> int:
         if self._obj is None:
@@ -273,10 +330,7 @@ class BpfObject:
         return _check(lib().bpf_program__fd(prog), f"fd of program {name}")
 
     def map(self, name: str) -> Map:
-        ctypes.set_errno(0)
-        m = _check_ptr(
-            lib().bpf_object__find_map_by_name(self._handle(), name.encode()), f"map {name}"
-        )
+        m = self._find_map(name)
         b = lib()
         return Map(
             name,
@@ -292,8 +346,40 @@ class BpfObject:
             self._obj = None
 
 
-def xdp_attach(ifindex: int, prog_fd: int, flags: int) -> None:
-    _check(lib().bpf_xdp_attach(ifindex, prog_fd, flags, None), f"attach XDP to ifindex {ifindex}")
+class _XdpAttachOpts(ctypes.Structure):
+    _fields_ = (("sz", ctypes.c_size_t), ("old_prog_fd", ctypes.c_int))
+
+
+def xdp_attach(ifindex: int, prog_fd: int, flags: int, old_prog_fd: int | None = None) -> None:
+    """Attach; with `old_prog_fd`, replace that program atomically (XDP_FLAGS_REPLACE), and
+    fail (EEXIST) if another one is attached by then."""
+    opts = None
+    if old_prog_fd is not None:
+        flags |= XDP_FLAGS_REPLACE
+        opts = ctypes.byref(_XdpAttachOpts(ctypes.sizeof(_XdpAttachOpts), old_prog_fd))
+    _check(lib().bpf_xdp_attach(ifindex, prog_fd, flags, opts), f"attach XDP to ifindex {ifindex}")
+
+
+def obj_pin(fd: int, path: Path) -> None:
+    """Pin a map or program at `path` on a bpffs, so it outlives this process."""
+    _check(lib().bpf_obj_pin(fd, str(path).encode()), f"pin {path}")
+
+
+def obj_get(path: Path) -> int:
+    """An fd of the object pinned at `path` (the caller closes it)."""
+    return _check(lib().bpf_obj_get(str(path).encode()), f"open pinned {path}")
+
+
+def prog_id_of(fd: int) -> int:
+    info = _ProgInfo()
+    _info_by_fd(fd, info, "info of a program")
+    return int(info.id)
+
+
+def map_shape_of(fd: int) -> MapShape:
+    info = _MapInfo()
+    _info_by_fd(fd, info, "info of a map")
+    return MapShape(info.type, info.key_size, info.value_size, info.max_entries, info.map_flags)
 
 
 def xdp_detach(ifindex: int, flags: int) -> None:

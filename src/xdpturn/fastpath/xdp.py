@@ -13,10 +13,10 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from xdpturn.fastpath import libbpf as bpf
-from xdpturn.fastpath import maps
+from xdpturn.fastpath import maps, pinning
 from xdpturn.fastpath.api import (
     FastPath,
     FastPathConfig,
@@ -52,12 +52,24 @@ class _Attachment:
 
 
 class XdpFastPath:
-    """Implements the FastPath protocol with the XDP program. Raises on load/attach failure."""
+    """Implements the FastPath protocol with the XDP program. Raises on load/attach failure.
 
-    def __init__(self, config: FastPathConfig, object_path: Path = OBJECT_PATH) -> None:
+    With `handover` (what `keep_for_restart` of the previous process returned), the program and
+    maps it pinned are adopted: this object is loaded on the pinned maps and replaces the pinned
+    program where it is attached. Raises pinning.AdoptError when the pins are gone (start
+    clean) and pinning.LayoutMismatch when this object's maps cannot take them over."""
+
+    def __init__(
+        self,
+        config: FastPathConfig,
+        object_path: Path | None = None,
+        handover: dict[str, Any] | None = None,
+    ) -> None:
         if config.mode is FastPathMode.OFF:
             raise ValueError("XdpFastPath with mode off")
+        object_path = object_path or config.object_path or OBJECT_PATH
         self._config = config
+        self._object_path = object_path
         self._attachments: list[_Attachment] = []
         self._routes: dict[tuple[ClientAddr, int], ChannelRoute] = {}
         self._port_users: dict[int, int] = {}
@@ -65,10 +77,19 @@ class XdpFastPath:
         self._keeper: NextHopKeeper | None = None  # _next_hops, unless keep_next_hops_with
         self._route_count: Callable[[], int] | None = None  # see count_routes_with
         self._check = CarryingCheck()
-        self._obj = bpf.BpfObject(object_path)
+        self.adopted = False
+        self._adopted_ports: list[int] = []
+        btf = bpf.read_btf(object_path)
+        maps.check_layout(object_path, btf)
+        self._shapes = bpf.BpfObject.map_shapes(object_path)
+        pins = self._open_pins(handover, btf) if handover is not None else None
         try:
-            btf = bpf.read_btf(object_path)
-            maps.check_layout(object_path, btf)
+            self._obj = bpf.BpfObject(object_path, reuse=pins.maps if pins else None)
+        except BaseException:
+            if pins is not None:
+                pins.close()
+            raise
+        try:
             self._route_names = maps.route_names(btf)
             self._reason_names = maps.reason_names(btf)
             self._drop_names = maps.drop_names(btf)
@@ -102,12 +123,40 @@ class XdpFastPath:
             )
             self.guard = Guard(self._obj, config.guard)
             for ifname in config.interfaces:
-                self._attach(ifname)
+                self._attach(ifname, pins)
             self._next_hops.start()
             self._keeper = self._next_hops
         except BaseException:
             self.close()
             raise
+        finally:
+            if pins is not None:
+                pins.close()
+        if pins is not None:
+            # Adopted: the pins have done their job; this process pins again when it stops.
+            pinning.remove_pins(pins.dir)
+            self.adopted = True
+
+    def _open_pins(self, handover: dict[str, Any], btf: bpf.BtfInfo) -> pinning.Pins:
+        pin_dir = self._config.pin_dir
+        if pin_dir is None:
+            raise pinning.AdoptError("no pin directory configured")
+        names = handover.get("maps")
+        saved_layouts = handover.get("layouts")
+        if not isinstance(names, list) or not isinstance(saved_layouts, dict):
+            raise pinning.AdoptError("the saved fast path section is malformed")
+        pins = pinning.open_pins(pin_dir, [str(n) for n in names])
+        try:
+            if pins.program_id != handover.get("program_id"):
+                raise pinning.AdoptError(
+                    f"the pinned program is {pins.program_id}, the state names "
+                    f"{handover.get('program_id')}"
+                )
+            pinning.check_fits(pins, saved_layouts, self._shapes, btf)
+        except BaseException:
+            pins.close()
+            raise
+        return pins
 
     def _write_config(self) -> None:
         c = self._config
@@ -122,8 +171,16 @@ class XdpFastPath:
             c.local_ipv6 or "per route",
         )
 
-    def _attach(self, ifname: str) -> None:
+    def _attach(self, ifname: str, pins: pinning.Pins | None = None) -> None:
         ifindex = socket.if_nametoindex(ifname)
+        if pins is not None:
+            attached = bpf.xdp_query(ifindex)
+            if attached.prog_id == pins.program_id:
+                # One atomic swap: every packet meets the old program or the new one.
+                flags = pinning.mode_flags(attached.mode)
+                bpf.xdp_attach(ifindex, self.prog_fd, flags, old_prog_fd=pins.program_fd)
+                self._attached(ifname, ifindex, flags, "replaced the previous process's program")
+                return
         mode = self._config.mode
         tries: list[int] = []
         if mode in (FastPathMode.AUTO, FastPathMode.XDP):
@@ -140,13 +197,16 @@ class XdpFastPath:
                     log.info("native XDP on %s failed (%s), trying generic", ifname, e)
                 last = e
                 continue
-            prog_id = bpf.xdp_query(ifindex).prog_id
-            self._attachments.append(_Attachment(ifname, ifindex, flags, prog_id))
-            kind = "native" if flags == bpf.XDP_FLAGS_DRV_MODE else "generic"
-            log.info("XDP program attached to %s (%s mode)", ifname, kind)
+            self._attached(ifname, ifindex, flags, "attached")
             return
         assert last is not None
         raise last
+
+    def _attached(self, ifname: str, ifindex: int, flags: int, how: str) -> None:
+        prog_id = bpf.xdp_query(ifindex).prog_id
+        self._attachments.append(_Attachment(ifname, ifindex, flags, prog_id))
+        kind = "native" if flags == bpf.XDP_FLAGS_DRV_MODE else "generic"
+        log.info("XDP program %s on %s (%s mode)", how, ifname, kind)
 
     @property
     def config(self) -> FastPathConfig:
@@ -282,6 +342,61 @@ class XdpFastPath:
         the supervisor of several workers installs none itself (server.workers)."""
         self._route_count = count
 
+    def settle(self) -> None:
+        """After an adoption, once the core has installed its routes again: delete the entries
+        the adopted maps hold beyond them (channels that lapsed while no process ran)."""
+        if not self.adopted:
+            return
+        wanted_chan: set[bytes] = set()
+        wanted_udp: set[bytes] = set()
+        for route in self._routes.values():
+            ck, _ = maps.chan_entry(route.client, route.channel, route.relay_port, route.peer)
+            uk, _ = maps.udp_entry(route.client, route.channel, route.relay_port, route.peer)
+            wanted_chan.add(bytes(ck))
+            wanted_udp.add(bytes(uk))
+        stale = 0
+        for m, wanted in ((self.chan_to_udp, wanted_chan), (self.udp_to_chan, wanted_udp)):
+            present = list(m.keys())
+            for key in present:
+                if key not in wanted:
+                    stale += m.delete(key)
+        ports = list(self.relay_ports.keys())
+        for key in ports:
+            value = self.relay_ports.lookup(key)
+            in_use = value is not None and int.from_bytes(value, "little") != 0
+            if in_use and int.from_bytes(key, "little") not in self._port_users:
+                self.relay_ports.update(key, (0).to_bytes(4, "little"))
+                stale += 1
+        log.info("fast path adopted: %d routes kept, %d stale entries removed", self.routes, stale)
+
+    def keep_for_restart(self) -> dict[str, Any]:
+        """Stop for a restart: pin the program and every map of the object under the configured
+        pin directory, leave the program attached, free this process's handles. Returns what
+        the next process needs (saved with the core's state)."""
+        pin_dir = self._config.pin_dir
+        if pin_dir is None:
+            raise RuntimeError("keep_for_restart without a pin directory")
+        names = sorted(self._shapes)
+        fds = {name: self._obj.map(name).fd for name in names}
+        pinning.pin(pin_dir, self.prog_fd, fds)
+        handover = {
+            "maps": names,
+            "map_shapes": pinning.shapes_plain(self._shapes),
+            "layouts": pinning.layouts(bpf.read_btf(self._object_path)),
+            "program_id": bpf.prog_id_of(self.prog_fd),
+            "interfaces": [a.ifname for a in self._attachments],
+        }
+        log.info(
+            "fast path kept for a restart: program and %d maps pinned in %s", len(names), pin_dir
+        )
+        self._keeper = None
+        if self._next_hops is not None:
+            self._next_hops.close()  # the maps keep the last next hops until the next process
+            self._next_hops = None
+        self._attachments.clear()  # not detached: the kernel keeps relaying
+        self._obj.close()
+        return handover
+
     def close(self) -> None:
         """Detach from every interface (only if our program is still the one attached), free."""
         self._keeper = None
@@ -343,11 +458,19 @@ def attached_counters(interface: str | int, object_path: Path = OBJECT_PATH) -> 
             os.close(m.fd)
 
 
-def open_fastpath(config: FastPathConfig) -> FastPath:
-    """Load and attach the XDP program per `config`; on failure log why and return NullFastPath."""
+def open_fastpath(config: FastPathConfig, handover: dict[str, Any] | None = None) -> FastPath:
+    """Load and attach the XDP program per `config`; on failure log why and return NullFastPath.
+
+    With `handover`, adopt what the previous process pinned (see XdpFastPath); then
+    pinning.AdoptError (any failure: start clean) and pinning.LayoutMismatch are raised."""
     if config.mode is FastPathMode.OFF:
         log.info("fast path off (configured)")
         return NullFastPath()
+    if handover is not None:
+        try:
+            return XdpFastPath(config, handover=handover)
+        except (OSError, ValueError) as e:
+            raise pinning.AdoptError(f"adopting the pinned program failed: {e}") from e
     try:
         return XdpFastPath(config)
     except (OSError, ValueError) as e:
