@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from xdpturn.fastpath import FastPathConfig, FastPathMode, GuardConfig
+from xdpturn.fastpath.pinning import BPFFS, pin_dir_for
 from xdpturn.log import LEVELS, LogFormat
 from xdpturn.proto.addr import Family, IPAddress, TransportAddr
 from xdpturn.proto.auth import Authenticator
@@ -190,6 +191,19 @@ def parse_milliseconds(text: str) -> float:
     if not 0 < value <= 1000:
         raise ValueError(f"expected milliseconds > 0 and <= 1000 such as 5 or 0.5, got {text!r}")
     return value
+
+
+def parse_state_dir(text: str) -> Path:
+    path = Path(text)
+    if not text or (path.exists() and not path.is_dir()):
+        raise ValueError(f"expected a directory (made if missing), got {text!r}")
+    return path.absolute()
+
+
+def parse_bpffs(text: str) -> Path:
+    if not text:
+        raise ValueError("expected a directory, got ''")
+    return Path(text).absolute()
 
 
 def parse_readable_file(text: str) -> Path:
@@ -496,6 +510,30 @@ class ServeConfig:
         available_cpus(),
         show_default=False,
     )
+    # With a state directory, SIGINT stops for a restart: the kernel path stays, the state is
+    # saved there, and the next `serve` with the same directory carries on (xdpturn.server.restart).
+    state_dir: Path | None = optional(
+        "DIR",
+        "restart without loss: SIGINT keeps the XDP program attached and its maps pinned and "
+        "saves the allocations here; the next serve with the same DIR carries on "
+        "(`xdpturn detach` stops for good)",
+        parse_state_dir,
+        path=True,
+    )
+    bpffs: Path = option(
+        "DIR",
+        "the bpffs where --state-dir pins the XDP program and maps (mounted if absent); it "
+        "must outlive the process: the host's, not one of a private mount namespace",
+        parse_bpffs,
+        BPFFS,
+        path=True,
+    )
+    bpf_object: Path | None = optional(
+        "PATH",
+        "the XDP object to load (default: the one installed with xdpturn)",
+        parse_readable_file,
+        path=True,
+    )
 
     # Derived once, when the configuration is made (see __post_init__).
     relay_addresses: dict[Family, IPAddress] = field(init=False, repr=False, compare=False)
@@ -553,6 +591,8 @@ class ServeConfig:
             local_ipv4=local_v4 if isinstance(local_v4, ipaddress.IPv4Address) else None,
             local_ipv6=local_v6 if isinstance(local_v6, ipaddress.IPv6Address) else None,
             guard=guard,
+            pin_dir=None if self.state_dir is None else pin_dir_for(self.state_dir, self.bpffs),
+            object_path=self.bpf_object,
         )
         for name, value in (
             ("relay_addresses", relay_addresses),
@@ -567,6 +607,11 @@ class ServeConfig:
         """Raise ConfigError for combinations no single value shows to be wrong."""
         if not self.listen:
             raise ConfigError("--listen", "at least one address is needed")
+        if self.state_dir is not None and self.workers > 1:
+            raise ConfigError(
+                "--state-dir",
+                "needs --workers 1 for now: the workers' states are not handed over yet",
+            )
         fixed = [a for a in self.listen if a.port != 0]  # port 0: the kernel picks, never equal
         if len(set(fixed)) != len(fixed):
             raise ConfigError("--listen", "the same address is given twice")

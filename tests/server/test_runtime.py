@@ -31,6 +31,7 @@ from xdpturn.proto.commands import (
     SendToClient,
     SendToPeer,
 )
+from xdpturn.proto.handover import CoreState, SavedAllocation
 from xdpturn.proto.ports import PortRange
 from xdpturn.proto.server import AllocationInfo, RelayPorts, ServerConfig
 from xdpturn.proto.stats import CoreStats
@@ -140,6 +141,14 @@ class FakeCore:
 
     def handle_flow_closed(self, flow: ClientFlow, now: float) -> None:
         pass  # only stream (TCP/TLS) flows close, and these tests speak UDP
+
+    def export_state(self, now: float, wall_now: float) -> CoreState:
+        return CoreState(b"\x00" * 16, ())
+
+    def restore_state(
+        self, state: CoreState, now: float, wall_now: float, listeners: int
+    ) -> list[tuple[SavedAllocation, str]]:
+        return []
 
 
 class RecordingFastPath(NullFastPath):

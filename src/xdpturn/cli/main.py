@@ -35,10 +35,10 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p = sub.add_parser(
         "serve",
         help="run the TURN relay",
-        description="Run the TURN relay until SIGINT (stop now) or SIGTERM (drain, then stop). "
-        "Every option can also be set with the environment variable shown (repeatable options: "
-        "comma-separated values) or as a key of the --config file; the command line wins, then "
-        "the environment, then the file.",
+        description="Run the TURN relay until SIGINT (stop now; with --state-dir, stop for a "
+        "restart) or SIGTERM (drain, then stop). Every option can also be set with the "
+        "environment variable shown (repeatable options: comma-separated values) or as a key "
+        "of the --config file; the command line wins, then the environment, then the file.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
@@ -173,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_probe(sub)
     add_status_command(sub)
     add_drain_command(sub)
+    from xdpturn.server.restart import add_detach_command
+
+    add_detach_command(sub)
     return parser
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 XDP_FLAGS_UPDATE_IF_NOEXIST = 1 << 0
 XDP_FLAGS_SKB_MODE = 1 << 1  # generic XDP
 XDP_FLAGS_DRV_MODE = 1 << 2  # native XDP
+XDP_FLAGS_REPLACE = 1 << 4  # with old_prog_fd: swap atomically (restarts, fastpath.pinning)
 
 BPF_F_TEST_XDP_LIVE_FRAMES = 1 << 1
 

@@ -29,7 +29,6 @@ from xdpturn.fastpath import libbpf as bpf
 log = logging.getLogger("xdpturn.fastpath")
 
 BPFFS = Path("/sys/fs/bpf")
-PIN_ROOT = BPFFS / "xdpturn"
 PROGRAM_PIN = "program"  # map names cannot clash with it: the maps sit in maps/
 MAPS_DIR = "maps"
 
@@ -44,10 +43,10 @@ class LayoutMismatch(Exception):
     difference."""
 
 
-def pin_dir_for(state_dir: Path) -> Path:
-    """The bpffs directory that goes with a state directory (one per relay on a host)."""
+def pin_dir_for(state_dir: Path, bpffs: Path = BPFFS) -> Path:
+    """The directory on the bpffs that goes with a state directory (one per relay on a host)."""
     digest = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:16]
-    return PIN_ROOT / digest
+    return bpffs / "xdpturn" / digest
 
 
 def ensure_bpffs(root: Path = BPFFS) -> None:
@@ -102,10 +101,14 @@ class Pins:
 def pin(pin_dir: Path, program_fd: int, maps: dict[str, int]) -> None:
     """Pin the program and `maps` (name -> fd) under `pin_dir`, replacing older pins there."""
     remove_pins(pin_dir)
-    (pin_dir / MAPS_DIR).mkdir(parents=True, mode=0o700)
-    for name, fd in maps.items():
-        bpf.obj_pin(fd, pin_dir / MAPS_DIR / name)
-    bpf.obj_pin(program_fd, pin_dir / PROGRAM_PIN)  # last: a program pin means all maps are
+    try:
+        (pin_dir / MAPS_DIR).mkdir(parents=True, mode=0o700)
+        for name, fd in maps.items():
+            bpf.obj_pin(fd, pin_dir / MAPS_DIR / name)
+        bpf.obj_pin(program_fd, pin_dir / PROGRAM_PIN)  # last: a program pin means all maps are
+    except BaseException:
+        remove_pins(pin_dir)
+        raise
 
 
 def open_pins(pin_dir: Path, names: list[str]) -> Pins:

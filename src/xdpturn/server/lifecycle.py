@@ -1,9 +1,10 @@
 """The process life cycle of `xdpturn serve`: start a relay, run it until told to stop, stop it.
 
-SIGINT stops at once, also during a drain; SIGTERM drains first (xdpturn.server.drain); SIGHUP
-re-reads the TLS certificate. With --metrics, the operations listener (xdpturn.server.metrics)
-runs beside the relay. Stopping closes every allocation and detaches the fast path
-(RelayServer.stop).
+SIGINT stops at once, also during a drain (with --state-dir, for a restart: the kernel path and
+the state are kept for the next process, xdpturn.server.restart); SIGTERM drains first
+(xdpturn.server.drain); SIGHUP re-reads the TLS certificate. With --metrics, the operations
+listener (xdpturn.server.metrics) runs beside the relay. Stopping closes every allocation and
+detaches the fast path (RelayServer.stop).
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ async def serve(config: ServeConfig, server: RelayServer | None = None) -> None:
         drainer.cancel()
         if ops is not None:
             await ops.stop()
-        await server.stop()
+        # With --state-dir, SIGINT is a stop for a restart: the kernel path stays.
+        await server.stop(for_restart=config.state_dir is not None and "SIGINT" in received)
 
 
 def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:

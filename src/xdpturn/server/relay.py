@@ -21,7 +21,7 @@ from dataclasses import replace
 from typing import Any, Protocol
 
 from xdpturn.config import ServeConfig
-from xdpturn.fastpath import FastPath, FastPathMode, NullFastPath, open_fastpath
+from xdpturn.fastpath import FastPath, FastPathMode, NullFastPath, open_fastpath, pinning
 from xdpturn.proto.addr import ClientAddr, ClientFlow, Family, PeerAddr, Transport, TransportAddr
 from xdpturn.proto.commands import (
     AddPermission,
@@ -36,9 +36,11 @@ from xdpturn.proto.commands import (
     SendToClient,
     SendToPeer,
 )
+from xdpturn.proto.handover import CoreState, SavedAllocation, StateError
 from xdpturn.proto.ports import PortChooser
 from xdpturn.proto.server import AllocationInfo, RelayPorts, ServerConfig, TurnServer
 from xdpturn.proto.stats import CoreStats
+from xdpturn.server import restart
 from xdpturn.server.budget import ListenerBudget, source_key
 from xdpturn.server.clientsockets import ClientSockets, enable_port_sharing
 from xdpturn.server.sockets import (
@@ -88,6 +90,10 @@ class Core(Protocol):
     def allocations(self) -> list[AllocationInfo]: ...
     def handle_flow_closed(self, flow: ClientFlow, now: float) -> None: ...
     def handle_relay_port(self, port: int, opened: bool, now: float) -> None: ...
+    def export_state(self, now: float, wall_now: float) -> CoreState: ...
+    def restore_state(
+        self, state: CoreState, now: float, wall_now: float, listeners: int
+    ) -> list[tuple[SavedAllocation, str]]: ...
 
 
 CoreFactory = Callable[[ServerConfig, RelayPorts, "random.Random | None"], Core]
@@ -212,8 +218,13 @@ class RelayServer:
                 await self.streams.start(self.config, self._bound_streams)
             except StreamBindError as e:
                 raise StartError(str(e)) from e
+            saved = self._saved_state() if self.config.state_dir is not None else None
             if self._fastpath is None:
-                self._fastpath = self._open_fastpath()
+                self._fastpath, saved = self._open_fastpath(saved)
+            elif saved is not None and saved.fastpath is not None:
+                self._discard_pins()  # a fast path was given: the pinned one is not wanted
+            if saved is not None:
+                self._restore(saved)
         except BaseException:
             self._close_sockets()
             self._state = "stopped"
@@ -236,40 +247,143 @@ class RelayServer:
         )
         self._arm_timer()
 
-    def _open_fastpath(self) -> FastPath:
+    def _open_fastpath(
+        self, saved: restart.SavedRelay | None
+    ) -> tuple[FastPath, restart.SavedRelay | None]:
+        """The fast path, adopting what `saved` pinned; and `saved`, or None when it cannot be
+        taken over after all (then the relay starts clean)."""
+        config = replace(
+            self.config.fastpath_settings, turn_port=bound_address(self._listeners[0]).port
+        )
+        handover = saved.fastpath if saved is not None else None
+        if handover is not None and self.config.fastpath is FastPathMode.OFF:
+            # The previous process had a kernel path, this one is told to run without.
+            self._discard_pins()
+            handover = None
         if self.config.fastpath is FastPathMode.OFF:
-            return NullFastPath()
-        turn_port = bound_address(self._listeners[0]).port
+            return NullFastPath(), saved
+        if config.pin_dir is not None:
+            try:
+                pinning.ensure_bpffs(self.config.bpffs)
+            except OSError as e:
+                log.warning("the kernel path cannot be kept over restarts: %s", e)
+        if handover is not None:
+            try:
+                return open_fastpath(config, handover), saved
+            except pinning.LayoutMismatch as e:
+                raise StartError(
+                    f"--bpf-object: cannot take over the running XDP program: {e}. It keeps "
+                    "relaying; to replace it and drop the saved state, run `xdpturn detach "
+                    f"--state-dir {self.config.state_dir}` first"
+                ) from e
+            except pinning.AdoptError as e:
+                self._start_clean(str(e))
+                saved = None
         try:
-            return open_fastpath(replace(self.config.fastpath_settings, turn_port=turn_port))
+            return open_fastpath(config), saved
         except Exception:
             # open_fastpath reports its own failures by returning NullFastPath; this is a bug
             # there, and Python still relays everything correctly.
             log.exception("fast path failed to open; relaying in Python only")
-            return NullFastPath()
+            return NullFastPath(), saved
 
-    async def stop(self) -> None:
+    # Restarts (--state-dir)
+
+    def _saved_state(self) -> restart.SavedRelay | None:
+        assert self.config.state_dir is not None
+        try:
+            return restart.load(self.config.state_dir)
+        except StateError as e:
+            self._start_clean(str(e))
+            return None
+
+    def _start_clean(self, why: str) -> None:
+        """One line saying why, then nothing of the previous process is left to adopt."""
+        state_dir = self.config.state_dir
+        assert state_dir is not None
+        first = not (state_dir / restart.STATE_FILE).exists()
+        (log.info if first else log.warning)("starting clean", extra={"reason": why})
+        self._discard_pins()
+        (state_dir / restart.STATE_FILE).unlink(missing_ok=True)
+
+    def _discard_pins(self) -> None:
+        """Detach the pinned program (from the interfaces configured or saved), unpin."""
+        assert self.config.state_dir is not None
+        pin_dir = self.config.fastpath_settings.pin_dir
+        saved = restart.saved_interfaces(self.config.state_dir)
+        if pin_dir is not None:
+            pinning.discard(pin_dir, sorted(set(self.config.interfaces) | set(saved)))
+
+    def _restore(self, saved: restart.SavedRelay) -> None:
+        """Carry on with the saved allocations; the state file is then spent."""
+        assert self._core is not None and self.config.state_dir is not None
+        wall_now = time.time()
+        skipped = self._core.restore_state(
+            saved.core, self._clock(), wall_now, len(self._listeners)
+        )
+        self._drain()  # opens their ports again, their records, and installs their routes
+        self.fastpath.settle()
+        (self.config.state_dir / restart.STATE_FILE).unlink(missing_ok=True)
+        log.info(
+            "restored",
+            extra={
+                # Those whose port could not be opened again are closed by now.
+                "allocations": len(self._core.allocations()),
+                "skipped": dict(Counter(reason for _, reason in skipped)),
+                "stopped_for": round(wall_now - saved.saved_at, 3),
+            },
+        )
+
+    async def stop(self, *, for_restart: bool = False) -> None:
+        """Stop: close every allocation and detach the fast path; or, `for_restart` with a
+        --state-dir, leave the kernel path running and save the state for the next process."""
         if self._state != "running":
             self._state = "stopped"
             return
         self._state = "stopping"
         assert self._core is not None
-        try:
-            self._core.close(self._clock())
-        except Exception:
-            log.exception("core failed to close")
-        self._drain()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._fastpath is not None:
+        kept = for_restart and self.config.state_dir is not None and self._keep_for_restart()
+        if not kept:
             try:
-                self._fastpath.close()
+                self._core.close(self._clock())
             except Exception:
-                log.exception("fast path failed to close")
+                log.exception("core failed to close")
+            self._drain()
+            if self._fastpath is not None:
+                try:
+                    self._fastpath.close()
+                except Exception:
+                    log.exception("fast path failed to close")
         self._close_sockets()
         self._state = "stopped"
-        log.info("stopped", extra={"stats": dict(self.stats)})
+        log.info("stopped", extra={"stats": dict(self.stats), "for_restart": kept})
+
+    def _keep_for_restart(self) -> bool:
+        """Pin the kernel path and save the state; False (having undone any of it) if that
+        fails, and the relay then stops for good."""
+        state_dir = self.config.state_dir
+        assert self._core is not None and state_dir is not None
+        wall_now = time.time()
+        try:
+            state = self._core.export_state(self._clock(), wall_now)
+            handover = self.fastpath.keep_for_restart()
+        except Exception:
+            log.exception("cannot keep the kernel path for a restart; stopping for good")
+            return False
+        try:
+            path = restart.save(state_dir, state, handover, wall_now)
+        except Exception:
+            log.exception("cannot save the state for a restart; stopping for good")
+            self._discard_pins()
+            return False
+        log.info(
+            "state saved for a restart",
+            extra={"path": str(path), "allocations": len(state.allocations)},
+        )
+        return True
 
     def _close_sockets(self) -> None:
         for handle in self._paused.values():

@@ -305,6 +305,12 @@ class SharedFastPath:
     def problem(self) -> str | None:
         return self._fastpath.problem()
 
+    def settle(self) -> None:
+        pass  # --state-dir needs --workers 1 (ServeConfig): a worker never adopts
+
+    def keep_for_restart(self) -> dict[str, Any] | None:
+        return None
+
     def close(self) -> None:
         pass
 
