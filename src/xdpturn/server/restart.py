@@ -131,6 +131,12 @@ def add_detach_command(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     p.add_argument(
         "--interface", metavar="IF", action="append", default=[], help="also this interface"
     )
+    p.add_argument(
+        "--bpffs",
+        metavar="DIR",
+        default=os.environ.get("XDPTURN_BPFFS", str(pinning.BPFFS)),
+        help="the relay's --bpffs (default: $XDPTURN_BPFFS, else /sys/fs/bpf)",
+    )
     p.set_defaults(run=_detach)
 
 
@@ -139,7 +145,7 @@ def _detach(args: argparse.Namespace) -> int:
         print("xdpturn detach: --state-dir: needed", file=sys.stderr)
         return 2
     state_dir = Path(args.state_dir).absolute()
-    pin_dir = pinning.pin_dir_for(state_dir)
+    pin_dir = pinning.pin_dir_for(state_dir, Path(args.bpffs).absolute())
     had_state = (state_dir / STATE_FILE).exists()
     had_pins = pin_dir.exists()
     interfaces = sorted(set(saved_interfaces(state_dir)) | set(args.interface))
