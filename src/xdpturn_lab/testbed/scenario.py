@@ -246,6 +246,17 @@ class RelayProcess:
             raise AssertionError(f"an XDP program is still attached to {self.relay.interface}")
         return self.returncode
 
+    def interrupt(self) -> int:
+        """SIGINT and wait for the exit; returns the exit status. With --state-dir that is a stop
+        for a restart, so an XDP program may stay attached (nothing is asserted about it)."""
+        proc = self._proc
+        if proc is None:
+            raise RuntimeError("not started")
+        proc.send_signal(signal.SIGINT)
+        self.stopped_by = signal.SIGINT.name
+        self.returncode = proc.wait(timeout=STOP_TIMEOUT)
+        return self.returncode
+
     def __enter__(self) -> RelayProcess:
         self.start()
         return self
