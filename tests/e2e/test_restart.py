@@ -67,9 +67,8 @@ def bpffs(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(root)], check=False)
 
 
-@pytest.fixture
-def variant_object(tmp_path: Path) -> Path:
-    """The program built with another XDPTURN_BUILD_ID: other instructions, the same maps."""
+def build_variant(tmp_path: Path, define: str) -> Path:
+    """The program built with `define` (NAME=VALUE) on the compiler's command line."""
     out = tmp_path / "variant.bpf.o"
     multiarch = subprocess.run(
         ["gcc", "-print-multiarch"], capture_output=True, text=True, check=True
@@ -84,7 +83,7 @@ def variant_object(tmp_path: Path) -> Path:
             "-Wall",
             "-Werror",
             f"-I/usr/include/{multiarch}",
-            "-DXDPTURN_BUILD_ID=7",
+            f"-D{define}",
             "-c",
             "main.c",
             "-o",
@@ -95,6 +94,12 @@ def variant_object(tmp_path: Path) -> Path:
     )
     assert out.read_bytes() != OBJECT_PATH.read_bytes()
     return out
+
+
+@pytest.fixture
+def variant_object(tmp_path: Path) -> Path:
+    """Another build of the program: other instructions, the same maps."""
+    return build_variant(tmp_path, "XDPTURN_BUILD_ID=7")
 
 
 def attached_prog_id(tb: Testbed, node: RelayNode) -> int | None:
@@ -364,4 +369,82 @@ def test_a_state_that_cannot_be_taken_over_starts_clean(
         for process in started:
             if process.returncode is None:
                 process.stop()
+        shutil.rmtree(pins, ignore_errors=True)
+
+
+def test_a_program_whose_maps_differ_is_refused_and_the_old_one_keeps_relaying(
+    world: Testbed, tmp_path: Path, bpffs: Path
+) -> None:
+    """A new object whose route maps have another size cannot take the pinned ones over: the
+    new process refuses to start, naming the map; the old program keeps relaying the bound
+    channel; `xdpturn detach` then stops it for good."""
+    state_dir = tmp_path / "state"
+    args = state_args(state_dir, bpffs)
+    other = build_variant(tmp_path, "XDPTURN_MAX_ROUTES=1024")
+    old = RelayProcess(world, "relay", fastpath=True, extra_args=args)
+    old.start()
+    node = old.relay
+    pins = pinning.pin_dir_for(state_dir, bpffs)
+    refused: list[subprocess.CompletedProcess[str]] = []
+
+    def stop_and_upgrade() -> None:
+        assert old.interrupt() == 0
+        argv = RelayProcess(world, node, fastpath=True, extra_args=args).argv()
+        refused.append(
+            world.run(
+                node,
+                [*argv, "--bpf-object", str(other)],
+                check=False,
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+        )
+
+    try:
+
+        async def scenario() -> tuple[Direction, Direction]:
+            peer = await UdpPeer.open("peer", world.inet_netns, INTERNET_HOST_IPV4)
+            client = await TurnEndpoint.open(EndpointSpec(world, "client", old.server(V4)))
+            up, down = Direction("up"), Direction("down")
+            try:
+                await client.connect_to(peer.address)
+                peer.target = client.relayed_of(V4)
+                await asyncio.to_thread(stop_and_upgrade)
+                # No relay process runs now; the kernel still relays both ways.
+                tasks = [
+                    asyncio.create_task(receive(peer.recv, up)),
+                    asyncio.create_task(receive(client.recv, down)),
+                ]
+                for seq in range(100):
+                    up.sent.append(time.monotonic())
+                    client.send(datagram(seq, SIZE))
+                    down.sent.append(time.monotonic())
+                    peer.send(datagram(seq, SIZE))
+                    await asyncio.sleep(INTERVAL)
+                deadline = time.monotonic() + SETTLE
+                while time.monotonic() < deadline and (up.lost() or down.lost()):
+                    await asyncio.sleep(0.05)
+                for t in tasks:
+                    t.cancel()
+                return up, down
+            finally:
+                client.abandon()
+                peer.close()
+
+        up, down = run(scenario())
+        assert refused[0].returncode == 1
+        assert "cannot take over the running XDP program: map chan_to_udp" in refused[0].stderr
+        assert "xdpturn detach" in refused[0].stderr
+        assert up.lost() == [] and down.lost() == []
+        assert (state_dir / "state.json").exists() and (pins / "program").exists()
+        detach = [*RelayProcess(world, node, fastpath=True).argv()[:3], "detach"]
+        world.run(node, [*detach, *args[:2], "--bpffs", str(bpffs)], check=True)
+        assert not xdp_attached(world, node, node.interface)
+        assert not pins.exists() and not (state_dir / "state.json").exists()
+    finally:
+        subprocess.run(
+            ["ip", "-n", node.netns, "link", "set", "dev", node.interface, "xdp", "off"],
+            check=False,
+        )
         shutil.rmtree(pins, ignore_errors=True)

@@ -262,6 +262,12 @@ class MapShape:
     max_entries: int
     flags: int
 
+    def __str__(self) -> str:
+        return (
+            f"type {self.map_type}, key {self.key_size} B, value {self.value_size} B, "
+            f"{self.max_entries} entries, flags {self.flags:#x}"
+        )
+
 
 class BpfObject:
     """An opened and loaded BPF object file. close() frees it (maps and programs with it).

@@ -143,7 +143,7 @@ def check_fits(
         want = new_shapes.get(name)
         have = bpf.map_shape_of(fd)
         if want is not None and want != have:
-            raise LayoutMismatch(f"map {name}: pinned {have}, the new object wants {want}")
+            raise LayoutMismatch(f"map {name}: pinned ({have}), the new object's ({want})")
     new = layouts(new_btf)
     for name, old in saved_layouts.get("structs", {}).items():
         now = new["structs"].get(name)

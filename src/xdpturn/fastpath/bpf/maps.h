@@ -7,7 +7,9 @@
 
 #include "shared.h"
 
+#ifndef XDPTURN_MAX_ROUTES /* a build option: a relay with another value cannot adopt these maps */
 #define XDPTURN_MAX_ROUTES 65536
+#endif
 
 /* Client (address, port, channel) -> peer and allocation port. Written by the server per channel
  * binding (both directions at once), read for every ChannelData packet on the TURN port. */
