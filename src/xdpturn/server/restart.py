@@ -53,7 +53,9 @@ def save(
     }
     path = state_dir / STATE_FILE
     tmp = state_dir / f".{STATE_FILE}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    # The file holds long-term keys and the nonce key: the relay's user only.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with open(fd, "w", encoding="utf-8") as f:
         json.dump(envelope, f, sort_keys=True, separators=(",", ":"))
         f.flush()
         os.fsync(f.fileno())
