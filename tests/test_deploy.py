@@ -44,7 +44,25 @@ def test_unit_allows_bpf_and_netlink_and_outlasts_the_drain() -> None:
     assert settings["DynamicUser"] == ["yes"]
     assert settings["ExecStart"][0].endswith("serve --config /etc/xdpturn/xdpturn.toml")
     example = tomllib.loads((DEPLOY / "xdpturn.toml").read_text())
-    assert int(settings["TimeoutStopSec"][0]) > example["drain_timeout"]
+    assert int(settings["TimeoutStopSec"][0]) > example["drain_timeout"]  # for a drain (SIGTERM)
+
+
+def test_unit_and_daemonset_restart_without_dropping_media() -> None:
+    """A restart is a stop for a restart (SIGINT with a state directory), with pins on the host's
+    bpffs (docs/operations.md, "Upgrading a relay without dropping calls")."""
+    settings = unit_settings()
+    assert settings["KillSignal"] == ["SIGINT"]
+    state_dir = "/var/lib/" + settings["StateDirectory"][0]
+    assert f"XDPTURN_STATE_DIR={state_dir}" in settings["Environment"]
+    assert settings["ReadWritePaths"] == ["/sys/fs/bpf/xdpturn"]
+    text = (DEPLOY / "kubernetes" / "daemonset.yaml").read_text()
+    assert re.search(r"- name: XDPTURN_STATE_DIR\n\s+value: /var/lib/xdpturn\n", text)
+    assert "hostPath: {path: /var/lib/xdpturn, type: DirectoryOrCreate}" in text
+    assert "hostPath: {path: /sys/fs/bpf, type: Directory}" in text
+    assert "kill -INT 1" in text
+    assert (
+        "Upgrading a relay without dropping calls" in (ROOT / "docs" / "operations.md").read_text()
+    )
 
 
 def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
