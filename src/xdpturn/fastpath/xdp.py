@@ -143,8 +143,15 @@ class XdpFastPath:
             raise pinning.AdoptError("no pin directory configured")
         names = handover.get("maps")
         saved_layouts = handover.get("layouts")
-        if not isinstance(names, list) or not isinstance(saved_layouts, dict):
+        ports = handover.get("ports_in_use")
+        if (
+            not isinstance(names, list)
+            or not isinstance(saved_layouts, dict)
+            or not isinstance(ports, list)
+            or not all(isinstance(p, int) and 0 <= p <= 0xFFFF for p in ports)
+        ):
             raise pinning.AdoptError("the saved fast path section is malformed")
+        self._adopted_ports = ports
         pins = pinning.open_pins(pin_dir, [str(n) for n in names])
         try:
             if pins.program_id != handover.get("program_id"):
@@ -360,12 +367,10 @@ class XdpFastPath:
             for key in present:
                 if key not in wanted:
                     stale += m.delete(key)
-        ports = list(self.relay_ports.keys())
-        for key in ports:
-            value = self.relay_ports.lookup(key)
-            in_use = value is not None and int.from_bytes(value, "little") != 0
-            if in_use and int.from_bytes(key, "little") not in self._port_users:
-                self.relay_ports.update(key, (0).to_bytes(4, "little"))
+        # relay_ports is an array of every port: only those the old process used are looked at.
+        for port in self._adopted_ports:
+            if port not in self._port_users:
+                self.relay_ports.update(port.to_bytes(4, "little"), (0).to_bytes(4, "little"))
                 stale += 1
         log.info("fast path adopted: %d routes kept, %d stale entries removed", self.routes, stale)
 
@@ -384,6 +389,7 @@ class XdpFastPath:
             "map_shapes": pinning.shapes_plain(self._shapes),
             "layouts": pinning.layouts(bpf.read_btf(self._object_path)),
             "program_id": bpf.prog_id_of(self.prog_fd),
+            "ports_in_use": sorted(self._port_users),
             "interfaces": [a.ifname for a in self._attachments],
         }
         log.info(
