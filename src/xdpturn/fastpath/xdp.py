@@ -124,6 +124,10 @@ class XdpFastPath:
             self.guard = Guard(self._obj, config.guard)
             for ifname in config.interfaces:
                 self._attach(ifname, pins)
+            if pins is not None and handover is not None:
+                # Interfaces the previous process used and this one is not told to: let go.
+                for ifname in set(handover.get("interfaces", [])) - set(config.interfaces):
+                    pinning.detach_if_attached(str(ifname), pins.program_id)
             self._next_hops.start()
             self._keeper = self._next_hops
         except BaseException:
