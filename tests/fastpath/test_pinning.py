@@ -5,6 +5,7 @@ core no longer wants are removed, and an object whose maps differ is refused."""
 from __future__ import annotations
 
 import copy
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,6 +54,7 @@ def ns() -> Iterator[str]:
     netns.create(name)
     try:
         sh("ip", "-n", name, "link", "add", "rly0", "type", "veth", "peer", "name", "cli0")
+        sh("ip", "-n", name, "link", "add", "rly1", "type", "veth", "peer", "name", "cli1")
         sh("ip", "-n", name, "addr", "add", "192.0.2.1/24", "dev", "rly0")
         with netns.entered(name):
             yield name
@@ -60,18 +62,16 @@ def ns() -> Iterator[str]:
         netns.delete(name)
 
 
-def config(bpffs: Path, tmp_path: Path) -> FastPathConfig:
+def config(bpffs: Path, tmp_path: Path, interfaces: tuple[str, ...] = ("rly0",)) -> FastPathConfig:
     return FastPathConfig(
         mode=FastPathMode.GENERIC,
-        interfaces=["rly0"],
+        interfaces=list(interfaces),
         pin_dir=pinning.pin_dir_for(tmp_path / "state", bpffs),
     )
 
 
-def attached_id() -> int:
-    import socket
-
-    return bpf.xdp_query(socket.if_nametoindex("rly0")).prog_id
+def attached_id(ifname: str = "rly0") -> int:
+    return bpf.xdp_query(socket.if_nametoindex(ifname)).prog_id
 
 
 def has_route(fp: XdpFastPath, route: ChannelRoute) -> bool:
@@ -173,3 +173,17 @@ def test_a_missing_pinned_map_cannot_be_adopted(ns: str, bpffs: Path, tmp_path: 
     assert attached_id() == old_id  # left for the caller to discard (it starts clean)
     pinning.discard(pins, ["rly0"])
     assert attached_id() == 0 and not pins.exists()
+
+
+def test_an_interface_the_next_process_drops_is_let_go(
+    ns: str, bpffs: Path, tmp_path: Path
+) -> None:
+    old = XdpFastPath(config(bpffs, tmp_path, ("rly0", "rly1")))
+    handover = old.keep_for_restart()
+    assert attached_id("rly1") == handover["program_id"]
+    new = XdpFastPath(config(bpffs, tmp_path, ("rly0",)), handover=handover)
+    try:
+        assert attached_id("rly0") not in (0, handover["program_id"])
+        assert attached_id("rly1") == 0
+    finally:
+        new.close()
