@@ -10,7 +10,12 @@ import pytest
 
 from tests.proto.harness import Harness, error_code, routes
 from xdpturn.proto.addr import PeerAddr, Transport, TransportAddr
-from xdpturn.proto.commands import AllocationOpened, InstallChannel, RemoveChannel
+from xdpturn.proto.commands import (
+    AllocationClosed,
+    AllocationOpened,
+    InstallChannel,
+    RemoveChannel,
+)
 from xdpturn.proto.handover import CoreState, StateError, from_plain, to_plain
 from xdpturn.proto.stun import MessageClass
 
@@ -86,16 +91,37 @@ def test_what_lapsed_while_no_process_ran_is_not_taken() -> None:
     assert not routes(commands, InstallChannel)
 
 
-def test_an_allocation_whose_port_cannot_be_opened_is_not_taken() -> None:
+def test_an_allocation_whose_port_is_handed_out_is_not_taken() -> None:
     old = Harness()
     alice = old.client()
     alice.allocate()
     state = handed_over(old, WALL)
     new = Harness(now=NEW_CORE_NOW)
-    new.ports.free.remove(alice.relay_port)  # another program holds it now
+    new.ports.free.remove(alice.relay_port)  # the chooser has it taken
     skipped = new.server.restore_state(state, new.now, WALL, listeners=1)
     assert [why for _, why in skipped] == ["port unavailable"]
     assert new.server.allocations() == []
+
+
+def test_an_allocation_whose_port_cannot_be_opened_again_is_closed() -> None:
+    """Its port is opened again like a new allocation's (OpenRelayPort); another program may
+    hold it by now."""
+    old = Harness()
+    alice = old.client()
+    alice.allocate()
+    alice.bind(0x4000, PEER)
+    old.take()
+    state = handed_over(old, WALL)
+    new = Harness(now=NEW_CORE_NOW)
+    new.ports.refused.add(alice.relay_port)
+    assert new.server.restore_state(state, new.now, WALL, listeners=1) == []
+    commands = new.take()
+    closed = [c for c in commands if isinstance(c, AllocationClosed)]
+    assert [(c.relay_port, c.reason) for c in closed] == [(alice.relay_port, "port_unavailable")]
+    installed = routes(commands, InstallChannel)
+    assert installed and installed == routes(commands, RemoveChannel)  # none left
+    assert new.server.allocations() == []
+    assert alice.relay_port not in new.ports.open
 
 
 def test_stream_clients_are_not_handed_over() -> None:
