@@ -17,7 +17,7 @@ from tests.fastpath.conftest import sh, unique_ns
 from xdpturn.fastpath import FastPathConfig, FastPathMode, maps, pinning
 from xdpturn.fastpath import libbpf as bpf
 from xdpturn.fastpath.xdp import OBJECT_PATH, XdpFastPath
-from xdpturn.proto.addr import ClientAddr, PeerAddr, TransportAddr
+from xdpturn.proto.addr import ClientAddr, ClientFlow, PeerAddr, TransportAddr
 from xdpturn.proto.commands import ChannelRoute
 from xdpturn_lab.testbed import netns
 
@@ -88,11 +88,30 @@ def port_users(fp: XdpFastPath, port: int) -> int:
     return int.from_bytes(raw, "little")
 
 
+def announce(fp: XdpFastPath, route: ChannelRoute) -> None:
+    """What the core announces for an allocation with one bound channel."""
+    fp.allocation_opened(ClientFlow(route.client), route.relay_port)
+    fp.permit(route.relay_port, route.peer.ip)
+    fp.install(route)
+
+
+def guarded(fp: XdpFastPath, route: ChannelRoute) -> tuple[bool, bool, int]:
+    """(client known, peer permitted, allocations on the port) in the guard's maps."""
+    port = fp.guard.ports.lookup(route.relay_port.to_bytes(4, "little"))
+    assert port is not None
+    return (
+        fp.guard.clients.lookup(bytes(maps.client_key(route.client))) is not None,
+        fp.guard.permissions.lookup(bytes(maps.permission_key(route.relay_port, route.peer.ip)))
+        is not None,
+        int.from_bytes(port, "little"),
+    )
+
+
 def kept(bpffs: Path, tmp_path: Path) -> tuple[dict[str, Any], int]:
     """A fast path with routes A and B, kept for a restart: (handover, its program id)."""
     old = XdpFastPath(config(bpffs, tmp_path))
-    old.install(ROUTE_A)
-    old.install(ROUTE_B)
+    for route in (ROUTE_A, ROUTE_B):
+        announce(old, route)
     handover = old.keep_for_restart()
     return handover, handover["program_id"]
 
@@ -111,9 +130,12 @@ def test_the_next_process_adopts_the_maps_and_replaces_the_program(
         assert new.adopted and attached_id() not in (0, old_id)
         assert has_route(new, ROUTE_A) and has_route(new, ROUTE_B)  # the same maps
         assert not pins.exists()  # adopted: pinned again only at the next stop
-        new.install(ROUTE_A)  # the restored core wants A only (B's channel lapsed meanwhile)
+        assert guarded(new, ROUTE_B) == (True, True, 1)
+        announce(new, ROUTE_A)  # the restored core wants A only (B's allocation lapsed meanwhile)
         new.settle()
         assert has_route(new, ROUTE_A) and not has_route(new, ROUTE_B)
+        assert guarded(new, ROUTE_A) == (True, True, 1)
+        assert guarded(new, ROUTE_B) == (False, False, 0)
         assert (port_users(new, ROUTE_A.relay_port), port_users(new, ROUTE_B.relay_port)) == (1, 0)
     finally:
         new.close()

@@ -33,6 +33,7 @@ class Guard:
         self._port_allocations: dict[int, int] = {}
         self._unguarded_ports: set[int] = set()
         self._clients: set[ClientFlow] = set()
+        self._permitted: set[bytes] = set()  # guard_permissions keys this process wrote
         self._clients_complete = True  # False for good once a client could not be recorded
         self.configure(config)
 
@@ -76,8 +77,10 @@ class Guard:
         self._delete(self.clients, bytes(maps.client_key(flow.client)))
 
     def permit(self, relay_port: int, peer: IPAddress) -> None:
+        key = bytes(maps.permission_key(relay_port, peer))
         try:
-            self.permissions.update(bytes(maps.permission_key(relay_port, peer)), _PRESENT)
+            self.permissions.update(key, _PRESENT)
+            self._permitted.add(key)
         except OSError as e:
             log.warning(
                 "fast path guard: permission for %s on port %d not recorded (%s); peers of "
@@ -90,7 +93,30 @@ class Guard:
             self._port_use(relay_port, 0)
 
     def unpermit(self, relay_port: int, peer: IPAddress) -> None:
-        self._delete(self.permissions, bytes(maps.permission_key(relay_port, peer)))
+        key = bytes(maps.permission_key(relay_port, peer))
+        self._permitted.discard(key)
+        self._delete(self.permissions, key)
+
+    def settle(self, old_ports: list[int]) -> int:
+        """After adopting a previous process's maps, once the restored core has announced its
+        allocations and permissions again: remove the rest (those that lapsed while no process
+        ran). `old_ports` are the ports the previous process used. Returns how many went."""
+        stale = 0
+        clients = {bytes(maps.client_key(f.client)) for f in self._clients}
+        for m, wanted in ((self.clients, clients), (self.permissions, self._permitted)):
+            present = list(m.keys())
+            for key in present:
+                if key not in wanted:
+                    stale += m.delete(key)
+        for port in old_ports:
+            if port not in self._port_allocations:
+                self.ports.update(port.to_bytes(4, "little"), _ZERO)
+                stale += 1
+        return stale
+
+    @property
+    def allocation_ports(self) -> set[int]:
+        return set(self._port_allocations)
 
     @property
     def clients_complete(self) -> bool:

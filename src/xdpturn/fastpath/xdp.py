@@ -376,6 +376,7 @@ class XdpFastPath:
             if port not in self._port_users:
                 self.relay_ports.update(port.to_bytes(4, "little"), (0).to_bytes(4, "little"))
                 stale += 1
+        stale += self.guard.settle(self._adopted_ports)
         log.info("fast path adopted: %d routes kept, %d stale entries removed", self.routes, stale)
 
     def keep_for_restart(self) -> dict[str, Any]:
@@ -393,7 +394,8 @@ class XdpFastPath:
             "map_shapes": pinning.shapes_plain(self._shapes),
             "layouts": pinning.layouts(bpf.read_btf(self._object_path)),
             "program_id": bpf.prog_id_of(self.prog_fd),
-            "ports_in_use": sorted(self._port_users),
+            # Routed ports and allocation ports (the guard's): settle looks at these only.
+            "ports_in_use": sorted(set(self._port_users) | self.guard.allocation_ports),
             "interfaces": [a.ifname for a in self._attachments],
         }
         log.info(
