@@ -54,6 +54,7 @@ def test_unit_and_daemonset_restart_without_dropping_media() -> None:
     assert settings["KillSignal"] == ["SIGINT"]
     state_dir = "/var/lib/" + settings["StateDirectory"][0]
     assert f"XDPTURN_STATE_DIR={state_dir}" in settings["Environment"]
+    assert "XDPTURN_WORKERS=1" in settings["Environment"]  # what --state-dir needs for now
     assert settings["ReadWritePaths"] == ["-/sys/fs/bpf/xdpturn"]  # made by ExecStartPre
     text = (DEPLOY / "kubernetes" / "daemonset.yaml").read_text()
     assert re.search(r"- name: XDPTURN_STATE_DIR\n\s+value: /var/lib/xdpturn\n", text)

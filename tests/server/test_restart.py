@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from xdpturn.client.turn import TurnClient, TurnClientError
-from xdpturn.config import ServeConfig
+from xdpturn.config import ConfigError, ServeConfig
 from xdpturn.proto.addr import TransportAddr
 from xdpturn.server import RelayServer
 from xdpturn.server.restart import STATE_FILE
@@ -27,7 +27,9 @@ def fixed_port_config(state_dir: Path) -> ServeConfig:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    return behind_nat_config(listen=[TransportAddr.parse(f"127.0.0.1:{port}")], state_dir=state_dir)
+    return behind_nat_config(
+        listen=[TransportAddr.parse(f"127.0.0.1:{port}")], state_dir=state_dir, workers=1
+    )
 
 
 def test_a_restarted_relay_carries_on_with_the_allocations(tmp_path: Path) -> None:
@@ -161,3 +163,10 @@ def test_the_state_file_is_the_relay_users_only(tmp_path: Path) -> None:
     assert path.stat().st_mode & 0o077 == 0
     assert "s3cret" not in path.read_text()
     assert json.loads(path.read_text())["format"] == 1
+
+
+def test_a_state_dir_with_several_workers_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        behind_nat_config(state_dir=tmp_path / "state", workers=2)
+    assert caught.value.option == "--state-dir"
+    assert "--workers 1" in str(caught.value)
