@@ -319,7 +319,8 @@ class TurnServer:
             self._reopening.discard(port)
             alloc = self._by_port.get(port)
             if not opened and alloc is not None:
-                self._delete_allocation(alloc, "port_unavailable")
+                # Its sockets never opened: nothing to close.
+                self._delete_allocation(alloc, "port_unavailable", port_open=False)
             return
         pending = self._opening.pop(port, None)
         if pending is None:  # not asked for (a runtime bug): give it back
@@ -1157,7 +1158,9 @@ class TurnServer:
                 )
                 self._push(InstallChannel(route) if wanted else RemoveChannel(route))
 
-    def _delete_allocation(self, alloc: _Allocation, reason: str) -> None:
+    def _delete_allocation(
+        self, alloc: _Allocation, reason: str, *, port_open: bool = True
+    ) -> None:
         for channel in alloc.channels.values():
             if channel.routed:
                 channel.routed = False
@@ -1174,7 +1177,8 @@ class TurnServer:
         if self._siblings is not None:
             self._siblings.closed(alloc.relay_port)
         self._ports.release(alloc.relay_port)
-        self._push(CloseRelayPort(alloc.relay_port))
+        if port_open:
+            self._push(CloseRelayPort(alloc.relay_port))
         self._push(AllocationClosed(alloc.flow, alloc.relay_port, reason))
 
     # Plumbing
