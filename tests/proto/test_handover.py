@@ -9,15 +9,18 @@ from typing import Any
 import pytest
 
 from tests.proto.harness import Harness, error_code, routes
+from xdpturn.proto import stun
 from xdpturn.proto.addr import PeerAddr, Transport, TransportAddr
 from xdpturn.proto.commands import (
     AllocationClosed,
     AllocationOpened,
+    CloseRelayPort,
     InstallChannel,
     RemoveChannel,
 )
 from xdpturn.proto.handover import CoreState, StateError, from_plain, to_plain
-from xdpturn.proto.stun import MessageClass
+from xdpturn.proto.server import RESERVATION_LIFETIME
+from xdpturn.proto.stun import AttrType, MessageClass
 
 PEER = TransportAddr.parse("198.51.100.7:9000")
 WALL = 1_900_000_000.0  # the wall clock when the old process stops
@@ -150,7 +153,7 @@ def _plain() -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("damage", "why"),
     [
-        (lambda p: p.update(format=2), "format 2"),
+        (lambda p: p.update(format=1), "format 1"),
         (lambda p: p.pop("nonce_key"), "KeyError"),
         (lambda p: p.update(nonce_key="abcd"), "expected 16 bytes"),
         (lambda p: p["allocations"][0].update(relay_port="50000"), "expected an integer"),
@@ -158,6 +161,8 @@ def _plain() -> dict[str, Any]:
         (lambda p: p["allocations"][0]["channels"][0].pop("peer"), "KeyError"),
         (lambda p: p["allocations"][0].update(families=[3]), "malformed"),
         (lambda p: p.update(allocations={}), "expected a list"),
+        (lambda p: p.pop("reservations"), "KeyError"),
+        (lambda p: p.update(reservations=[{"token": "ab"}]), "expected 8 bytes"),
     ],
 )
 def test_a_damaged_state_is_refused_whole(damage: Any, why: str) -> None:
@@ -185,3 +190,64 @@ def test_peer_addresses_keep_their_family() -> None:
     assert alice.bind(0x4001, peer6).cls == MessageClass.SUCCESS
     state = handed_over(old, WALL)
     assert state.allocations[0].channels[0].peer == peer6
+
+
+EVEN_RESERVE = (AttrType.EVEN_PORT, stun.encode_even_port(True))
+DONT_FRAGMENT = (AttrType.DONT_FRAGMENT, b"")
+
+
+def test_a_reservation_is_handed_over_with_its_port_and_deadline() -> None:
+    old = Harness()
+    rtp = old.client("192.0.2.10:5000")
+    token = rtp.allocate(EVEN_RESERVE, DONT_FRAGMENT).get(AttrType.RESERVATION_TOKEN)
+    assert token is not None
+    old.take()
+    old.now += 10
+    state = handed_over(old, WALL)
+
+    new = Harness(now=NEW_CORE_NOW)
+    assert new.server.restore_state(state, new.now, WALL + 5, listeners=1) == []
+    new.take()
+    reserved = rtp.relay_port + 1
+    assert reserved in new.ports.open and reserved in new.ports.dont_fragment
+    # 30 s from the pair's Allocate: 10 s ran in the old process, 5 s while none ran.
+    assert new.server.get_timer() == NEW_CORE_NOW + RESERVATION_LIFETIME - 15
+    rtcp = new.client("192.0.2.10:5001")
+    assert rtcp.allocate((AttrType.RESERVATION_TOKEN, token)).cls == MessageClass.SUCCESS
+    assert rtcp.relay_port == reserved
+    # Single use, as before the restart.
+    again = new.client("192.0.2.10:5002")
+    assert error_code(again.allocate((AttrType.RESERVATION_TOKEN, token))) == 508
+
+
+def test_a_reservation_that_lapsed_while_no_process_ran_is_gone() -> None:
+    old = Harness()
+    rtp = old.client("192.0.2.10:5000")
+    token = rtp.allocate(EVEN_RESERVE).get(AttrType.RESERVATION_TOKEN)
+    assert token is not None
+    old.take()
+    state = handed_over(old, WALL)
+
+    new = Harness(now=NEW_CORE_NOW)
+    new.server.restore_state(state, new.now, WALL + RESERVATION_LIFETIME + 1, listeners=1)
+    new.take()
+    assert rtp.relay_port + 1 not in new.ports.open
+    rtcp = new.client("192.0.2.10:5001")
+    assert error_code(rtcp.allocate((AttrType.RESERVATION_TOKEN, token))) == 508
+
+
+def test_a_reservation_whose_port_cannot_be_opened_again_is_dropped() -> None:
+    old = Harness()
+    token = old.client().allocate(EVEN_RESERVE).get(AttrType.RESERVATION_TOKEN)
+    assert token is not None
+    state = handed_over(old, WALL)
+    reserved = state.reservations[0].relay_port
+
+    new = Harness(now=NEW_CORE_NOW)
+    new.ports.refused.add(reserved)
+    new.server.restore_state(state, new.now, WALL, listeners=1)
+    commands = new.take()
+    assert not [c for c in commands if isinstance(c, CloseRelayPort)]
+    assert reserved not in new.ports.open and reserved in new.ports.free
+    rtcp = new.client("192.0.2.10:5001")
+    assert error_code(rtcp.allocate((AttrType.RESERVATION_TOKEN, token))) == 508

@@ -18,7 +18,7 @@ from typing import Any
 from xdpturn.proto.addr import ClientAddr, ClientFlow, Family, PeerAddr, Transport, TransportAddr
 
 # Bumped whenever the meaning of a field changes: a file of another version is not adopted.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: reservations (RESERVATION-TOKEN)
 
 
 class StateError(ValueError):
@@ -47,9 +47,21 @@ class SavedAllocation:
 
 
 @dataclass(frozen=True)
+class SavedReservation:
+    """A port held for the Allocate that presents `token` (RFC 8656 section 7.2)."""
+
+    token: bytes
+    relay_port: int
+    families: frozenset[Family]
+    dont_fragment: bool
+    expires: float  # wall clock
+
+
+@dataclass(frozen=True)
 class CoreState:
     nonce_key: bytes
     allocations: tuple[SavedAllocation, ...]
+    reservations: tuple[SavedReservation, ...] = ()
 
 
 def to_plain(state: CoreState) -> dict[str, Any]:
@@ -57,6 +69,16 @@ def to_plain(state: CoreState) -> dict[str, Any]:
         "format": FORMAT_VERSION,
         "nonce_key": state.nonce_key.hex(),
         "allocations": [_allocation_to_plain(a) for a in state.allocations],
+        "reservations": [
+            {
+                "token": r.token.hex(),
+                "relay_port": r.relay_port,
+                "families": sorted(int(f) for f in r.families),
+                "dont_fragment": r.dont_fragment,
+                "expires": r.expires,
+            }
+            for r in state.reservations
+        ],
     }
 
 
@@ -87,6 +109,7 @@ def from_plain(data: object) -> CoreState:
         return CoreState(
             nonce_key=_hex(obj["nonce_key"], 16),
             allocations=tuple(_allocation_from_plain(a) for a in _list(obj["allocations"])),
+            reservations=tuple(_reservation_from_plain(r) for r in _list(obj["reservations"])),
         )
     except StateError:
         raise
@@ -125,6 +148,23 @@ def _allocation_from_plain(data: object) -> SavedAllocation:
         },
         channels=tuple(channels),
     )
+
+
+def _reservation_from_plain(data: object) -> SavedReservation:
+    r = _dict(data)
+    return SavedReservation(
+        token=_hex(r["token"], 8),
+        relay_port=_int(r["relay_port"]),
+        families=frozenset(Family(_int(f)) for f in _list(r["families"])),
+        dont_fragment=_bool(r["dont_fragment"]),
+        expires=_float(r["expires"]),
+    )
+
+
+def _bool(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"expected true or false, got {type(value).__name__}")
+    return value
 
 
 def _dict(value: object) -> dict[str, Any]:
@@ -169,6 +209,7 @@ __all__ = [
     "CoreState",
     "SavedAllocation",
     "SavedChannel",
+    "SavedReservation",
     "StateError",
     "from_plain",
     "to_plain",

@@ -62,7 +62,7 @@ from xdpturn.proto.commands import (
     SendToClient,
     SendToPeer,
 )
-from xdpturn.proto.handover import CoreState, SavedAllocation, SavedChannel
+from xdpturn.proto.handover import CoreState, SavedAllocation, SavedChannel, SavedReservation
 from xdpturn.proto.policy import PeerPolicy
 from xdpturn.proto.quotas import LocalQuotas, QuotaRefusal, Quotas
 from xdpturn.proto.ratelimit import SourceBuckets
@@ -321,6 +321,11 @@ class TurnServer:
             if not opened and alloc is not None:
                 # Its sockets never opened: nothing to close.
                 self._delete_allocation(alloc, "port_unavailable", port_open=False)
+            elif not opened:
+                for reservation in list(self._reservations.values()):
+                    if reservation.relay_port == port:  # a restored reservation's port
+                        del self._reservations[reservation.token]
+                        self._ports.release(port)
             return
         pending = self._opening.pop(port, None)
         if pending is None:  # not asked for (a runtime bug): give it back
@@ -425,6 +430,13 @@ class TurnServer:
                 for a in self._by_port.values()
                 if a.flow.transport is Transport.UDP and a.expires > now
             ),
+            reservations=tuple(
+                SavedReservation(
+                    r.token, r.relay_port, r.families, r.dont_fragment, r.expires + to_wall
+                )
+                for r in self._reservations.values()
+                if r.expires > now
+            ),
         )
 
     def restore_state(
@@ -489,7 +501,31 @@ class TurnServer:
             )
             # Expires what lapsed while no process ran, installs the rest, arms the timer.
             self._sweep(alloc, now)
+        self._restore_reservations(state.reservations, now, to_core)
         return skipped
+
+    def _restore_reservations(
+        self, saved: tuple[SavedReservation, ...], now: float, to_core: float
+    ) -> None:
+        """Hold the reserved ports again, each reopened like a restored allocation's; ones that
+        lapsed meanwhile, or whose port or family is gone, are dropped (their token's Allocate
+        then gets 508, as for any unknown token)."""
+        # In expiry order: `_first_reservation` relies on it.
+        for r in sorted(saved, key=lambda r: r.expires):
+            expires = r.expires + to_core
+            if (
+                expires <= now
+                or r.token in self._reservations
+                or not r.families
+                or not r.families <= self._public.keys()
+                or not self._ports.claim(r.relay_port, r.families)
+            ):
+                continue
+            self._reservations[r.token] = _Reservation(
+                r.token, r.relay_port, r.families, r.dont_fragment, expires
+            )
+            self._reopening.add(r.relay_port)
+            self._push(OpenRelayPort(r.relay_port, r.families, r.dont_fragment))
 
     def allocations(self) -> list[AllocationInfo]:
         return [
