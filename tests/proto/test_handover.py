@@ -162,6 +162,7 @@ def _plain() -> dict[str, Any]:
         (lambda p: p["allocations"][0].update(families=[3]), "malformed"),
         (lambda p: p.update(allocations={}), "expected a list"),
         (lambda p: p.pop("reservations"), "KeyError"),
+        (lambda p: p["allocations"][0].update(dont_fragment=1), "expected true or false"),
         (lambda p: p.update(reservations=[{"token": "ab"}]), "expected 8 bytes"),
     ],
 )
@@ -196,7 +197,7 @@ EVEN_RESERVE = (AttrType.EVEN_PORT, stun.encode_even_port(True))
 DONT_FRAGMENT = (AttrType.DONT_FRAGMENT, b"")
 
 
-def test_a_reservation_is_handed_over_with_its_port_and_deadline() -> None:
+def test_a_reservation_is_handed_over_with_its_port_deadline_and_dont_fragment() -> None:
     old = Harness()
     rtp = old.client("192.0.2.10:5000")
     token = rtp.allocate(EVEN_RESERVE, DONT_FRAGMENT).get(AttrType.RESERVATION_TOKEN)
@@ -209,7 +210,9 @@ def test_a_reservation_is_handed_over_with_its_port_and_deadline() -> None:
     assert new.server.restore_state(state, new.now, WALL + 5, listeners=1) == []
     new.take()
     reserved = rtp.relay_port + 1
-    assert reserved in new.ports.open and reserved in new.ports.dont_fragment
+    # Both ports reopened as the pair's Allocate asked: with DF.
+    assert new.ports.dont_fragment == {rtp.relay_port, reserved}
+    assert set(new.ports.open) == {rtp.relay_port, reserved}
     # 30 s from the pair's Allocate: 10 s ran in the old process, 5 s while none ran.
     assert new.server.get_timer() == NEW_CORE_NOW + RESERVATION_LIFETIME - 15
     rtcp = new.client("192.0.2.10:5001")

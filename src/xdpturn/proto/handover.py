@@ -18,7 +18,7 @@ from typing import Any
 from xdpturn.proto.addr import ClientAddr, ClientFlow, Family, PeerAddr, Transport, TransportAddr
 
 # Bumped whenever the meaning of a field changes: a file of another version is not adopted.
-FORMAT_VERSION = 2  # 2: reservations (RESERVATION-TOKEN)
+FORMAT_VERSION = 2  # 2: reservations (RESERVATION-TOKEN), DONT-FRAGMENT
 
 
 class StateError(ValueError):
@@ -42,6 +42,7 @@ class SavedAllocation:
     expires: float  # wall clock
     allocate_transaction: bytes
     allocate_response: bytes
+    dont_fragment: bool  # its port's sockets send with DF
     permissions: dict[ipaddress.IPv4Address | ipaddress.IPv6Address, float]  # wall clock
     channels: tuple[SavedChannel, ...]
 
@@ -93,6 +94,7 @@ def _allocation_to_plain(a: SavedAllocation) -> dict[str, Any]:
         "expires": a.expires,
         "allocate_transaction": a.allocate_transaction.hex(),
         "allocate_response": a.allocate_response.hex(),
+        "dont_fragment": a.dont_fragment,
         "permissions": {str(ip): expires for ip, expires in a.permissions.items()},
         "channels": [
             {"number": c.number, "peer": str(c.peer), "expires": c.expires} for c in a.channels
@@ -142,6 +144,7 @@ def _allocation_from_plain(data: object) -> SavedAllocation:
         expires=_float(a["expires"]),
         allocate_transaction=_hex(a["allocate_transaction"], 12),
         allocate_response=_hex(a["allocate_response"]),
+        dont_fragment=_bool(a["dont_fragment"]),
         permissions={
             ipaddress.ip_address(_str(ip)): _float(expires)
             for ip, expires in _dict(a["permissions"]).items()

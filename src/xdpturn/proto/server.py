@@ -184,6 +184,7 @@ class _Allocation:
     expires: float
     allocate_transaction: bytes
     allocate_response: bytes  # resent for a retransmitted Allocate
+    dont_fragment: bool = False  # its port's sockets send with DF (reopened so on a restart)
     permissions: dict[IPAddress, float] = field(default_factory=dict)
     channels: dict[int, _Channel] = field(default_factory=dict)
     channel_by_peer: dict[PeerAddr, int] = field(default_factory=dict)
@@ -421,6 +422,7 @@ class TurnServer:
                     expires=a.expires + to_wall,
                     allocate_transaction=a.allocate_transaction,
                     allocate_response=a.allocate_response,
+                    dont_fragment=a.dont_fragment,
                     permissions={ip: e + to_wall for ip, e in a.permissions.items()},
                     channels=tuple(
                         SavedChannel(c.number, c.peer, c.expires + to_wall)
@@ -480,6 +482,7 @@ class TurnServer:
                 expires=expires,
                 allocate_transaction=saved.allocate_transaction,
                 allocate_response=saved.allocate_response,
+                dont_fragment=saved.dont_fragment,
                 permissions={ip: e + to_core for ip, e in saved.permissions.items()},
             )
             for c in saved.channels:
@@ -492,7 +495,7 @@ class TurnServer:
             if self._siblings is not None:
                 self._siblings.opened(alloc.relay_port, alloc.families)
             self._reopening.add(alloc.relay_port)
-            self._push(OpenRelayPort(alloc.relay_port, alloc.families))
+            self._push(OpenRelayPort(alloc.relay_port, alloc.families, alloc.dont_fragment))
             lifetime = max(0, int(expires - now))
             self._push(
                 AllocationOpened(
@@ -850,6 +853,7 @@ class TurnServer:
         )
         if reservation is not None:  # its port is open already: answered now
             del self._reservations[reservation.token]  # single use
+            pending.dont_fragment = reservation.dont_fragment  # as its sockets were opened
             return self._allocated(pending, reservation.relay_port, now)
         if not self._open_next_port(pending):
             self._quotas.release(request.username, flow.client.ip)
@@ -916,6 +920,7 @@ class TurnServer:
             expires=now + lifetime,
             allocate_transaction=message.transaction_id,
             allocate_response=self._encode_response(response, request, message),
+            dont_fragment=pending.dont_fragment,
         )
         self._by_flow[flow] = alloc
         self._by_port[port] = alloc
