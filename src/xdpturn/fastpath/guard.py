@@ -11,11 +11,12 @@ allocation on that port closes; one that cannot be removed only admits a peer Py
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 from xdpturn.fastpath import libbpf as bpf
 from xdpturn.fastpath import maps
 from xdpturn.fastpath.api import GuardConfig
-from xdpturn.proto.addr import ClientFlow, IPAddress, Transport
+from xdpturn.proto.addr import ClientAddr, ClientFlow, IPAddress, Transport
 
 log = logging.getLogger("xdpturn.fastpath")
 
@@ -34,6 +35,10 @@ class Guard:
         self._unguarded_ports: set[int] = set()
         self._clients: set[ClientFlow] = set()
         self._permitted: set[bytes] = set()  # guard_permissions keys this process wrote
+        # Flows per client address: two listeners may see the same address, and its entry stays
+        # while one has it. Counted, not searched for: closing 10,000 allocations at shutdown
+        # by scanning _clients took 28 s.
+        self._flows_per_address: Counter[ClientAddr] = Counter()
         self._clients_complete = True  # False for good once a client could not be recorded
         self.configure(config)
 
@@ -65,15 +70,18 @@ class Guard:
             self._clients_incomplete(e)
             return
         self._clients.add(flow)
+        self._flows_per_address[flow.client] += 1
 
     def allocation_closed(self, flow: ClientFlow, relay_port: int) -> None:
         self._port_use(relay_port, -1)
         if flow not in self._clients:
             return
         self._clients.discard(flow)
-        # Two listeners may see the same client address: keep the entry while one has it.
-        if any(f.client == flow.client for f in self._clients):
+        left = self._flows_per_address[flow.client] - 1
+        if left:
+            self._flows_per_address[flow.client] = left
             return
+        del self._flows_per_address[flow.client]
         self._delete(self.clients, bytes(maps.client_key(flow.client)))
 
     def permit(self, relay_port: int, peer: IPAddress) -> None:

@@ -206,6 +206,12 @@ class RelayProcess:
         return "\n".join(json.dumps(r) for r in self.records[-n:])
 
     @property
+    def pid(self) -> int:
+        if self._proc is None:
+            raise RuntimeError("not started")
+        return self._proc.pid
+
+    @property
     def fastpath_mode(self) -> str:
         """As logged on start: "native", "generic" or "off"."""
         return str(self.listening.get("fastpath"))
