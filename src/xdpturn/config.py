@@ -123,6 +123,19 @@ def parse_positive(text: str) -> int:
     raise ValueError(f"expected a whole number >= 1, got {text!r}")
 
 
+_BIT_RATE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}
+
+
+def parse_bit_rate(text: str) -> int:
+    """Bits per second: a whole number with an optional k, M or G (powers of 1000)."""
+    body = text.strip()
+    unit = body[-1:].lower() if body[-1:].isalpha() else ""
+    number = body[: len(body) - len(unit)]
+    if unit in _BIT_RATE_UNITS and number.isdigit() and int(number) >= 1:
+        return int(number) * _BIT_RATE_UNITS[unit]
+    raise ValueError(f"expected bits per second >= 1, e.g. 2000000 or 2M, got {text!r}")
+
+
 def parse_nonempty(text: str) -> str:
     if not text:
         raise ValueError("must not be empty")
@@ -396,6 +409,19 @@ class ServeConfig:
         "N", "allocation quota per client IP address", parse_positive
     )
     max_allocations: int | None = optional("N", "allocations in total", parse_positive)
+    max_bps_per_allocation: int | None = optional(
+        "BITS",
+        "bits of payload per second each allocation may relay in each direction (k, M, G "
+        "suffixes), in bursts of a quarter second's worth; beyond it datagrams are dropped and "
+        "counted, in the kernel and in Python alike",
+        parse_bit_rate,
+    )
+    max_bps: int | None = optional(
+        "BITS",
+        "bits of payload per second the whole relay may carry (k, M, G suffixes): while its "
+        "measured rate is at this, new allocations are refused with 508",
+        parse_bit_rate,
+    )
     log_format: LogFormat = option(
         "FORMAT",
         "json or text (default: text on a terminal, else JSON lines)",
@@ -574,6 +600,8 @@ class ServeConfig:
             max_allocations=self.max_allocations,
             max_allocations_per_user=self.max_allocations_per_user,
             max_allocations_per_ip=self.max_allocations_per_ip,
+            max_bps_per_allocation=self.max_bps_per_allocation,
+            max_bps=self.max_bps,
         )
         guard = GuardConfig(
             enabled=self.fastpath_guard,
@@ -593,6 +621,8 @@ class ServeConfig:
             guard=guard,
             pin_dir=None if self.state_dir is None else pin_dir_for(self.state_dir, self.bpffs),
             object_path=self.bpf_object,
+            allocation_rate_bps=server.max_bps_per_allocation,
+            allocation_burst=server.allocation_burst,
         )
         for name, value in (
             ("relay_addresses", relay_addresses),

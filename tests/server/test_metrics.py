@@ -152,10 +152,9 @@ def test_python_relaying_moves_the_counters_by_what_was_sent() -> None:
                     await StunClient(other, listen).exchange(
                         client.message(Method.BINDING), sign=False
                     )
-                traffic = relay.traffic
-                assert len(traffic.to_client) == 1 and list(traffic.to_peers) == [relayed.port]
+                metered = relay.metered_allocations()
+                assert [m.info.relay_port for m in metered] == [relayed.port]
         assert status == 200
-        assert traffic.to_client == {} and traffic.to_peers == {}  # forgotten when closed
 
         def moved(name: str, route: str) -> float:
             labels = {"path": "python", "route": route}
@@ -182,9 +181,14 @@ def test_python_relaying_moves_the_counters_by_what_was_sent() -> None:
         assert snapshot["allocations"]["total"] == 1 and snapshot["ready"] is True
         (top,) = snapshot["top"]
         assert top["relay_port"] == relayed.port and top["channels"] == 1
-        # Python-path bytes: payloads out to the peer, plus everything sent to the client
-        # (responses, Data indications and ChannelData), so at least both payload sums.
-        assert top["python_bytes"] > sum(map(len, out_payloads)) + sum(map(len, in_payloads))
+        # Payload bytes per direction, Send indications and ChannelData alike, no TURN framing.
+        assert top["traffic"]["client_to_peer"]["packets"] == len(out_payloads)
+        assert top["traffic"]["client_to_peer"]["bytes"] == sum(map(len, out_payloads))
+        assert top["traffic"]["peer_to_client"]["packets"] == len(in_payloads)
+        assert top["traffic"]["peer_to_client"]["bytes"] == sum(map(len, in_payloads))
+        assert top["bytes"] == sum(map(len, out_payloads)) + sum(map(len, in_payloads))
+        user = {"user": top["username"], "direction": "client_to_peer"}
+        assert value(after, "xdpturn_user_bytes_total", **user) == sum(map(len, out_payloads))
 
     run(main())
 

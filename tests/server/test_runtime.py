@@ -139,6 +139,9 @@ class FakeCore:
     def allocations(self) -> list[AllocationInfo]:
         return []
 
+    def set_throughput(self, bps: float) -> None:
+        pass
+
     def handle_flow_closed(self, flow: ClientFlow, now: float) -> None:
         pass  # only stream (TCP/TLS) flows close, and these tests speak UDP
 

@@ -117,16 +117,18 @@ def render(snapshot: Mapping[str, Any], previous: Mapping[str, Any] | None, sour
         lines.append("")
         lines.append("  ".join(f"{k} {_units(v)}" for k, v in sorted(problems.items())))
     lines.append("")
-    lines.append("top allocations (by bytes relayed in Python, then channels, permissions)")
+    lines.append("top allocations (by payload bytes relayed on both paths, then channels)")
     lines.append(
         f"{'client':<42} {'user':<20} {'port':>5} {'family':<6} {'perm':>4} {'chan':>4} "
-        f"{'bytes':>9} {'expires':>7}"
+        f"{'bytes':>9} {'dropped':>8} {'expires':>7}"
     )
     for t in snapshot["top"]:
+        dropped = sum(d["dropped_bytes"] for d in t["traffic"].values())
         lines.append(
             f"{t['client'][:42]:<42} {t['username'][:20]:<20} {t['relay_port']:>5} "
             f"{t['family']:<6} {t['permissions']:>4} {t['channels']:>4} "
-            f"{_units(t['python_bytes'], 'B'):>9} {_duration(max(0, t['expires_in'])):>7}"
+            f"{_units(t['bytes'], 'B'):>9} {_units(dropped, 'B'):>8} "
+            f"{_duration(max(0, t['expires_in'])):>7}"
         )
     if not snapshot["top"]:
         lines.append("(none)")

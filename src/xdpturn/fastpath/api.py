@@ -11,6 +11,7 @@ from typing import Any, Protocol
 
 from xdpturn.proto.addr import ClientFlow, IPAddress
 from xdpturn.proto.commands import ChannelRoute
+from xdpturn.proto.meter import DEFAULT_BURST_SECONDS, Traffic
 
 
 class FastPathMode(Enum):
@@ -52,6 +53,10 @@ class FastPathConfig:
     # Where the program and maps are pinned over a restart (with --state-dir), else None.
     pin_dir: Path | None = None
     object_path: Path | None = None  # None: the object installed with xdpturn
+    # --max-bps-per-allocation (bits of payload per second, each direction; None: no limit) and
+    # its burst, as the core has them (ServerConfig), so both paths enforce the same schedule.
+    allocation_rate_bps: int | None = None
+    allocation_burst: float = DEFAULT_BURST_SECONDS
 
 
 @dataclass
@@ -102,6 +107,16 @@ class FastPath(Protocol):
         """Stop, leaving the program attached and its maps pinned for the next process; what
         that process needs to adopt them (None: nothing to adopt)."""
 
+    def open_allocation(self, relay_port: int) -> None:
+        """Start metering (and limiting) the allocation on `relay_port` from zero. Failure is
+        logged, never raised: the allocation is then relayed but not counted in the kernel."""
+
+    def close_allocation(self, relay_port: int) -> Traffic:
+        """What the kernel relayed for the allocation; its meter and schedule are deleted."""
+
+    def allocation_traffic(self) -> dict[int, Traffic]:
+        """What the kernel relayed for each open allocation, by relay port."""
+
     def close(self) -> None:
         """Detach the program and free its maps."""
 
@@ -142,6 +157,15 @@ class NullFastPath:
 
     def keep_for_restart(self) -> dict[str, Any] | None:
         return None
+
+    def open_allocation(self, relay_port: int) -> None:
+        pass
+
+    def close_allocation(self, relay_port: int) -> Traffic:
+        return Traffic()
+
+    def allocation_traffic(self) -> dict[int, Traffic]:
+        return {}
 
     def close(self) -> None:
         pass

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from xdpturn.fastpath.libbpf import BtfInfo, read_btf
 from xdpturn.proto.addr import IPAddress, TransportAddr
+from xdpturn.proto.meter import Traffic
 
 FAMILY_IPV4 = 4
 FAMILY_IPV6 = 6
@@ -184,6 +185,56 @@ def permission_key(relay_port: int, peer: IPAddress) -> PermissionKey:
     )
 
 
+class MeterCounts(ctypes.Structure):
+    """struct xdpturn_meter_counts: one direction of one allocation, on one CPU."""
+
+    _fields_ = (
+        ("packets", ctypes.c_uint64),
+        ("bytes", ctypes.c_uint64),
+        ("dropped_packets", ctypes.c_uint64),
+        ("dropped_bytes", ctypes.c_uint64),
+    )
+
+
+class Meter(ctypes.Structure):
+    """struct xdpturn_meter: alloc_meters value (per CPU), by enum xdpturn_direction."""
+
+    _fields_ = (("dir", MeterCounts * 2),)
+
+
+class Limit(ctypes.Structure):
+    """struct xdpturn_limit: alloc_limits value, each direction's booked-until time (ns)."""
+
+    _fields_ = (("booked_ns", ctypes.c_uint64 * 2),)
+
+
+class MeterConfig(ctypes.Structure):
+    """struct xdpturn_meter_config (meter_config[0]); rate_bps 0: no limit."""
+
+    _fields_ = (
+        ("rate_bps", ctypes.c_uint64),
+        ("burst_ns", ctypes.c_uint64),
+        ("flags", ctypes.c_uint32),
+        ("pad", ctypes.c_uint8 * 4),
+    )
+
+
+METER_ENABLED = 1
+
+
+def meter_traffic(per_cpu: list[bytes]) -> Traffic:
+    """An alloc_meters value summed over CPUs."""
+    out = Traffic()
+    for raw in per_cpu:
+        m = Meter.from_buffer_copy(raw)
+        for counts, into in zip(m.dir, (out.client_to_peer, out.peer_to_client), strict=True):
+            into.packets += counts.packets
+            into.bytes += counts.bytes
+            into.dropped_packets += counts.dropped_packets
+            into.dropped_bytes += counts.dropped_bytes
+    return out
+
+
 # ctypes mirror -> the C struct it mirrors
 MIRRORS: dict[str, type[ctypes.Structure] | type[ctypes.BigEndianStructure]] = {
     "xdpturn_chan_key": ChanKey,
@@ -198,11 +249,16 @@ MIRRORS: dict[str, type[ctypes.Structure] | type[ctypes.BigEndianStructure]] = {
     "xdpturn_client_key": ClientKey,
     "xdpturn_permission_key": PermissionKey,
     "xdpturn_source_key": SourceKey,
+    "xdpturn_meter_counts": MeterCounts,
+    "xdpturn_meter": Meter,
+    "xdpturn_limit": Limit,
+    "xdpturn_meter_config": MeterConfig,
 }
 
 ROUTE_ENUM = "xdpturn_route"
 REASON_ENUM = "xdpturn_reason"
 DROP_ENUM = "xdpturn_drop"
+DIRECTION_ENUM = "xdpturn_direction"
 _ROUTE_PREFIX = "XDPTURN_ROUTE_"
 _REASON_PREFIX = "XDPTURN_PASS_"
 _DROP_PREFIX = "XDPTURN_DROP_"
@@ -226,7 +282,7 @@ def check_layout(obj_path: Path, btf: BtfInfo | None = None) -> None:
         py_fields = {f[0]: getattr(mirror, f[0]).offset * 8 for f in mirror._fields_}
         if py_fields != c.member_bit_offsets:
             problems.append(f"{cname}: fields {py_fields} in Python, {c.member_bit_offsets} in C")
-    for enum in (ROUTE_ENUM, REASON_ENUM, DROP_ENUM):
+    for enum in (ROUTE_ENUM, REASON_ENUM, DROP_ENUM, DIRECTION_ENUM):
         if enum not in btf.enums:
             problems.append(f"enum {enum} not in BTF")
     if problems:

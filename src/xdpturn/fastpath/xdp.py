@@ -29,6 +29,7 @@ from xdpturn.fastpath.health import CarryingCheck
 from xdpturn.fastpath.nexthop import NextHops
 from xdpturn.proto.addr import ClientAddr, ClientFlow, IPAddress
 from xdpturn.proto.commands import ChannelRoute
+from xdpturn.proto.meter import Traffic
 
 log = logging.getLogger("xdpturn.fastpath")
 
@@ -101,7 +102,11 @@ class XdpFastPath:
             self.route_stats = self._obj.map("route_stats")
             self.pass_stats = self._obj.map("pass_stats")
             self.drop_stats = self._obj.map("drop_stats")
+            self.alloc_meters = self._obj.map("alloc_meters")
+            self.alloc_limits = self._obj.map("alloc_limits")
+            self.meter_config = self._obj.map("meter_config")
             self._write_config()
+            self._write_meter_config()
             fixed: list[IPAddress] = [
                 ip
                 for ip in (
@@ -181,6 +186,15 @@ class XdpFastPath:
             c.local_ipv4 or "per route",
             c.local_ipv6 or "per route",
         )
+
+    def _write_meter_config(self) -> None:
+        rate = self._config.allocation_rate_bps or 0
+        cfg = maps.MeterConfig(
+            rate_bps=rate,
+            burst_ns=round(self._config.allocation_burst * 1e9),
+            flags=maps.METER_ENABLED,
+        )
+        self.meter_config.update(b"\x00" * 4, bytes(cfg))
 
     def _attach(self, ifname: str, pins: pinning.Pins | None = None) -> None:
         ifindex = socket.if_nametoindex(ifname)
@@ -408,6 +422,37 @@ class XdpFastPath:
         self._attachments.clear()  # not detached: the kernel keeps relaying
         self._obj.close()
         return handover
+
+    def open_allocation(self, relay_port: int) -> None:
+        key = relay_port.to_bytes(4, "little")
+        try:
+            # A fresh schedule too: a leftover of the port's previous allocation is deleted.
+            self.alloc_limits.delete(key)
+            zero = bytes(self.alloc_meters.slot_size * self.alloc_meters.cpus)
+            self.alloc_meters.update(key, zero)
+        except OSError as e:
+            log.warning("fast path: metering port %d failed: %s", relay_port, e)
+
+    def close_allocation(self, relay_port: int) -> Traffic:
+        key = relay_port.to_bytes(4, "little")
+        traffic = Traffic()
+        try:
+            per_cpu = self.alloc_meters.lookup_percpu(key)
+            if per_cpu:
+                traffic = maps.meter_traffic(per_cpu)
+            self.alloc_meters.delete(key)
+            self.alloc_limits.delete(key)
+        except OSError as e:
+            log.warning("fast path: reading the meter of port %d failed: %s", relay_port, e)
+        return traffic
+
+    def allocation_traffic(self) -> dict[int, Traffic]:
+        out: dict[int, Traffic] = {}
+        for key in list(self.alloc_meters.keys()):
+            per_cpu = self.alloc_meters.lookup_percpu(key)
+            if per_cpu:  # deleted meanwhile
+                out[int.from_bytes(key, "little")] = maps.meter_traffic(per_cpu)
+        return out
 
     def close(self) -> None:
         """Detach from every interface (only if our program is still the one attached), free."""

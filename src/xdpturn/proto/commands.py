@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from xdpturn.proto.addr import ClientAddr, ClientFlow, Family, IPAddress, PeerAddr
+from xdpturn.proto.meter import Traffic
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,11 +88,13 @@ class AllocationOpened:
 class AllocationClosed:
     """An allocation was deleted: `reason` is "refresh", "expired", "shutdown",
     "connection_closed" (its TCP/TLS connection went away) or "port_unavailable" (carried over
-    from the previous process, its port could not be opened again)."""
+    from the previous process, its port could not be opened again). `traffic`: what Python
+    relayed for it (the kernel's share is read from the fast path)."""
 
     flow: ClientFlow
     relay_port: int
     reason: str
+    traffic: Traffic = field(default_factory=Traffic)
 
 
 @dataclass(frozen=True, slots=True)

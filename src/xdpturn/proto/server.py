@@ -63,6 +63,7 @@ from xdpturn.proto.commands import (
     SendToPeer,
 )
 from xdpturn.proto.handover import CoreState, SavedAllocation, SavedChannel, SavedReservation
+from xdpturn.proto.meter import DEFAULT_BURST_SECONDS, RateSchedule, Traffic
 from xdpturn.proto.policy import PeerPolicy
 from xdpturn.proto.quotas import LocalQuotas, QuotaRefusal, Quotas
 from xdpturn.proto.ratelimit import SourceBuckets
@@ -148,6 +149,12 @@ class ServerConfig:
     # The key of the stateless nonces; random when None. Workers of one relay share one, so a
     # nonce from any of them is valid on all.
     nonce_key: bytes | None = None
+    # Each direction of each allocation: at most this many bits of payload per second, in bursts
+    # of `allocation_burst` seconds' worth (None: no limit). The XDP program enforces the same.
+    max_bps_per_allocation: int | None = None
+    allocation_burst: float = DEFAULT_BURST_SECONDS
+    # New allocations get 508 while the relay's measured rate (set_throughput) is at least this.
+    max_bps: int | None = None
 
 
 @dataclass(frozen=True)
@@ -161,6 +168,7 @@ class AllocationInfo:
     expires: float
     permissions: int
     channels: int
+    traffic: Traffic = field(default_factory=Traffic)  # relayed by Python (the kernel's apart)
 
 
 @dataclass
@@ -191,6 +199,9 @@ class _Allocation:
     wakeup: float | None = None  # earliest pending timer entry for this allocation
     # Permissions the runtime was told of (AddPermission sent, RemovePermission not yet).
     announced: set[IPAddress] = field(default_factory=set)
+    traffic: Traffic = field(default_factory=Traffic)  # what Python relayed for it
+    # --max-bps-per-allocation: (client_to_peer, peer_to_client) schedules, None without a limit.
+    limits: tuple[RateSchedule, RateSchedule] | None = None
 
     def has_permission(self, ip: IPAddress, now: float) -> bool:
         expires = self.permissions.get(ip)
@@ -290,6 +301,7 @@ class TurnServer:
         self._next_command = 0
         self._draining = False
         self._alternate: TransportAddr | None = None
+        self._throughput_bps = 0.0
 
     # Inputs
 
@@ -530,6 +542,11 @@ class TurnServer:
             self._reopening.add(r.relay_port)
             self._push(OpenRelayPort(r.relay_port, r.families, r.dont_fragment))
 
+    def set_throughput(self, bps: float) -> None:
+        """The relay's current rate of relayed payload, both paths, in bits per second, as the
+        runtime measures it: with `max_bps` set, new allocations get 508 while it is reached."""
+        self._throughput_bps = bps
+
     def allocations(self) -> list[AllocationInfo]:
         return [
             AllocationInfo(
@@ -540,6 +557,7 @@ class TurnServer:
                 expires=a.expires,
                 permissions=len(a.permissions),
                 channels=len(a.channels),
+                traffic=a.traffic.copy(),
             )
             for a in self._by_port.values()
         ]
@@ -629,6 +647,11 @@ class TurnServer:
     ) -> None:
         """`to_self` is `_is_self(peer)`, which a bound channel has worked out already."""
         if not to_self:
+            if alloc.limits is not None and not self._admit(alloc, 0, data, now):
+                return
+            counts = alloc.traffic.client_to_peer
+            counts.packets += 1
+            counts.bytes += len(data)
             relayed = self.stats.relayed[Route.CLIENT_TO_PEER]
             relayed.packets += 1
             relayed.bytes += len(data)
@@ -645,7 +668,19 @@ class TurnServer:
             self._drop(Drop.SELF_NOT_ALLOCATION)
             return
         source = PeerAddr(TransportAddr(peer.ip, alloc.relay_port))
-        self._deliver_to_client(target, source, data, now, Route.LOOPBACK)
+        self._deliver_to_client(target, source, data, now, Route.LOOPBACK, sender=alloc)
+
+    def _admit(self, alloc: _Allocation, direction: int, data: bytes, now: float) -> bool:
+        """The allocation's rate limit in `direction` (0: client_to_peer, 1: peer_to_client);
+        a refused datagram is counted as dropped, on the allocation and in the stats."""
+        assert alloc.limits is not None
+        if alloc.limits[direction].admit(len(data), now):
+            return True
+        counts = alloc.traffic.peer_to_client if direction else alloc.traffic.client_to_peer
+        counts.dropped_packets += 1
+        counts.dropped_bytes += len(data)
+        self._drop(Drop.ALLOCATION_RATE)
+        return False
 
     def _deliver_to_client(
         self,
@@ -654,9 +689,12 @@ class TurnServer:
         data: bytes,
         now: float,
         route: Route = Route.PEER_TO_CLIENT,
+        sender: _Allocation | None = None,
     ) -> None:
         """Relay `data` from `peer` to the allocation's client, counted under `route`: each
-        datagram is counted once, as peer_to_client, client_to_peer or loopback."""
+        datagram is counted once, as peer_to_client, client_to_peer or loopback. `sender` is
+        the allocation that sent it when the peer is the relay itself (loopback): it is metered
+        and limited as client_to_peer first, as the XDP program does."""
         if peer.family not in alloc.families:
             self._drop(Drop.FAMILY_MISMATCH)
             return
@@ -664,6 +702,21 @@ class TurnServer:
         if permission is None or permission <= now:
             self._drop(Drop.NO_PERMISSION)
             return
+        if (
+            sender is not None
+            and sender.limits is not None
+            and not self._admit(sender, 0, data, now)
+        ):
+            return
+        if alloc.limits is not None and not self._admit(alloc, 1, data, now):
+            return
+        if sender is not None:
+            sent = sender.traffic.client_to_peer
+            sent.packets += 1
+            sent.bytes += len(data)
+        counts = alloc.traffic.peer_to_client
+        counts.packets += 1
+        counts.bytes += len(data)
         relayed = self.stats.relayed[route]
         relayed.packets += 1
         relayed.bytes += len(data)
@@ -921,6 +974,7 @@ class TurnServer:
             allocate_transaction=message.transaction_id,
             allocate_response=self._encode_response(response, request, message),
             dont_fragment=pending.dont_fragment,
+            limits=self._new_limits(),
         )
         self._by_flow[flow] = alloc
         self._by_port[port] = alloc
@@ -978,6 +1032,13 @@ class TurnServer:
         self._ports.release(reservation.relay_port)
         self._push(CloseRelayPort(reservation.relay_port))
 
+    def _new_limits(self) -> tuple[RateSchedule, RateSchedule] | None:
+        rate = self.config.max_bps_per_allocation
+        if rate is None:
+            return None
+        burst = self.config.allocation_burst
+        return RateSchedule(rate, burst), RateSchedule(rate, burst)
+
     def _redirect(self) -> TurnError:
         if self._alternate is None:
             return TurnError(508, "Draining")
@@ -1013,6 +1074,10 @@ class TurnServer:
         return frozenset({family}), []
 
     def _acquire_quota(self, username: str, flow: ClientFlow) -> None:
+        # Before the quota is taken: a refusal here must not hold one.
+        max_bps = self.config.max_bps
+        if max_bps is not None and self._throughput_bps >= max_bps:
+            raise TurnError(508, "Relay bandwidth cap reached")
         refusal = self._quotas.acquire(username, flow.client.ip)
         if refusal is QuotaRefusal.TOTAL:
             raise TurnError(508, "Relay is full")
@@ -1220,7 +1285,7 @@ class TurnServer:
         self._ports.release(alloc.relay_port)
         if port_open:
             self._push(CloseRelayPort(alloc.relay_port))
-        self._push(AllocationClosed(alloc.flow, alloc.relay_port, reason))
+        self._push(AllocationClosed(alloc.flow, alloc.relay_port, reason, alloc.traffic))
 
     # Plumbing
 

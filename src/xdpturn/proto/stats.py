@@ -24,6 +24,8 @@ class Drop(Enum):
     PEER_DENIED = "peer_denied"  # a Send indication to a peer the policy refuses
     # An answer to an unauthenticated request (challenge, Binding) over the per-source limit.
     UNAUTHENTICATED_RATE = "unauthenticated_rate"
+    # Over the allocation's rate limit (--max-bps-per-allocation), as the XDP program drops it.
+    ALLOCATION_RATE = "allocation_rate"
 
 
 class Route(Enum):

@@ -37,7 +37,9 @@ from prometheus_client.registry import CollectorRegistry
 
 from xdpturn import __version__
 from xdpturn.proto.addr import TransportAddr
+from xdpturn.proto.meter import DIRECTIONS
 from xdpturn.server.drain import Drainer, RelayView
+from xdpturn.server.metering import OTHER_USERS, TOP_USERS
 from xdpturn.server.relay import StartError
 from xdpturn.server.snapshot import fastpath_counters, not_ready, status_snapshot
 from xdpturn.server.traffic import (
@@ -86,6 +88,7 @@ class RelayCollector:
         yield from self._allocations()
         yield from self._core()
         yield from self._relayed()
+        yield from self._users()
 
     def _allocations(self) -> Iterator[Metric]:
         labels = ["family"]
@@ -187,6 +190,33 @@ class RelayCollector:
         for reason, n in sorted(counters.drops.items()):
             drops.add_metric([reason], n)
         yield drops
+
+    def _users(self) -> Iterator[Metric]:
+        try:
+            metered = self.server.metered_allocations()
+        except Exception:
+            log.exception("reading the allocations' meters failed")
+            return
+        users = self.server.metering.by_user(metered)
+        labels = ["user", "direction"]
+        nbytes = CounterMetricFamily(
+            "xdpturn_user_bytes",
+            f"Payload bytes relayed per user, both paths; the top {TOP_USERS} users by bytes, "
+            f"the rest summed as user {OTHER_USERS!r}",
+            labels=labels,
+        )
+        dropped = CounterMetricFamily(
+            "xdpturn_user_dropped_bytes",
+            "Payload bytes refused by --max-bps-per-allocation per user (same users)",
+            labels=labels,
+        )
+        for user, traffic in users.items():
+            for direction in DIRECTIONS:
+                counts = getattr(traffic, direction)
+                nbytes.add_metric([user, direction], counts.bytes)
+                dropped.add_metric([user, direction], counts.dropped_bytes)
+        yield nbytes
+        yield dropped
 
 
 def make_registry(server: RelayView, drainer: Drainer) -> CollectorRegistry:

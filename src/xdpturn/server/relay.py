@@ -43,6 +43,7 @@ from xdpturn.proto.stats import CoreStats
 from xdpturn.server import restart
 from xdpturn.server.budget import ListenerBudget, source_key
 from xdpturn.server.clientsockets import ClientSockets, enable_port_sharing
+from xdpturn.server.metering import MeteredAllocation, Metering
 from xdpturn.server.sockets import (
     MAX_DATAGRAM,
     RelaySockets,
@@ -55,7 +56,7 @@ from xdpturn.server.sockets import (
     to_sockaddr,
 )
 from xdpturn.server.streams import StreamBindError, StreamListeners
-from xdpturn.server.traffic import AllocationTraffic, ReceiveQueueDrops
+from xdpturn.server.traffic import ReceiveQueueDrops
 
 log = logging.getLogger("xdpturn.server")
 
@@ -73,6 +74,9 @@ LISTENER_BATCH = 16
 # spoofed sources (which then costs what it would without the cache).
 ADDRESS_CACHE = 65536
 
+# With --max-bps, how often the relay's rate is measured (reading every allocation's meter).
+THROUGHPUT_INTERVAL = 1.0
+
 
 class Core(Protocol):
     """What the runtime needs of the protocol core; `TurnServer` is the real one."""
@@ -88,6 +92,7 @@ class Core(Protocol):
     def next_command(self) -> Command | None: ...
     def close(self, now: float) -> None: ...
     def allocations(self) -> list[AllocationInfo]: ...
+    def set_throughput(self, bps: float) -> None: ...
     def handle_flow_closed(self, flow: ClientFlow, now: float) -> None: ...
     def handle_relay_port(self, port: int, opened: bool, now: float) -> None: ...
     def export_state(self, now: float, wall_now: float) -> CoreState: ...
@@ -156,7 +161,7 @@ class RelayServer:
         its own from the supervisor, see xdpturn.server.workers)."""
         self.config = config
         self.stats: Counter[str] = Counter()  # the runtime's own: send errors, drops
-        self.traffic = AllocationTraffic()  # Python-path bytes per allocation, for /status
+        self.metering = Metering()  # traffic per allocation and user, both paths
         # TURN over TCP/TLS (--listen-tcp, --listen-tls); flows of theirs are sent through it.
         self.streams = StreamListeners(self.stats, self._on_stream_frames, self._on_stream_closed)
         self._core_factory = core_factory
@@ -187,6 +192,8 @@ class RelayServer:
         self._client_flows: list[dict[Any, ClientFlow]] = []
         self._peer_addrs: dict[Any, PeerAddr] = {}
         self._sockaddrs: dict[TransportAddr, SockAddr] = {}
+        self._throughput_timer: asyncio.TimerHandle | None = None
+        self._throughput_sample: tuple[float, int] | None = None  # (when, total bytes)
 
     # Life cycle
 
@@ -232,6 +239,8 @@ class RelayServer:
         for index, sock in enumerate(self._listeners):
             self._read_listener(sock, index)
         self._state = "running"
+        if self.config.max_bps is not None:
+            self._measure_throughput()
         server = self.config.server
         log.info(
             "listening",
@@ -345,6 +354,9 @@ class RelayServer:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._throughput_timer is not None:
+            self._throughput_timer.cancel()
+            self._throughput_timer = None
         kept = for_restart and self.config.state_dir is not None and self._keep_for_restart()
         if not kept:
             try:
@@ -442,6 +454,28 @@ class RelayServer:
             client=clients.receive_drops() if clients is not None else 0,
             relay=relay.receive_drops() if relay is not None else 0,
         )
+
+    def metered_allocations(self) -> list[MeteredAllocation]:
+        """Open allocations with their traffic on both paths (reads the kernel's meters)."""
+        return self.metering.allocations(self.core.allocations(), self.fastpath)
+
+    def _measure_throughput(self) -> None:
+        """--max-bps: the relay's rate of relayed payload since the last sample, to the core."""
+        assert self._loop is not None
+        self._throughput_timer = self._loop.call_later(
+            THROUGHPUT_INTERVAL, self._measure_throughput
+        )
+        try:
+            total = self.metering.total_bytes(self.metered_allocations())
+        except Exception:
+            log.exception("measuring the relay's rate failed")
+            return
+        now = time.monotonic()
+        if self._throughput_sample is not None:
+            then, before = self._throughput_sample
+            if now > then:
+                self.core.set_throughput(8 * (total - before) / (now - then))
+        self._throughput_sample = (now, total)
 
     @property
     def client_socket_count(self) -> int:
@@ -605,9 +639,6 @@ class RelayServer:
 
     def _send_to_peer(self, command: SendToPeer) -> None:
         relay_port, peer, data = command.relay_port, command.peer, command.data
-        to_peers = self.traffic.to_peers
-        if relay_port in to_peers:
-            to_peers[relay_port] += len(data)
         assert self._relay_sockets is not None
         sock = self._relay_sockets.socket(relay_port, peer.family)
         if sock is None:
@@ -617,9 +648,6 @@ class RelayServer:
 
     def _send_to_client(self, command: SendToClient) -> None:
         flow, data = command.flow, command.data
-        to_client = self.traffic.to_client
-        if flow in to_client:
-            to_client[flow] += len(data)
         if flow.transport is not Transport.UDP:
             self.streams.send(flow, data)
             return
@@ -666,7 +694,7 @@ class RelayServer:
                     lambda: self.fastpath.allocation_opened(flow, relay_port),
                     relay_port=relay_port,
                 )
-                self.traffic.opened(flow, relay_port)
+                self.metering.opened(relay_port, username, self.fastpath)
                 if flow.transport is not Transport.UDP:  # exempt from the idle timeout
                     self.streams.allocation_changed(flow, True)
                 else:
@@ -684,13 +712,13 @@ class RelayServer:
                         "lifetime": lifetime,
                     },
                 )
-            case AllocationClosed(flow, relay_port, reason):
+            case AllocationClosed(flow, relay_port, reason, python_traffic):
                 self._tell_fastpath(
                     "allocation closed",
                     lambda: self.fastpath.allocation_closed(flow, relay_port),
                     relay_port=relay_port,
                 )
-                self.traffic.closed(flow, relay_port)
+                totals = self.metering.closed(relay_port, python_traffic, self.fastpath)
                 if flow.transport is not Transport.UDP:  # the idle timeout applies again
                     self.streams.allocation_changed(flow, False)
                 else:
@@ -704,6 +732,7 @@ class RelayServer:
                         "client": str(flow.client),
                         "relay_port": relay_port,
                         "reason": reason,
+                        "traffic": totals.as_dict(),
                     },
                 )
 

@@ -1,10 +1,9 @@
 """What an operator sees of a running relay, read at the moment it is asked: readiness and the
 `/status` document (shared with /metrics through xdpturn.server.traffic).
 
-"Top allocations" are ranked by the bytes the Python path sent for them (see
-traffic.AllocationTraffic), then by channels and permissions: traffic the XDP program relays is
-counted per route, not per allocation, so a channel that is fully in the kernel ranks by its
-bindings only.
+"Top allocations" are ranked by the payload bytes relayed for them on both paths (the kernel's
+per-allocation meters and Python's, see xdpturn.server.metering), then by channels and
+permissions.
 """
 
 from __future__ import annotations
@@ -15,8 +14,8 @@ from typing import Any
 
 from xdpturn import __version__
 from xdpturn.fastpath import FastPathCounters, FastPathMode
-from xdpturn.proto.server import AllocationInfo
 from xdpturn.server.drain import Drainer, RelayView
+from xdpturn.server.metering import MeteredAllocation
 from xdpturn.server.relay import allocation_id
 from xdpturn.server.traffic import (
     drop_counts,
@@ -77,7 +76,8 @@ def status_snapshot(
     now = time.time() if now is None else now  # wall time, for the display and rates
     reasons = not_ready(server, drainer)
     counters = fastpath_counters(server)
-    allocations = server.allocations()
+    metered = server.metered_allocations()
+    allocations = [m.info for m in metered]
     stats = server.core.stats
     by_family = {f: t.allocations for f, t in totals_by_family(allocations).items()}
     remaining = drainer.remaining()
@@ -111,24 +111,20 @@ def status_snapshot(
         "errors": {f"{method}:{code}": n for (method, code), n in error_counts(stats).items()},
         "auth_failures": stats.auth_failures,
         "drops": drop_counts(stats),
-        "top_by": "python_bytes",
-        "top": _top_allocations(server, allocations, top),
+        "top_by": "bytes",
+        "top": _top_allocations(server, metered, top),
     }
 
 
 def _top_allocations(
-    server: RelayView, allocations: list[AllocationInfo], top: int
+    server: RelayView, metered: list[MeteredAllocation], top: int
 ) -> list[dict[str, Any]]:
-    """The `top` allocations by Python-path bytes, then channels, then permissions."""
+    """The `top` allocations by payload bytes on both paths, then channels, then permissions."""
 
-    def talker_key(alloc: AllocationInfo) -> tuple[int, int, int]:
-        return (
-            server.traffic.bytes_of(alloc.flow, alloc.relay_port),
-            alloc.channels,
-            alloc.permissions,
-        )
+    def talker_key(m: MeteredAllocation) -> tuple[int, int, int]:
+        return (m.traffic.bytes, m.info.channels, m.info.permissions)
 
-    ranked = sorted(allocations, key=talker_key, reverse=True)[: max(0, top)]
+    ranked = sorted(metered, key=talker_key, reverse=True)[: max(0, top)]
     core_now = server.now()  # allocation expiry is on the core's (monotonic) clock
     return [
         {
@@ -139,10 +135,12 @@ def _top_allocations(
             "family": family_label(a.families),
             "permissions": a.permissions,
             "channels": a.channels,
-            "python_bytes": server.traffic.bytes_of(a.flow, a.relay_port),
+            "bytes": m.traffic.bytes,
+            "traffic": m.traffic.as_dict(),
             "expires_in": round(a.expires - core_now, 1),
         }
-        for a in ranked
+        for m in ranked
+        for a in (m.info,)
     ]
 
 

@@ -1,10 +1,6 @@
 """What operators see of the relay's traffic, shared by /metrics and /status.
 
-`AllocationTraffic` counts, per allocation, the bytes the Python path sends for it (to peers from
-its relay port, to its client). The runtime tells it when allocations open and close and updates
-`to_peers`/`to_client` itself for each datagram it sends: one dictionary update, and nothing on
-the XDP path. So "top talkers" is exact for Python-relayed traffic and blind to what the kernel
-relays (its counters are per route, not per allocation).
+Traffic per allocation and user, from both paths, is in xdpturn.server.metering.
 
 The names operators see for the core's counters (`CoreStats`) are made here, once: method
 names, error codes, drop reasons and routes as Prometheus labels and /status keys.
@@ -16,33 +12,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from xdpturn.fastpath import FastPathCounters
-from xdpturn.proto.addr import ClientFlow, Family
+from xdpturn.proto.addr import Family
 from xdpturn.proto.server import AllocationInfo
 from xdpturn.proto.stats import CoreStats
 from xdpturn.proto.stun import Method
-
-
-class AllocationTraffic:
-    """Bytes sent by the Python path per allocation, from AllocationOpened to AllocationClosed.
-
-    Only open allocations have entries, so clients that never allocate (Binding requests,
-    failed authentication) leave nothing behind.
-    """
-
-    def __init__(self) -> None:
-        self.to_peers: dict[int, int] = {}  # by relay port
-        self.to_client: dict[ClientFlow, int] = {}  # includes TURN framing and responses
-
-    def opened(self, flow: ClientFlow, relay_port: int) -> None:
-        self.to_peers[relay_port] = 0
-        self.to_client[flow] = 0
-
-    def closed(self, flow: ClientFlow, relay_port: int) -> None:
-        self.to_peers.pop(relay_port, None)
-        self.to_client.pop(flow, None)
-
-    def bytes_of(self, flow: ClientFlow, relay_port: int) -> int:
-        return self.to_peers.get(relay_port, 0) + self.to_client.get(flow, 0)
 
 
 @dataclass(frozen=True)

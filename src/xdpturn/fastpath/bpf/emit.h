@@ -13,6 +13,7 @@
 
 #include "csum.h"
 #include "maps.h"
+#include "meter.h"
 #include "packet.h"
 
 #define XDPTURN_AF_INET 2
@@ -31,6 +32,7 @@ struct egress {
 	__be16 dport;
 	__u16 udp_len; /* host order */
 	__u8 family;
+	struct meter_mark meter; /* the input's, counted when sent */
 	/* The next hop: ifindex, smac and dmac, from next_hops or filled in by bpf_fib_lookup. */
 	struct bpf_fib_lookup fib;
 };
@@ -120,6 +122,7 @@ static __always_inline int egress_prepare(struct xdp_md *ctx, const struct packe
 	struct xdpturn_next_hop *nh;
 	int have_src;
 
+	eg->meter = in->meter;
 	/* UDP over IPv6 must carry a checksum (RFC 8200 8.1); we cannot compute a full one here. */
 	if (in->udp_check == 0 && eg->family == XDPTURN_FAMILY_IPV6)
 		return XDPTURN_PASS_ZERO_CHECKSUM;
@@ -283,6 +286,7 @@ static __always_inline int egress_send(struct xdp_md *ctx, const struct egress *
 		action = XDP_TX;
 	else
 		action = bpf_redirect(eg->fib.ifindex, 0);
+	meter_count(&eg->meter);
 	return exit_forward(route, want, action);
 }
 

@@ -22,6 +22,7 @@
 #include "packet.h"
 #include "csum.h"
 #include "maps.h"
+#include "meter.h"
 #include "emit.h"
 #include "leaves.h"
 #include "guard.h"
@@ -194,8 +195,12 @@ static __always_inline int handle_channel(struct xdp_md *ctx, struct cursor *c, 
 		return exit_pass(XDPTURN_PASS_TTL_EXPIRED);
 
 	union xdpturn_ip peer;
+	int verdict;
 	__builtin_memcpy(&peer, route->peer_addr, 16);
 	if (!is_relay_addr(&peer, route->peer_family)) {
+		verdict = meter_admit(p, route->relay_port, 0, p->chan_len);
+		if (verdict >= 0)
+			return verdict;
 		if (p->family == XDPTURN_FAMILY_IPV4)
 			return route->peer_family == XDPTURN_FAMILY_IPV4
 				       ? from_ipv4_channel_to_ipv4_udp(ctx, p, route, cfg)
@@ -214,6 +219,9 @@ static __always_inline int handle_channel(struct xdp_md *ctx, struct cursor *c, 
 	other = bpf_map_lookup_elem(&udp_to_chan, &hairpin_key);
 	if (!other)
 		return exit_pass(XDPTURN_PASS_HAIRPIN_NO_ROUTE);
+	verdict = meter_admit(p, route->relay_port, route->peer_port, p->chan_len);
+	if (verdict >= 0)
+		return verdict;
 	if (p->family == XDPTURN_FAMILY_IPV4)
 		return other->client_family == XDPTURN_FAMILY_IPV4
 			       ? from_ipv4_channel_to_ipv4_channel(ctx, p, other, cfg)
@@ -231,6 +239,7 @@ static __always_inline int handle_udp(struct xdp_md *ctx, struct packet *p,
 	struct xdpturn_udp_value *route;
 	__u32 port = bpf_ntohs(p->dport);
 	__u32 *users = bpf_map_lookup_elem(&relay_ports, &port);
+	int verdict;
 
 	if (!users || *users == 0)
 		return guard_peer_miss(p, XDPTURN_PASS_NOT_TURN, is_relay_addr(&p->src, p->family));
@@ -243,6 +252,9 @@ static __always_inline int handle_udp(struct xdp_md *ctx, struct packet *p,
 		return guard_peer_miss(p, XDPTURN_PASS_NO_PEER, is_relay_addr(&p->src, p->family));
 	if (p->ttl <= 1)
 		return exit_pass(XDPTURN_PASS_TTL_EXPIRED);
+	verdict = meter_admit(p, 0, p->dport, p->udp_len - sizeof(struct udphdr));
+	if (verdict >= 0)
+		return verdict;
 
 	if (p->family == XDPTURN_FAMILY_IPV4)
 		return route->client_family == XDPTURN_FAMILY_IPV4

@@ -19,6 +19,14 @@ struct channel_hdr {
 	__be16 len;
 };
 
+/* What meter.h counts for a packet once it is sent: allocation ports (host order, 0: none) and
+ * payload bytes. Set where the route is decided (meter_admit), carried to egress_send. */
+struct meter_mark {
+	__u16 from_port; /* the allocation whose client sent it: client_to_peer */
+	__u16 to_port;   /* the allocation whose client receives it: peer_to_client */
+	__u16 len;
+};
+
 /* Everything a leaf needs from the input, copied out of the packet before any rewrite. */
 struct packet {
 	union xdpturn_ip src;
@@ -34,6 +42,7 @@ struct packet {
 	__be16 channel;
 	__u16 chan_len;        /* host order, the ChannelData length field */
 	__u64 chan_strip_sum;  /* checksum sum of the ChannelData header and trailing padding */
+	struct meter_mark meter;
 };
 
 /* Bounds-checked cursor over [pos, end): the only way headers are read from the packet. */

@@ -181,4 +181,45 @@ struct xdpturn_source_key {
 	__u8 addr[16];
 };
 
+/* --- Metering and limits per allocation (bpf/meter.h, docs/operations.md) --- */
+
+/* Which way a relayed datagram goes for the allocation it is counted on. Channel to channel
+ * (the relay is the peer) counts on both allocations: the sender's client_to_peer and the
+ * receiver's peer_to_client. */
+enum xdpturn_direction {
+	XDPTURN_DIR_CLIENT_TO_PEER = 0,
+	XDPTURN_DIR_PEER_TO_CLIENT,
+	XDPTURN_DIR_COUNT,
+};
+
+/* Payload bytes (what the peer sends or receives: no IP, UDP or ChannelData header) of one
+ * direction; `dropped_*` is what the per-allocation rate limit refused. */
+struct xdpturn_meter_counts {
+	__u64 packets;
+	__u64 bytes;
+	__u64 dropped_packets;
+	__u64 dropped_bytes;
+};
+
+/* alloc_meters value (per CPU), keyed by the allocation's port (__u32, host order). */
+struct xdpturn_meter {
+	struct xdpturn_meter_counts dir[XDPTURN_DIR_COUNT];
+};
+
+/* alloc_limits value (one for all CPUs), keyed like alloc_meters: per direction, the time (ns,
+ * bpf_ktime_get_ns) up to which the allocation's rate schedule is booked (GCRA). */
+struct xdpturn_limit {
+	__u64 booked_ns[XDPTURN_DIR_COUNT];
+};
+
+/* meter_config[0], written by the loader. rate_bps 0: no limit; else each direction of each
+ * allocation gets `rate_bps` bits of payload per second, with bursts up to `burst_ns` of it. */
+#define XDPTURN_METER_ENABLED 1U /* count per allocation; clear: the hook does nothing */
+struct xdpturn_meter_config {
+	__u64 rate_bps;
+	__u64 burst_ns;
+	__u32 flags;
+	__u8 pad[4];
+};
+
 #endif /* XDPTURN_SHARED_H */
