@@ -73,25 +73,26 @@ class RateSchedule:
     """A GCRA schedule of `rate_bps` bits per second with bursts of `burst` seconds' worth.
 
     `admit(nbytes, now)` books the datagram and returns True, or returns False (nothing booked)
-    when it would put the schedule more than `burst` ahead of `now`. Equivalent to a token
-    bucket of rate_bps * burst bits refilled at rate_bps, kept as one number. The XDP program
-    runs the same arithmetic (meter.h, meter_take) in nanoseconds.
+    when it would put the schedule more than `burst` ahead of `now`: a token bucket of
+    rate_bps * burst bits refilled at rate_bps, kept as one number. The arithmetic is the XDP
+    program's (meter.h, meter_take), in whole nanoseconds, so both paths admit the same datagrams.
     """
 
-    __slots__ = ("_booked", "burst", "rate_bps")
+    __slots__ = ("_booked_ns", "burst_ns", "rate_bps")
 
     def __init__(self, rate_bps: int, burst: float = DEFAULT_BURST_SECONDS) -> None:
         if rate_bps <= 0 or burst < 0:
             raise ValueError("rate_bps must be positive and burst not negative")
         self.rate_bps = rate_bps
-        self.burst = burst
-        self._booked = 0.0
+        self.burst_ns = round(burst * 1e9)
+        self._booked_ns = 0
 
     def admit(self, nbytes: int, now: float) -> bool:
-        booked = max(self._booked, now)
-        cost = nbytes * 8 / self.rate_bps
-        if booked + cost > now + self.burst:
-            self._booked = booked
+        now_ns = int(now * 1e9)
+        booked = max(self._booked_ns, now_ns)
+        self._booked_ns = booked
+        cost = nbytes * 8 * 1_000_000_000 // self.rate_bps
+        if booked + cost > now_ns + self.burst_ns:
             return False
-        self._booked = booked + cost
+        self._booked_ns = booked + cost
         return True
