@@ -5,9 +5,12 @@ frame it already rewrote); the kernel times each run, and the median is reported
 namespace with two veth pairs, routes and permanent neighbours (documentation prefixes), so the
 next hop is found as on a real relay: from the next_hops map the loader fills (forwarding off, as
 on a host), or with `--next-hop fib` from bpf_fib_lookup (forwarding on, next_hops emptied: what a
-router, or a lookup through a device of its own, costs). Needs root.
+router, or a lookup through a device of its own, costs). `--meter` compares per-allocation
+metering off, on (what a relay runs), and on with --max-bps-per-allocation set high enough to admit
+every packet (the limit's own cost). Needs root.
 
     python -m xdpturn_lab.bench.bpf_cost [--runs N] [--next-hop map|fib|both]
+                                         [--meter off|on|limit|all]
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import struct
 import subprocess
 import sys
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from xdpturn.fastpath import FastPathConfig, FastPathMode, maps
@@ -171,11 +175,32 @@ def _setup(ns: str, forwarding: bool) -> None:
 NEXT_HOPS = ("map", "fib")
 
 
-def run(runs: int = 2000, next_hop: str = "map") -> list[RouteCost]:
+# Per-allocation metering: off, on (what a relay runs), on with a limit that admits everything.
+METER_MODES = ("off", "on", "limit")
+_NEVER_LIMITED = 10**15  # bits per second
+
+
+def _set_meter(fp: XdpFastPath, mode: str) -> None:
+    cfg = maps.MeterConfig(
+        rate_bps=_NEVER_LIMITED if mode == "limit" else 0,
+        burst_ns=10**9,
+        flags=0 if mode == "off" else maps.METER_ENABLED,
+    )
+    fp.meter_config.update(b"\x00" * 4, bytes(cfg))
+
+
+def run(
+    runs: int = 2000, next_hop: str = "map", meters: Sequence[str] = ("on",)
+) -> dict[str, list[RouteCost]]:
     """Median kernel-timed cost of one packet per route, over `runs` single runs, with the next
-    hop from the next_hops map ("map") or from bpf_fib_lookup ("fib")."""
+    hop from the next_hops map ("map") or from bpf_fib_lookup ("fib"), for each per-allocation
+    metering mode in `meters` (METER_MODES). The modes take turns run by run, so whatever else
+    loads the machine weighs on each alike."""
     if next_hop not in NEXT_HOPS:
         raise ValueError(f"next_hop must be one of {NEXT_HOPS}, not {next_hop!r}")
+    for meter in meters:
+        if meter not in METER_MODES:
+            raise ValueError(f"meter must be one of {METER_MODES}, not {meter!r}")
     ns = f"xdpturn-bench-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     netns.create(ns)
     fp: XdpFastPath | None = None
@@ -193,7 +218,9 @@ def run(runs: int = 2000, next_hop: str = "map") -> list[RouteCost]:
                     local_ipv6=ipaddress.IPv6Address(LOCAL[6]),
                 )
             )
-        results = []
+        for port in (RELAY_A, RELAY_B):
+            fp.open_allocation(port)
+        results: dict[str, list[RouteCost]] = {meter: [] for meter in meters}
         with netns.entered(ns):
             ifindex = {d: socket.if_nametoindex(d) for d in ("rly0", "rly1")}
             for name, routes, ingress, frame in _cases():
@@ -204,17 +231,24 @@ def run(runs: int = 2000, next_hop: str = "map") -> list[RouteCost]:
                             with contextlib.suppress(OSError):
                                 fp.next_hops_map.delete(bytes(maps.addr_key(ip)))
                 try:
-                    times = []
+                    times: dict[str, list[int]] = {meter: [] for meter in meters}
                     verdict = 0
                     for _ in range(runs):
-                        res = bpf.prog_test_run(fp.prog_fd, frame, ingress_ifindex=ifindex[ingress])
-                        times.append(res.duration_ns)
-                        verdict = res.retval
-                    results.append(
-                        RouteCost(
-                            name, _VERDICTS.get(verdict, str(verdict)), statistics.median(times)
+                        for meter in meters:
+                            _set_meter(fp, meter)
+                            res = bpf.prog_test_run(
+                                fp.prog_fd, frame, ingress_ifindex=ifindex[ingress]
+                            )
+                            times[meter].append(res.duration_ns)
+                            verdict = res.retval
+                    for meter in meters:
+                        results[meter].append(
+                            RouteCost(
+                                name,
+                                _VERDICTS.get(verdict, str(verdict)),
+                                statistics.median(times[meter]),
+                            )
                         )
-                    )
                 finally:
                     for r in routes:
                         fp.remove(r)
@@ -235,19 +269,30 @@ def main(argv: list[str] | None = None) -> int:
         help="where the program finds the next hop: next_hops map (a host), bpf_fib_lookup "
         "(a router), or both side by side",
     )
+    parser.add_argument(
+        "--meter",
+        choices=(*METER_MODES, "all"),
+        default="on",
+        help="per-allocation metering: off, on (as a relay runs), on with a rate limit that "
+        "admits every packet, or all three side by side",
+    )
     args = parser.parse_args(argv)
     kinds = NEXT_HOPS if args.next_hop == "both" else (args.next_hop,)
+    meters = METER_MODES if args.meter == "all" else (args.meter,)
     try:
-        costs = {kind: run(args.runs, kind) for kind in kinds}
+        by_kind = {kind: run(args.runs, kind, meters) for kind in kinds}
     except OSError as e:
         print(f"bpf_cost: {e} (needs root, BPF and network namespaces)", file=sys.stderr)
         return 1
-    header = "".join(f" {'ns (' + kind + ')':>10} {'Mpps':>6}" for kind in kinds)
+    columns = [(kind, meter) for kind in kinds for meter in meters]
+    header = "".join(
+        f" {'ns (' + kind + ', meter ' + meter + ')':>22} {'Mpps':>6}" for kind, meter in columns
+    )
     print(f"{'route':<32} {'verdict':<9}{header}")
-    first = costs[kinds[0]]
-    for i, c in enumerate(first):
+    for i, c in enumerate(by_kind[kinds[0]][meters[0]]):
         cells = "".join(
-            f" {costs[k][i].ns_per_packet:>10.0f} {costs[k][i].mpps:>6.2f}" for k in kinds
+            f" {by_kind[k][m][i].ns_per_packet:>22.0f} {by_kind[k][m][i].mpps:>6.2f}"
+            for k, m in columns
         )
         print(f"{c.route:<32} {c.verdict:<9}{cells}")
     return 0
