@@ -107,6 +107,8 @@ def test_environment_variables_configure_serve_and_the_command_line_wins(
         "XDPTURN_DENY_PEER": "10.9.0.0/16",
         "XDPTURN_UNAUTHENTICATED_RATE": "5",
         "XDPTURN_MAX_ALLOCATIONS": "7",
+        "XDPTURN_MAX_BPS_PER_ALLOCATION": "2M",
+        "XDPTURN_MAX_BPS": "1g",
         "XDPTURN_FASTPATH": "generic",
         "XDPTURN_INTERFACE": "eth0,eth1",
         "XDPTURN_REALM": "env.example",
@@ -119,6 +121,8 @@ def test_environment_variables_configure_serve_and_the_command_line_wins(
     assert [str(n) for n in config.allow_peers] == ["10.0.0.0/8", "fd00::/8"]
     assert [str(n) for n in config.deny_peers] == ["10.9.0.0/16"]
     assert config.max_allocations == 7 and config.max_allocations_per_ip is None
+    assert (config.max_bps_per_allocation, config.max_bps) == (2_000_000, 10**9)
+    assert config.fastpath_config().allocation_rate_bps == 2_000_000  # the kernel's limit too
     assert config.fastpath is FastPathMode.GENERIC and config.interfaces == ["eth0", "eth1"]
     assert config.realm == "cli.example"
     server = config.server  # public addresses derived from the specific listeners

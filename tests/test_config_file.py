@@ -97,6 +97,8 @@ def test_an_unknown_key_names_the_key_and_the_file(
     [
         ('ports = "9-1"', "ports", "expected LOW-HIGH"),
         ("max_allocations = 0", "max_allocations", "expected a whole number >= 1"),
+        ('max_bps = "fast"', "max_bps", "expected bits per second >= 1"),
+        ('max_bps_per_allocation = "0k"', "max_bps_per_allocation", "expected bits per second"),
         ('fastpath = "turbo"', "fastpath", "expected one of auto, xdp, generic, off"),
         ("drain_timeout = -1", "drain_timeout", "expected seconds > 0"),
         ('metrics = "localhost"', "metrics", "expected ADDRESS:PORT"),
