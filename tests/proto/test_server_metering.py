@@ -11,7 +11,8 @@ from tests.proto.harness import PEER, Client, Harness, error_code
 from xdpturn.proto.channel_data import encode_channel_data
 from xdpturn.proto.commands import AllocationClosed, SendToClient, SendToPeer
 from xdpturn.proto.meter import RateSchedule
-from xdpturn.proto.server import Drop, ServerConfig
+from xdpturn.proto.server import ServerConfig
+from xdpturn.proto.stats import Drop
 from xdpturn.proto.stun import MessageClass
 
 RATE = 80_000  # bits per second: 10,000 bytes per second
@@ -107,9 +108,8 @@ def test_rate_limit_drops_and_counts_the_excess_on_both_directions() -> None:
         assert direction.packets == len(delivered)
         assert direction.dropped_packets == int(seconds * offered) - len(delivered)
         assert direction.dropped_bytes == direction.dropped_packets * SIZE
-    assert h.server.stats[f"drop:{Drop.ALLOCATION_RATE.value}"] == 2 * int(seconds * offered) - len(
-        to_peer
-    ) - len(to_client)
+    refused = 2 * int(seconds * offered) - len(to_peer) - len(to_client)
+    assert h.server.stats.drops[Drop.ALLOCATION_RATE] == refused
 
 
 def test_relay_wide_cap_refuses_new_allocations_with_508() -> None:

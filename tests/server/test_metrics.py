@@ -15,13 +15,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from xdpturn.cli.ops import render, watch
 from xdpturn.fastpath import FastPathCounters, FastPathMode, NullFastPath
+from xdpturn.proto import stun
 from xdpturn.proto.addr import Family, TransportAddr
 from xdpturn.proto.channel_data import encode_channel_data
 from xdpturn.proto.commands import ChannelRoute
-from xdpturn.proto.stun import Method
+from xdpturn.proto.stun import AttrType, MessageClass, Method
 from xdpturn.server import RelayServer
 from xdpturn.server.drain import Drainer
 from xdpturn.server.metrics import OpsServer
+from xdpturn.server.relay import THROUGHPUT_INTERVAL
 from xdpturn.server.sockets import WORKER_RATE
 
 from .helpers import TIMEOUT, behind_nat_config, local, loopback_config, recv, run, sockaddr, udp
@@ -374,3 +376,54 @@ def test_status_command_reports_an_unreachable_relay(capsys: Any) -> None:
         port = sock.getsockname()[1]
         assert main(["status", "--metrics", f"127.0.0.1:{port}", "--once"]) == 1
     assert "cannot reach" in capsys.readouterr().err
+
+
+def test_max_bps_refuses_allocations_while_the_relay_is_at_its_cap() -> None:
+    """The relay measures its rate once a second; at --max-bps a new Allocate gets 508, and once
+    the traffic stops the next one succeeds."""
+    cap = 8_000  # bits per second: 1,000 bytes
+    config = behind_nat_config(max_bps=cap)
+
+    async def status_of(ops: OpsServer) -> dict[str, Any]:
+        code, _, body = await http(ops.bound_address, "/status")
+        assert code == 200
+        snapshot: dict[str, Any] = json.loads(body)
+        return snapshot
+
+    async def until(ops: OpsServer, check: Any) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5 * THROUGHPUT_INTERVAL
+        while not check((await status_of(ops))["throughput_bps"]):
+            assert loop.time() < deadline, await status_of(ops)
+            await asyncio.sleep(0.1)
+
+    async def allocate_code(client: StunClient) -> int:
+        challenge = await client.exchange(client.message(Method.ALLOCATE), sign=False)
+        client.nonce = challenge.get(AttrType.NONCE)  # 401's nonce
+        msg = client.message(Method.ALLOCATE)
+        msg.add(AttrType.REQUESTED_TRANSPORT, stun.encode_requested_transport(17))
+        response = await client.exchange(msg)
+        if response.cls is MessageClass.SUCCESS:
+            return 200
+        error = response.get(AttrType.ERROR_CODE)
+        assert error is not None
+        return stun.decode_error_code(error)[0]
+
+    async def main() -> None:
+        async with relay_with_ops(RelayServer(config)) as (ops, _):
+            listen = ops.server.listen_addresses[0]
+            with udp() as sock, udp() as peer_sock, udp() as second, udp() as third:
+                client = StunClient(sock, listen)
+                await client.allocate(Family.IPV4)
+                peer = local(peer_sock)
+                await client.permit(peer)
+                await client.bind(0x4001, peer)
+                for _ in range(20):  # 10 kB within a fraction of a second: far above the cap
+                    sock.sendto(encode_channel_data(0x4001, b"m" * 500), sockaddr(listen))
+                    await recv(peer_sock)
+                await until(ops, lambda bps: bps is not None and bps >= cap)
+                assert await allocate_code(StunClient(second, listen)) == 508
+                await until(ops, lambda bps: bps is not None and bps < cap)  # traffic stopped
+                assert await allocate_code(StunClient(third, listen)) == 200
+
+    run(main())

@@ -93,6 +93,10 @@ def render(snapshot: Mapping[str, Any], previous: Mapping[str, Any] | None, sour
                 for w in workers
             )
         )
+    if snapshot.get("max_bps"):
+        measured = snapshot.get("throughput_bps")
+        rate = "-" if measured is None else _units(measured, "bit/s")
+        lines.append(f"relayed {rate} of --max-bps {_units(snapshot['max_bps'], 'bit/s')}")
     lines.append("")
     elapsed = snapshot["time"] - previous["time"] if previous else 0.0
     before = {(r["path"], r["route"]): r for r in previous["relayed"]} if previous else {}

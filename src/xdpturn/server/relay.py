@@ -194,6 +194,8 @@ class RelayServer:
         self._sockaddrs: dict[TransportAddr, SockAddr] = {}
         self._throughput_timer: asyncio.TimerHandle | None = None
         self._throughput_sample: tuple[float, int] | None = None  # (when, total bytes)
+        # With --max-bps: the relayed payload rate (bits/s) last measured; else None.
+        self.throughput_bps: float | None = None
 
     # Life cycle
 
@@ -474,7 +476,8 @@ class RelayServer:
         if self._throughput_sample is not None:
             then, before = self._throughput_sample
             if now > then:
-                self.core.set_throughput(8 * (total - before) / (now - then))
+                self.throughput_bps = 8 * (total - before) / (now - then)
+                self.core.set_throughput(self.throughput_bps)
         self._throughput_sample = (now, total)
 
     @property

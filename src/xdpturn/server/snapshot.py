@@ -103,6 +103,8 @@ def status_snapshot(
             "permissions": sum(a.permissions for a in allocations),
             "channels": sum(a.channels for a in allocations),
         },
+        "max_bps": server.config.max_bps,
+        "throughput_bps": server.throughput_bps,
         "relayed": [
             {"path": r.path, "route": r.route, "packets": r.packets, "bytes": r.bytes}
             for r in relayed_rows(stats, counters)
