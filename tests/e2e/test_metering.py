@@ -121,9 +121,12 @@ def test_a_client_over_its_limit_gets_the_limit(world: Testbed, fastpath: bool) 
                 await client.close()
                 peer.close()
 
+        before = relay.counters()
         received, elapsed, out, port = run(scenario())
         closed = relay.wait_for("allocation closed", where=lambda r: r["relay_port"] == port)
         python_drops = status(world, relay)["drops"].get("allocation_rate", 0)
+        kernel_drops = relay.counters().drops.get("allocation_rate", 0)
+        kernel_drops -= before.drops.get("allocation_rate", 0)
     expected = (BURST + elapsed) * RATE / 8 / LIMITED_SIZE
     assert received == pytest.approx(expected, rel=0.03, abs=1)
     assert out["packets"] == received and out["bytes"] == received * LIMITED_SIZE
@@ -131,3 +134,4 @@ def test_a_client_over_its_limit_gets_the_limit(world: Testbed, fastpath: bool) 
     assert closed["traffic"]["client_to_peer"] == out
     # With the fast path, the kernel dropped the excess itself: none of it reached Python.
     assert python_drops == (0 if fastpath else SENT - received)
+    assert kernel_drops == (SENT - received if fastpath else 0)

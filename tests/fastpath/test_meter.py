@@ -142,13 +142,19 @@ def test_a_burst_beyond_the_limit_is_dropped_and_counted(lab: Lab, limited: XdpF
     installed(limited, case)
     try:
         frame = case.frame
+        before = limited.counters()
+        start = time.monotonic()
         verdicts = [run(limited, lab.ns, lab.ifindex["rly0"], frame).action for _ in range(100)]
+        elapsed = time.monotonic() - start
+        after = limited.counters()
     finally:
         closed = removed(limited, case)[RELAY_A].client_to_peer
     sent, dropped = verdicts.count(case.action), verdicts.count(bpf.XDP_DROP)
     assert sent + dropped == 100  # nothing passed to Python
-    # The burst (25 datagrams), plus what the rate refilled while the loop ran (a few ms).
-    assert 25 <= sent <= 27
+    assert after.drops["allocation_rate"] - before.drops["allocation_rate"] == dropped
+    # The burst (25 datagrams), plus what the rate refilled while the loop ran.
+    refilled = elapsed * RATE / 8 / SIZE
+    assert 25 <= sent <= 25 + refilled + 1
     assert (closed.packets, closed.bytes) == (sent, sent * SIZE)
     assert (closed.dropped_packets, closed.dropped_bytes) == (dropped, dropped * SIZE)
 

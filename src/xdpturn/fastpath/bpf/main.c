@@ -6,8 +6,9 @@
  *     another allocation's client as ChannelData when the peer is the relay itself);
  *   - an allocation port with routes: UDP from a peer -> from_ipv{4,6}_udp/ (ChannelData to the client).
  * Anything the program cannot route goes to the stack (XDP_PASS) with its reason counted; Python
- * handles it. What can never be valid, and STUN over its rate, is dropped instead (guard.h);
- * besides, the program drops nothing it has not rewritten (see enum xdpturn_drop).
+ * handles it. What can never be valid, STUN over its rate (guard.h) and a datagram over its
+ * allocation's rate limit (meter.h) are dropped instead; besides, the program drops nothing it
+ * has not rewritten (see enum xdpturn_drop).
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>

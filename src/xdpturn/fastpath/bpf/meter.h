@@ -2,10 +2,11 @@
  *
  * Where main.c has decided a route, meter_admit() marks the packet with the allocations it leaves
  * and reaches (their ports) and its payload length, and applies the per-allocation rate limit:
- * a datagram over it is dropped here and counted in that allocation's dropped_* (never handed to
- * Python, which would relay it). When the packet is sent, egress_send() calls meter_count(), which
- * adds it to the allocations' counters. A packet that goes to the stack after its route was
- * decided (no next hop, too big, ...) is relayed, and so counted, by Python instead, never twice.
+ * a datagram over it is dropped here, counted in that allocation's dropped_* and as the drop
+ * reason allocation_rate (never handed to Python, which would relay it). When the packet is sent,
+ * egress_send() calls meter_count(), which adds it to the allocations' counters. A packet that
+ * goes to the stack after its route was decided (no next hop, too big, ...) is relayed, and so
+ * counted, by Python instead, never twice.
  *
  * alloc_meters holds per-CPU counters; the loader creates an allocation's entry when it opens and
  * deletes it after a last read when it closes, so a port reused by a new allocation starts at 0.
@@ -27,6 +28,7 @@
 
 #include "shared.h"
 #include "packet.h"
+#include "maps.h"
 
 #define XDPTURN_MAX_METERS 65536
 #define XDPTURN_NS_PER_S 1000000000ULL
@@ -103,11 +105,11 @@ static __always_inline int meter_take(const struct xdpturn_meter_config *mc, __u
 	return 1;
 }
 
-/* Over the limit: dropped, and counted on the allocation that refused it. */
+/* Over the limit: dropped, counted relay-wide and on the allocation that refused it. */
 static __always_inline int meter_drop(__u32 port, enum xdpturn_direction dir, __u16 len)
 {
 	meter_add(port, dir, len, 1);
-	return XDP_DROP;
+	return exit_drop(XDPTURN_DROP_ALLOCATION_RATE);
 }
 
 /* The hook where a route has been decided: `from_port` is the allocation whose client sent the

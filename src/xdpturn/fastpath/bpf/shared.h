@@ -72,6 +72,7 @@ enum xdpturn_drop {
 	XDPTURN_DROP_NO_PERMISSION,        /* to an allocation port from a peer without permission */
 	XDPTURN_DROP_STUN_RATE_SOURCE,     /* STUN from a source over its rate */
 	XDPTURN_DROP_STUN_RATE_TOTAL,      /* STUN from all sources without allocation over theirs */
+	XDPTURN_DROP_ALLOCATION_RATE,      /* over --max-bps-per-allocation (meter.h) */
 	XDPTURN_DROP_COUNT,
 };
 
