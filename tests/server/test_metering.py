@@ -9,7 +9,7 @@ from xdpturn.fastpath import NullFastPath
 from xdpturn.proto.addr import ClientAddr, ClientFlow, Family, TransportAddr
 from xdpturn.proto.meter import DirectionTraffic, Traffic
 from xdpturn.proto.server import AllocationInfo
-from xdpturn.server.metering import OTHER_USERS, Metering
+from xdpturn.server.metering import OTHER_USERS, Metering, user_of
 
 
 def traffic(out: int, back: int = 0) -> Traffic:
@@ -61,3 +61,18 @@ def test_users_beyond_the_top_are_summed_as_other() -> None:
     assert users[OTHER_USERS].bytes == 100 + 200
     assert sum(t.bytes for t in users.values()) == sum(100 * (i + 1) for i in range(5))
     assert OTHER_USERS not in metering.by_user(metering.allocations(allocations, kernel), top=5)
+
+
+def test_rest_credentials_count_for_the_id_after_the_expiry() -> None:
+    assert user_of("1700000000:alice") == "alice"
+    assert user_of("1700000000:team:bob") == "team:bob"
+    assert user_of("alice") == "alice"
+    assert user_of("room:7") == "room:7"  # not a REST username: the head is no expiry
+    kernel, metering = KernelMeters(), Metering()
+    allocations = [
+        info(50000, "1700000000:carol", traffic(5)),
+        info(50001, "1700000600:carol", traffic(7)),
+    ]
+    assert {
+        u: t.bytes for u, t in metering.by_user(metering.allocations(allocations, kernel)).items()
+    } == {"carol": 12}

@@ -4,7 +4,8 @@ is measured against.
 Each allocation's traffic is the sum of what Python relayed (the core's `AllocationInfo.traffic`)
 and what the XDP program relayed (`FastPath.allocation_traffic()`, per-CPU counters read here, at
 a scrape or a /status request, never per packet). A closed allocation's totals are logged and
-added to its user's, so per-user totals survive the allocations they came from. Prometheus gets
+added to its user's (for a REST credential, the id after the expiry), so per-user totals survive
+the allocations they came from. Prometheus gets
 per-user totals for the `TOP_USERS` users with the most bytes and one "(other)" row for the rest,
 so a relay with many users does not make as many series.
 """
@@ -14,11 +15,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from xdpturn.fastpath import FastPath
+from xdpturn.proto.auth import rest_expiry
 from xdpturn.proto.meter import Traffic
 from xdpturn.proto.server import AllocationInfo
 
 TOP_USERS = 10
 OTHER_USERS = "(other)"  # not a valid TURN username in practice: parentheses need quoting
+
+
+def user_of(username: str) -> str:
+    """Whom an allocation's traffic counts for: a TURN REST username `<expiry>:<id>` for `<id>`
+    (each credential a user is issued has a new expiry), any other username as it is."""
+    if ":" in username and rest_expiry(username) is not None:
+        return username.split(":", 1)[1]
+    return username
 
 
 @dataclass(frozen=True)
@@ -36,7 +46,7 @@ class Metering:
         self._closed_bytes = 0  # all closed allocations, both paths: for the relay's rate
 
     def opened(self, relay_port: int, username: str, fastpath: FastPath) -> None:
-        self._users[relay_port] = username
+        self._users[relay_port] = user_of(username)
         fastpath.open_allocation(relay_port)
 
     def closed(self, relay_port: int, python: Traffic, fastpath: FastPath) -> Traffic:
@@ -70,7 +80,7 @@ class Metering:
         when there are any."""
         users: dict[str, Traffic] = {name: t.copy() for name, t in self._closed.items()}
         for m in metered:
-            users.setdefault(m.info.username, Traffic()).add(m.traffic)
+            users.setdefault(user_of(m.info.username), Traffic()).add(m.traffic)
         ranked = sorted(users.items(), key=lambda kv: (-kv[1].bytes, kv[0]))
         out = dict(ranked[:top])
         if len(ranked) > top:
