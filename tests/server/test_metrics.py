@@ -189,10 +189,8 @@ def test_python_relaying_moves_the_counters_by_what_was_sent() -> None:
         assert top["traffic"]["peer_to_client"]["packets"] == len(in_payloads)
         assert top["traffic"]["peer_to_client"]["bytes"] == sum(map(len, in_payloads))
         assert top["bytes"] == sum(map(len, out_payloads)) + sum(map(len, in_payloads))
-        user = {
-            "user": top["username"].split(":", 1)[1],
-            "direction": "client_to_peer",
-        }  # REST: the id
+        # A REST credential's traffic counts for its id, after the expiry.
+        user = {"user": top["username"].split(":", 1)[1], "direction": "client_to_peer"}
         assert value(after, "xdpturn_user_bytes_total", **user) == sum(map(len, out_payloads))
 
     run(main())
