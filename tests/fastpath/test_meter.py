@@ -183,3 +183,19 @@ def test_the_rate_delivered_is_the_limit(lab: Lab, limited: XdpFastPath, kind: s
     assert traffic.bytes == pytest.approx(expected, rel=0.03, abs=SIZE)
     assert traffic.packets + traffic.dropped_packets == count
     assert traffic.dropped_bytes == traffic.dropped_packets * SIZE
+
+
+def test_every_open_allocation_is_read_in_batches(lab: Lab) -> None:
+    fp = lab.fastpath
+    ports = range(40000, 42500)
+    for port in ports:
+        fp.open_allocation(port)
+    try:
+        # Chunks much smaller than the map: every key once, across many batch calls.
+        keys = [k for k, _ in fp.alloc_meters.items_percpu(chunk=64)]
+        assert sorted(int.from_bytes(k, "little") for k in keys) == list(ports)
+        assert fp.allocation_traffic() == {port: Traffic() for port in ports}
+    finally:
+        for port in ports:
+            fp.close_allocation(port)
+    assert fp.allocation_traffic() == {}

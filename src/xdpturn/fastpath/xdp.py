@@ -447,12 +447,10 @@ class XdpFastPath:
         return traffic
 
     def allocation_traffic(self) -> dict[int, Traffic]:
-        out: dict[int, Traffic] = {}
-        for key in list(self.alloc_meters.keys()):
-            per_cpu = self.alloc_meters.lookup_percpu(key)
-            if per_cpu:  # deleted meanwhile
-                out[int.from_bytes(key, "little")] = maps.meter_traffic(per_cpu)
-        return out
+        return {
+            int.from_bytes(key, "little"): maps.meter_traffic(per_cpu)
+            for key, per_cpu in self.alloc_meters.items_percpu()
+        }
 
     def close(self) -> None:
         """Detach from every interface (only if our program is still the one attached), free."""
