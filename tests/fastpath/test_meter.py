@@ -129,7 +129,10 @@ def test_a_passed_packet_is_not_counted(lab: Lab) -> None:
         assert fp.allocation_traffic()[RELAY_A] == Traffic()
         assert run(fp, lab.ns, lab.ifindex["rly0"], frame).action == case.action
         assert fp.allocation_traffic()[RELAY_A].client_to_peer.bytes == 10
-        # A reopened port starts from zero.
+        # Opened again (as after a restart), the meter goes on; closed and reopened, it restarts.
+        fp.open_allocation(RELAY_A)
+        assert fp.allocation_traffic()[RELAY_A].client_to_peer.bytes == 10
+        assert fp.close_allocation(RELAY_A).client_to_peer.bytes == 10
         fp.open_allocation(RELAY_A)
         assert fp.allocation_traffic()[RELAY_A] == Traffic()
     finally:

@@ -108,7 +108,8 @@ class FastPath(Protocol):
         that process needs to adopt them (None: nothing to adopt)."""
 
     def open_allocation(self, relay_port: int) -> None:
-        """Start metering (and limiting) the allocation on `relay_port` from zero. Failure is
+        """Start metering (and limiting) the allocation on `relay_port` from zero, or go on with
+        the meter it already has in the kernel (maps adopted across a restart). Failure is
         logged, never raised: the allocation is then relayed but not counted in the kernel."""
 
     def close_allocation(self, relay_port: int) -> Traffic:

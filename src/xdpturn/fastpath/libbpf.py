@@ -21,6 +21,7 @@ XDP_FLAGS_DRV_MODE = 1 << 2  # native XDP
 XDP_FLAGS_REPLACE = 1 << 4  # with old_prog_fd: swap atomically (restarts, fastpath.pinning)
 
 BPF_F_TEST_XDP_LIVE_FRAMES = 1 << 1
+BPF_NOEXIST = 1  # map update: create only
 
 # enum xdp_action
 XDP_ABORTED = 0

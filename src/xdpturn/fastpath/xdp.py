@@ -7,6 +7,7 @@ raised: Python relays whatever the kernel does not.
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import os
 import socket
@@ -425,13 +426,14 @@ class XdpFastPath:
 
     def open_allocation(self, relay_port: int) -> None:
         key = relay_port.to_bytes(4, "little")
+        zero = bytes(self.alloc_meters.slot_size * self.alloc_meters.cpus)
         try:
-            # A fresh schedule too: a leftover of the port's previous allocation is deleted.
-            self.alloc_limits.delete(key)
-            zero = bytes(self.alloc_meters.slot_size * self.alloc_meters.cpus)
-            self.alloc_meters.update(key, zero)
+            # Created only if absent: close_allocation deletes every meter, so one found here
+            # is this allocation's, kept across a restart that adopted the maps; counting goes on.
+            self.alloc_meters.update(key, zero, bpf.BPF_NOEXIST)
         except OSError as e:
-            log.warning("fast path: metering port %d failed: %s", relay_port, e)
+            if e.errno != errno.EEXIST:
+                log.warning("fast path: metering port %d failed: %s", relay_port, e)
 
     def close_allocation(self, relay_port: int) -> Traffic:
         key = relay_port.to_bytes(4, "little")
