@@ -33,9 +33,13 @@
 #define XDPTURN_MAX_METERS 65536
 #define XDPTURN_NS_PER_S 1000000000ULL
 
-/* Allocation port (__u32, host order) -> packets and payload bytes per direction, per CPU. */
+/* Allocation port (__u32, host order) -> packets and payload bytes per direction, per CPU. Not
+ * preallocated: 64 bytes per CPU per entry would be 256 MiB on 64 CPUs for all 65536 ports; only
+ * the loader creates entries (the program updates them in place), so memory follows the
+ * allocations open. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(max_entries, XDPTURN_MAX_METERS);
 	__type(key, __u32);
 	__type(value, struct xdpturn_meter);
