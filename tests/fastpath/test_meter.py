@@ -24,7 +24,7 @@ from tests.fastpath.test_routes import (
 from xdpturn.fastpath import FastPathConfig, FastPathMode
 from xdpturn.fastpath import libbpf as bpf
 from xdpturn.fastpath.xdp import XdpFastPath
-from xdpturn.proto.meter import Traffic
+from xdpturn.proto.meter import AllocationTraffic
 from xdpturn_lab.testbed import netns
 
 pytestmark = pytest.mark.kernel
@@ -76,7 +76,7 @@ def installed(fp: XdpFastPath, case: Case) -> None:
         fp.open_allocation(port)
 
 
-def removed(fp: XdpFastPath, case: Case) -> dict[int, Traffic]:
+def removed(fp: XdpFastPath, case: Case) -> dict[int, AllocationTraffic]:
     for r in case.routes:
         fp.remove(r)
     return {port: fp.close_allocation(port) for port in {r.relay_port for r in case.routes}}
@@ -126,7 +126,7 @@ def test_a_passed_packet_is_not_counted(lab: Lab) -> None:
         frame = case.frame
         ttl_one = frame[:22] + b"\x01" + frame[23:]  # TTL 1 (checksum left wrong: any pass will do)
         assert run(fp, lab.ns, lab.ifindex["rly0"], ttl_one).action == bpf.XDP_PASS
-        assert fp.allocation_traffic()[RELAY_A] == Traffic()
+        assert fp.allocation_traffic()[RELAY_A] == AllocationTraffic()
         assert run(fp, lab.ns, lab.ifindex["rly0"], frame).action == case.action
         assert fp.allocation_traffic()[RELAY_A].client_to_peer.bytes == 10
         # Opened again (as after a restart), the meter goes on; closed and reopened, it restarts.
@@ -134,10 +134,10 @@ def test_a_passed_packet_is_not_counted(lab: Lab) -> None:
         assert fp.allocation_traffic()[RELAY_A].client_to_peer.bytes == 10
         assert fp.close_allocation(RELAY_A).client_to_peer.bytes == 10
         fp.open_allocation(RELAY_A)
-        assert fp.allocation_traffic()[RELAY_A] == Traffic()
+        assert fp.allocation_traffic()[RELAY_A] == AllocationTraffic()
     finally:
         closed = removed(fp, case)
-    assert closed[RELAY_A] == Traffic()
+    assert closed[RELAY_A] == AllocationTraffic()
 
 
 def test_a_burst_beyond_the_limit_is_dropped_and_counted(lab: Lab, limited: XdpFastPath) -> None:
@@ -197,7 +197,7 @@ def test_every_open_allocation_is_read_in_batches(lab: Lab) -> None:
         # Chunks much smaller than the map: every key once, across many batch calls.
         keys = [k for k, _ in fp.alloc_meters.items_percpu(chunk=64)]
         assert sorted(int.from_bytes(k, "little") for k in keys) == list(ports)
-        assert fp.allocation_traffic() == {port: Traffic() for port in ports}
+        assert fp.allocation_traffic() == {port: AllocationTraffic() for port in ports}
     finally:
         for port in ports:
             fp.close_allocation(port)

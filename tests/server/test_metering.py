@@ -7,32 +7,32 @@ import ipaddress
 
 from xdpturn.fastpath import NullFastPath
 from xdpturn.proto.addr import ClientAddr, ClientFlow, Family, TransportAddr
-from xdpturn.proto.meter import DirectionTraffic, Traffic
+from xdpturn.proto.meter import AllocationTraffic, DirectionTraffic
 from xdpturn.proto.server import AllocationInfo
 from xdpturn.server.metering import OTHER_USERS, Metering, user_of
 
 
-def traffic(out: int, back: int = 0) -> Traffic:
-    return Traffic(DirectionTraffic(1, out), DirectionTraffic(1 if back else 0, back))
+def traffic(out: int, back: int = 0) -> AllocationTraffic:
+    return AllocationTraffic(DirectionTraffic(1, out), DirectionTraffic(1 if back else 0, back))
 
 
 class KernelMeters(NullFastPath):
     def __init__(self) -> None:
-        self.live: dict[int, Traffic] = {}
+        self.live: dict[int, AllocationTraffic] = {}
         self.opened: list[int] = []
 
     def open_allocation(self, relay_port: int) -> None:
         self.opened.append(relay_port)
-        self.live[relay_port] = Traffic()
+        self.live[relay_port] = AllocationTraffic()
 
-    def close_allocation(self, relay_port: int) -> Traffic:
+    def close_allocation(self, relay_port: int) -> AllocationTraffic:
         return self.live.pop(relay_port)
 
-    def allocation_traffic(self) -> dict[int, Traffic]:
+    def allocation_traffic(self) -> dict[int, AllocationTraffic]:
         return {port: t.copy() for port, t in self.live.items()}
 
 
-def info(port: int, user: str, python: Traffic) -> AllocationInfo:
+def info(port: int, user: str, python: AllocationTraffic) -> AllocationInfo:
     client = ClientAddr(TransportAddr(ipaddress.ip_address("192.0.2.10"), port))
     return AllocationInfo(
         ClientFlow(client, 0), user, port, frozenset({Family.IPV4}), 0.0, 1, 1, python

@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 from xdpturn.proto.addr import ClientFlow, IPAddress
 from xdpturn.proto.commands import ChannelRoute
-from xdpturn.proto.meter import DEFAULT_BURST_SECONDS, Traffic
+from xdpturn.proto.meter import DEFAULT_BURST_SECONDS, AllocationTraffic
 
 
 class FastPathMode(Enum):
@@ -112,10 +112,10 @@ class FastPath(Protocol):
         the meter it already has in the kernel (maps adopted across a restart). Failure is
         logged, never raised: the allocation is then relayed but not counted in the kernel."""
 
-    def close_allocation(self, relay_port: int) -> Traffic:
+    def close_allocation(self, relay_port: int) -> AllocationTraffic:
         """What the kernel relayed for the allocation; its meter and schedule are deleted."""
 
-    def allocation_traffic(self) -> dict[int, Traffic]:
+    def allocation_traffic(self) -> dict[int, AllocationTraffic]:
         """What the kernel relayed for each open allocation, by relay port."""
 
     def close(self) -> None:
@@ -162,10 +162,10 @@ class NullFastPath:
     def open_allocation(self, relay_port: int) -> None:
         pass
 
-    def close_allocation(self, relay_port: int) -> Traffic:
-        return Traffic()
+    def close_allocation(self, relay_port: int) -> AllocationTraffic:
+        return AllocationTraffic()
 
-    def allocation_traffic(self) -> dict[int, Traffic]:
+    def allocation_traffic(self) -> dict[int, AllocationTraffic]:
         return {}
 
     def close(self) -> None:

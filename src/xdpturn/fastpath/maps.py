@@ -13,7 +13,7 @@ from pathlib import Path
 
 from xdpturn.fastpath.libbpf import BtfInfo, read_btf
 from xdpturn.proto.addr import IPAddress, TransportAddr
-from xdpturn.proto.meter import Traffic
+from xdpturn.proto.meter import AllocationTraffic
 
 FAMILY_IPV4 = 4
 FAMILY_IPV6 = 6
@@ -222,9 +222,9 @@ class MeterConfig(ctypes.Structure):
 METER_ENABLED = 1
 
 
-def meter_traffic(per_cpu: list[bytes]) -> Traffic:
+def meter_traffic(per_cpu: list[bytes]) -> AllocationTraffic:
     """An alloc_meters value summed over CPUs."""
-    out = Traffic()
+    out = AllocationTraffic()
     for raw in per_cpu:
         m = Meter.from_buffer_copy(raw)
         for counts, into in zip(m.dir, (out.client_to_peer, out.peer_to_client), strict=True):

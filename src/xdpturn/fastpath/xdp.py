@@ -30,7 +30,7 @@ from xdpturn.fastpath.health import CarryingCheck
 from xdpturn.fastpath.nexthop import NextHops
 from xdpturn.proto.addr import ClientAddr, ClientFlow, IPAddress
 from xdpturn.proto.commands import ChannelRoute
-from xdpturn.proto.meter import Traffic
+from xdpturn.proto.meter import AllocationTraffic
 
 log = logging.getLogger("xdpturn.fastpath")
 
@@ -435,9 +435,9 @@ class XdpFastPath:
             if e.errno != errno.EEXIST:
                 log.warning("fast path: metering port %d failed: %s", relay_port, e)
 
-    def close_allocation(self, relay_port: int) -> Traffic:
+    def close_allocation(self, relay_port: int) -> AllocationTraffic:
         key = relay_port.to_bytes(4, "little")
-        traffic = Traffic()
+        traffic = AllocationTraffic()
         try:
             per_cpu = self.alloc_meters.lookup_percpu(key)
             if per_cpu:
@@ -448,7 +448,7 @@ class XdpFastPath:
             log.warning("fast path: reading the meter of port %d failed: %s", relay_port, e)
         return traffic
 
-    def allocation_traffic(self) -> dict[int, Traffic]:
+    def allocation_traffic(self) -> dict[int, AllocationTraffic]:
         return {
             int.from_bytes(key, "little"): maps.meter_traffic(per_cpu)
             for key, per_cpu in self.alloc_meters.items_percpu()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from xdpturn.proto.addr import ClientAddr, ClientFlow, Family, IPAddress, PeerAddr
-from xdpturn.proto.meter import Traffic
+from xdpturn.proto.meter import AllocationTraffic
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +94,7 @@ class AllocationClosed:
     flow: ClientFlow
     relay_port: int
     reason: str
-    traffic: Traffic = field(default_factory=Traffic)
+    traffic: AllocationTraffic = field(default_factory=AllocationTraffic)
 
 
 @dataclass(frozen=True, slots=True)

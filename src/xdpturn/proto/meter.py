@@ -31,18 +31,18 @@ class DirectionTraffic:
 
 
 @dataclass(slots=True)
-class Traffic:
+class AllocationTraffic:
     """Both directions of one allocation (or of several, summed)."""
 
     client_to_peer: DirectionTraffic = field(default_factory=DirectionTraffic)
     peer_to_client: DirectionTraffic = field(default_factory=DirectionTraffic)
 
-    def add(self, other: Traffic) -> None:
+    def add(self, other: AllocationTraffic) -> None:
         self.client_to_peer.add(other.client_to_peer)
         self.peer_to_client.add(other.peer_to_client)
 
-    def copy(self) -> Traffic:
-        total = Traffic()
+    def copy(self) -> AllocationTraffic:
+        total = AllocationTraffic()
         total.add(self)
         return total
 

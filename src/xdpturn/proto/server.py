@@ -63,7 +63,7 @@ from xdpturn.proto.commands import (
     SendToPeer,
 )
 from xdpturn.proto.handover import CoreState, SavedAllocation, SavedChannel, SavedReservation
-from xdpturn.proto.meter import DEFAULT_BURST_SECONDS, RateSchedule, Traffic
+from xdpturn.proto.meter import DEFAULT_BURST_SECONDS, AllocationTraffic, RateSchedule
 from xdpturn.proto.policy import PeerPolicy
 from xdpturn.proto.quotas import LocalQuotas, QuotaRefusal, Quotas
 from xdpturn.proto.ratelimit import SourceBuckets
@@ -168,7 +168,8 @@ class AllocationInfo:
     expires: float
     permissions: int
     channels: int
-    traffic: Traffic = field(default_factory=Traffic)  # relayed by Python (the kernel's apart)
+    # Relayed by Python (the kernel's share is read from the fast path).
+    traffic: AllocationTraffic = field(default_factory=AllocationTraffic)
 
 
 @dataclass
@@ -199,7 +200,8 @@ class _Allocation:
     wakeup: float | None = None  # earliest pending timer entry for this allocation
     # Permissions the runtime was told of (AddPermission sent, RemovePermission not yet).
     announced: set[IPAddress] = field(default_factory=set)
-    traffic: Traffic = field(default_factory=Traffic)  # what Python relayed for it
+    # What Python relayed for it.
+    traffic: AllocationTraffic = field(default_factory=AllocationTraffic)
     # --max-bps-per-allocation: (client_to_peer, peer_to_client) schedules, None without a limit.
     limits: tuple[RateSchedule, RateSchedule] | None = None
 

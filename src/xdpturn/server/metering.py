@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from xdpturn.fastpath import FastPath
 from xdpturn.proto.auth import rest_expiry
-from xdpturn.proto.meter import Traffic
+from xdpturn.proto.meter import AllocationTraffic
 from xdpturn.proto.server import AllocationInfo
 
 TOP_USERS = 10
@@ -34,7 +34,7 @@ def user_of(username: str) -> str:
 @dataclass(frozen=True)
 class MeteredAllocation:
     info: AllocationInfo
-    traffic: Traffic  # both paths
+    traffic: AllocationTraffic  # both paths
 
 
 class Metering:
@@ -42,19 +42,23 @@ class Metering:
 
     def __init__(self) -> None:
         self._users: dict[int, str] = {}  # relay port -> username, while open
-        self._closed: dict[str, Traffic] = {}  # username -> totals of its closed allocations
+        self._closed: dict[
+            str, AllocationTraffic
+        ] = {}  # username -> totals of its closed allocations
         self._closed_bytes = 0  # all closed allocations, both paths: for the relay's rate
 
     def opened(self, relay_port: int, username: str, fastpath: FastPath) -> None:
         self._users[relay_port] = user_of(username)
         fastpath.open_allocation(relay_port)
 
-    def closed(self, relay_port: int, python: Traffic, fastpath: FastPath) -> Traffic:
+    def closed(
+        self, relay_port: int, python: AllocationTraffic, fastpath: FastPath
+    ) -> AllocationTraffic:
         """The allocation's totals, both paths; its meter in the kernel is deleted."""
         total = fastpath.close_allocation(relay_port)
         total.add(python)
         username = self._users.pop(relay_port, "")
-        self._closed.setdefault(username, Traffic()).add(total)
+        self._closed.setdefault(username, AllocationTraffic()).add(total)
         self._closed_bytes += total.bytes
         return total
 
@@ -75,16 +79,18 @@ class Metering:
         """Payload bytes relayed since the start, over every allocation and direction."""
         return self._closed_bytes + sum(m.traffic.bytes for m in metered)
 
-    def by_user(self, metered: list[MeteredAllocation], top: int = TOP_USERS) -> dict[str, Traffic]:
+    def by_user(
+        self, metered: list[MeteredAllocation], top: int = TOP_USERS
+    ) -> dict[str, AllocationTraffic]:
         """The `top` users by bytes (open and closed allocations), and OTHER_USERS for the rest
         when there are any."""
-        users: dict[str, Traffic] = {name: t.copy() for name, t in self._closed.items()}
+        users: dict[str, AllocationTraffic] = {name: t.copy() for name, t in self._closed.items()}
         for m in metered:
-            users.setdefault(user_of(m.info.username), Traffic()).add(m.traffic)
+            users.setdefault(user_of(m.info.username), AllocationTraffic()).add(m.traffic)
         ranked = sorted(users.items(), key=lambda kv: (-kv[1].bytes, kv[0]))
         out = dict(ranked[:top])
         if len(ranked) > top:
-            other = out.setdefault(OTHER_USERS, Traffic())
+            other = out.setdefault(OTHER_USERS, AllocationTraffic())
             for _, traffic in ranked[top:]:
                 other.add(traffic)
         return out
