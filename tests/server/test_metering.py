@@ -76,3 +76,15 @@ def test_rest_credentials_count_for_the_id_after_the_expiry() -> None:
     assert {
         u: t.bytes for u, t in metering.by_user(metering.allocations(allocations, kernel)).items()
     } == {"carol": 12}
+
+
+def test_a_supervisor_adds_up_the_workers_closed_allocations() -> None:
+    kernel, workers = KernelMeters(), [Metering(), Metering()]
+    for port, metering in zip((50000, 50001), workers, strict=True):
+        metering.opened(port, "1700000000:dave", kernel)
+        metering.closed(port, traffic(100 + port - 50000), kernel)
+    pool = Metering()
+    for metering in workers:
+        pool.add_closed(*metering.closed_totals())
+    assert pool.by_user([])["dave"].bytes == 201
+    assert pool.total_bytes([]) == 201

@@ -19,9 +19,9 @@ if TYPE_CHECKING:
 
     from xdpturn.config import ServeConfig
     from xdpturn.fastpath import FastPath
-    from xdpturn.proto.addr import ClientFlow
     from xdpturn.proto.server import AllocationInfo
     from xdpturn.proto.stats import CoreStats
+    from xdpturn.server.metering import MeteredAllocation, Metering
     from xdpturn.server.traffic import ReceiveQueueDrops
 
 log = logging.getLogger("xdpturn.server")
@@ -41,10 +41,6 @@ class CoreView(Protocol):
     def stats(self) -> CoreStats: ...
 
 
-class TrafficView(Protocol):
-    def bytes_of(self, flow: ClientFlow, relay_port: int) -> int: ...
-
-
 class RelayView(Protocol):
     """What draining, /status and /metrics read of a relay: a `RelayServer`, or the sum over
     the workers of one (server.workers.WorkerPool)."""
@@ -58,14 +54,17 @@ class RelayView(Protocol):
     def fastpath(self) -> FastPath: ...
     @property
     def core(self) -> CoreView: ...
-    @property
-    def traffic(self) -> TrafficView: ...
+
+    metering: Metering
+    throughput_bps: float | None  # with --max-bps: the relayed rate last measured
+
     @property
     def listen_addresses(self) -> list[TransportAddr]: ...
     @property
     def relay_port_count(self) -> int: ...
     def receive_queue_drops(self) -> ReceiveQueueDrops: ...
     def allocations(self) -> list[AllocationInfo]: ...
+    def metered_allocations(self) -> list[MeteredAllocation]: ...
     def now(self) -> float: ...
 
 

@@ -62,6 +62,16 @@ class Metering:
         self._closed_bytes += total.bytes
         return total
 
+    def closed_totals(self) -> tuple[dict[str, AllocationTraffic], int]:
+        """Per-user totals of closed allocations and their bytes, for a supervisor to add up."""
+        return {user: t.copy() for user, t in self._closed.items()}, self._closed_bytes
+
+    def add_closed(self, users: dict[str, AllocationTraffic], nbytes: int) -> None:
+        """Count another worker's closed allocations (see closed_totals) as this one's."""
+        for user, traffic in users.items():
+            self._closed.setdefault(user, AllocationTraffic()).add(traffic)
+        self._closed_bytes += nbytes
+
     def allocations(
         self, allocations: list[AllocationInfo], fastpath: FastPath
     ) -> list[MeteredAllocation]:

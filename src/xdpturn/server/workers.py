@@ -56,11 +56,13 @@ from xdpturn.config import ServeConfig
 from xdpturn.fastpath import FastPath, FastPathCounters, FastPathMode, NullFastPath, open_fastpath
 from xdpturn.proto.addr import ClientFlow, Family, IPAddress, PeerAddr, Transport, TransportAddr
 from xdpturn.proto.commands import ChannelRoute
+from xdpturn.proto.meter import AllocationTraffic
 from xdpturn.proto.quotas import LocalQuotas, QuotaRefusal, Quotas
 from xdpturn.proto.server import AllocationInfo, RelayPorts, ServerConfig, TurnServer
 from xdpturn.proto.stats import CoreStats
 from xdpturn.server.drain import Drainer
 from xdpturn.server.lifecycle import event_loop_factory, serve
+from xdpturn.server.metering import MeteredAllocation, Metering
 from xdpturn.server.metrics import OpsServer, Response
 from xdpturn.server.relay import (
     Core,
@@ -296,6 +298,15 @@ class SharedFastPath:
     def counters(self) -> FastPathCounters:
         return self._fastpath.counters()
 
+    def open_allocation(self, relay_port: int) -> None:
+        self._fastpath.open_allocation(relay_port)
+
+    def close_allocation(self, relay_port: int) -> AllocationTraffic:
+        return self._fastpath.close_allocation(relay_port)
+
+    def allocation_traffic(self) -> dict[int, AllocationTraffic]:
+        return self._fastpath.allocation_traffic()
+
     @property
     def routes(self) -> int:
         """Channel routes this worker installed."""
@@ -329,7 +340,10 @@ class WorkerSnapshot:
     runtime_stats: Counter[str] = field(default_factory=Counter)
     relay_ports: int = 0
     receive_queue_drops: ReceiveQueueDrops = field(default_factory=ReceiveQueueDrops)
-    traffic: dict[tuple[ClientFlow, int], int] = field(default_factory=dict)  # Python bytes
+    # Per-user totals of the worker's closed allocations and their bytes (server.metering).
+    closed_users: dict[str, AllocationTraffic] = field(default_factory=dict)
+    closed_bytes: int = 0
+    throughput_bps: float | None = None
     fastpath_routes: int = 0
 
 
@@ -346,10 +360,8 @@ def take_snapshot(index: int, server: RelayServer) -> WorkerSnapshot:
     snapshot.receive_queue_drops = server.receive_queue_drops()
     fastpath = server.fastpath
     snapshot.fastpath_routes = fastpath.routes if isinstance(fastpath, SharedFastPath) else 0
-    snapshot.traffic = {
-        (a.flow, a.relay_port): server.traffic.bytes_of(a.flow, a.relay_port)
-        for a in snapshot.allocations
-    }
+    snapshot.closed_users, snapshot.closed_bytes = server.metering.closed_totals()
+    snapshot.throughput_bps = server.throughput_bps
     return snapshot
 
 
@@ -380,14 +392,6 @@ def add_stats(total: CoreStats, more: CoreStats) -> None:
         total.relayed[route].bytes += traffic.bytes
 
 
-class _Traffic:
-    def __init__(self) -> None:
-        self.bytes: dict[tuple[ClientFlow, int], int] = {}
-
-    def bytes_of(self, flow: ClientFlow, relay_port: int) -> int:
-        return self.bytes.get((flow, relay_port), 0)
-
-
 class WorkerPool:
     """The supervisor's view of its workers, read by --metrics and /status like a RelayServer:
     sums of the snapshots taken by the last `refresh()`; the fast path is the supervisor's own
@@ -407,7 +411,8 @@ class WorkerPool:
         self._fastpath = fastpath
         self._listen = listen_addresses
         self._core = _Stats()
-        self._traffic = _Traffic()
+        self.metering = Metering()  # the workers' closed allocations, summed
+        self.throughput_bps: float | None = None
         self.fastpath_routes = 0  # read by the fast path's health check, on its own thread
 
     async def refresh(self) -> None:
@@ -424,14 +429,18 @@ class WorkerPool:
     def _sum(self) -> None:
         core = CoreStats()
         runtime: Counter[str] = Counter()
-        traffic: dict[tuple[ClientFlow, int], int] = {}
+        metering = Metering()
+        rates: list[float] = []
         for snapshot in self.snapshots.values():
             add_stats(core, snapshot.core_stats)
             runtime.update(snapshot.runtime_stats)
-            traffic.update(snapshot.traffic)
+            metering.add_closed(snapshot.closed_users, snapshot.closed_bytes)
+            if snapshot.throughput_bps is not None:
+                rates.append(snapshot.throughput_bps)
         self._core.stats = core
         self.stats = runtime
-        self._traffic.bytes = traffic
+        self.metering = metering
+        self.throughput_bps = sum(rates) if rates else None
         self.fastpath_routes = sum(s.fastpath_routes for s in self.snapshots.values())
 
     @property
@@ -447,10 +456,6 @@ class WorkerPool:
     @property
     def core(self) -> _Stats:
         return self._core
-
-    @property
-    def traffic(self) -> _Traffic:
-        return self._traffic
 
     @property
     def listen_addresses(self) -> list[TransportAddr]:
@@ -471,6 +476,11 @@ class WorkerPool:
 
     def allocations(self) -> list[AllocationInfo]:
         return [a for s in self.snapshots.values() for a in s.allocations]
+
+    def metered_allocations(self) -> list[MeteredAllocation]:
+        """Every worker's allocations: Python's counts from the snapshots, the kernel's read from
+        the shared maps now."""
+        return self.metering.allocations(self.allocations(), self._fastpath)
 
     def now(self) -> float:
         """The workers' cores' clock: CLOCK_MONOTONIC is one clock for every process."""
