@@ -122,6 +122,7 @@ def test_environment_variables_configure_serve_and_the_command_line_wins(
     assert [str(n) for n in config.deny_peers] == ["10.9.0.0/16"]
     assert config.max_allocations == 7 and config.max_allocations_per_ip is None
     assert (config.max_bps_per_allocation, config.max_bps) == (2_000_000, 10**9)
+    assert config.server.max_bps == 10**9 // config.workers  # each worker's share of the cap
     assert config.fastpath_settings.allocation_rate_bps == 2_000_000  # the kernel's limit too
     assert config.fastpath is FastPathMode.GENERIC and config.interfaces == ["eth0", "eth1"]
     assert config.realm == "cli.example"

@@ -601,7 +601,9 @@ class ServeConfig:
             max_allocations_per_user=self.max_allocations_per_user,
             max_allocations_per_ip=self.max_allocations_per_ip,
             max_bps_per_allocation=self.max_bps_per_allocation,
-            max_bps=self.max_bps,
+            # Each worker measures and caps what it relays: its share of the relay's cap
+            # (clients spread evenly over the workers' SO_REUSEPORT listeners).
+            max_bps=None if self.max_bps is None else max(1, self.max_bps // self.workers),
         )
         guard = GuardConfig(
             enabled=self.fastpath_guard,
