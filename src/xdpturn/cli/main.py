@@ -27,6 +27,7 @@ from xdpturn.log import setup_logging
 from xdpturn.proto.addr import TransportAddr
 from xdpturn.proto.auth import mint_rest_credentials, rest_password
 from xdpturn.server.lifecycle import StartError, event_loop_factory, run
+from xdpturn.server.workers import run_workers
 
 # serve
 
@@ -73,7 +74,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     setup_logging(config.log_format, config.log_level)
     try:
-        return run(config)
+        return run_workers(config) if config.workers > 1 else run(config)
     except StartError as e:
         print(f"xdpturn serve: {e}", file=sys.stderr)
         return 1

@@ -84,12 +84,9 @@ def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 def run(config: ServeConfig) -> int:
-    """Blocking entry point for `xdpturn serve`; raises StartError if it cannot start, else
-    returns the exit status. More than one worker: see xdpturn.server.workers."""
-    if config.workers > 1:
-        from xdpturn.server.workers import run_workers
-
-        return run_workers(config)
+    """Blocking entry point for one relay process; raises StartError if it cannot start, else
+    returns the exit status. More than one worker: xdpturn.server.workers.run_workers, which
+    runs `serve` in each worker."""
     with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
         runner.run(serve(config))
     return 0
