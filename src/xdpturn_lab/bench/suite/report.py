@@ -95,6 +95,34 @@ def _trial_cost(t: dict[str, Any], background: float) -> dict[str, float] | str:
     }
 
 
+LOSS_PLACES = {
+    "relay_receive_ring": "ring",
+    "in_or_after_relay": "relay",
+    "relay_output_ring": "out",
+    "before_relay": "before",
+}
+
+
+def lost_at(trials: list[dict[str, Any]]) -> dict[str, int] | None:
+    """Where the trials' lost datagrams were lost, summed (None: not measured): before the relay
+    (the generator's side), at the relay's receive ring (it was full when the router handed
+    them on: the relay's NAPI poller was not running often enough), at the relay's output ring
+    (the next hop was not taking them), or in or after the relay (its stack and sockets, the
+    path to the sink)."""
+    places = [t.get("lost_at") for t in trials]
+    if not places or any(p is None for p in places):
+        return None
+    return {k: sum(p[k] for p in places if p) for k in LOSS_PLACES}
+
+
+def _lost_at_text(w: dict[str, Any]) -> str:
+    where = w.get("lost_at_ndr")
+    if not where:
+        return "-"
+    parts = [f"{short} {where[k]:,}" for k, short in LOSS_PLACES.items() if where[k]]
+    return ", ".join(parts) or "none"
+
+
 def derive_workload(w: dict[str, Any], background: float) -> None:
     """Cost per packet at NDR (median of the confirming trials), which limit applied, and the
     projection where the load, not the relay, was the limit. If any confirming trial's cost is
@@ -107,6 +135,7 @@ def derive_workload(w: dict[str, Any], background: float) -> None:
         invalid = [f"no NDR: {ndr.get('reason') or 'not searched'}"]
     cost = {k: _spread([c[k] for c in costs]) for k in costs[0]} if costs and not invalid else {}
     w["cost_at_ndr"] = cost
+    w["lost_at_ndr"] = lost_at(ndr.get("confirms", []))
     if invalid:
         w["cost_invalid"] = invalid[0]
     busy = (cost.get("relay_core_busy") or {}).get("median")
@@ -331,6 +360,7 @@ def table(result: dict[str, Any]) -> str:
             None,
             cells(lambda w: _spread_text((w.get("ndr") or {}).get("loss"), 100)),
         )
+        row("", "lost at NDR (**)", None, cells(_lost_at_text))
         row(
             "",
             "relay us/pkt at NDR",
@@ -424,6 +454,11 @@ def table(result: dict[str, Any]) -> str:
         "  at the highest offered rate with loss <= 0.1 % / 1 %; each relay at its own rates.",
         "relay us/pkt: the relay core's busy time (less its background) per delivered datagram;",
         "  next hop us/pkt: the router's NAPI thread taking in the relay's output (not added in).",
+        "(**) datagrams lost in the NDR's confirming trials, by place (the links' counters): "
+        "'ring' the relay's",
+        "  receive ring was full (the router could not hand them on), 'relay' in or after the "
+        "relay, 'out' the relay's",
+        "  output ring toward the next hop, 'before' on the generator's side.",
         "(*) limit 'load': at NDR the relay core was under "
         f"{100 * LOAD_LIMITED_BUSY:.0f} % busy or the top rate passed: the generator's core "
         "(generator, routing, sink,",

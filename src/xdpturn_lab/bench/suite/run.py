@@ -176,11 +176,14 @@ async def _bench_relay(
         errors.append(f"latency: {e!r}")
     # For throughput, the relay host's receive path (NAPI, which runs XDP) gets its own thread on
     # the relay's core, and the path draining the relay's output one ahead of the generator on
-    # the generator's core (see system.pin_napi). Undone before the next relay.
+    # the generator's core (see system.pin_napi). Both are SCHED_FIFO, as a NIC's receive softirq
+    # preempts any task: at SCHED_OTHER the receiving thread sometimes waited behind the relay
+    # core's other tasks long enough for its 256-frame veth ring to overflow (0.2-0.7 % lost at
+    # a quarter of the core). Undone before the next relay.
     counters = None
     if isinstance(relay, XdpturnRelay) and relay.name == "xdp":
         counters = relay.route_packets
-    relay_napi = system.pin_napi(hosts.relay.netns, workloads.HOST_IF, RELAY_CPU)
+    relay_napi = system.pin_napi(hosts.relay.netns, workloads.HOST_IF, RELAY_CPU, realtime=True)
     try:
         out_napi = system.pin_napi(hosts.tb.inet_netns, "to-relay", GENERATOR_CPU, realtime=True)
         try:
@@ -282,8 +285,9 @@ def run(settings: Settings, only: Sequence[str], out: Path) -> dict[str, Any]:
             "generator_cpu": GENERATOR_CPU,
             "note": "the relay process is pinned to relay_cpu and the load tools to "
             "generator_cpu. During throughput runs the NAPI thread receiving on the relay's "
-            "interface (it runs XDP) is pinned to relay_cpu, and the one draining the relay's "
-            "output to generator_cpu with SCHED_FIFO; routing and the receiving sink run on "
+            "interface (it runs XDP) is pinned to relay_cpu and the one draining the relay's "
+            "output to generator_cpu, both SCHED_FIFO (as a NIC's receive softirq preempts "
+            "any task); routing and the receiving sink run on "
             "generator_cpu. Latency runs use NAPI in softirq (no threads), as with a NIC.",
         },
         "cpu_accounting": report.CPU_ACCOUNTING,
@@ -291,8 +295,13 @@ def run(settings: Settings, only: Sequence[str], out: Path) -> dict[str, Any]:
     }
     topo = Topology(relays=[Relay("relay"), Relay("client"), Relay("peer")])
     try:
-        with system.machine_lock(LOCK_WAIT_S, _log) as waited:
+        with (
+            system.machine_lock(LOCK_WAIT_S, _log) as waited,
+            system.no_idle_halt() as polling,
+        ):
             result["waited_for_other_bench_s"] = waited
+            # See system.no_idle_halt: without it, idle wake-ups in the VM lose datagrams.
+            result["placement"]["idle_cores_poll"] = polling
             _measure(result, settings, only, topo)
     except system.MachineBusy as e:
         raise SystemExit(f"xdpturn-lab bench: {e}") from None

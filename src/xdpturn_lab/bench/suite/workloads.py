@@ -152,6 +152,12 @@ class Probe:
     relay_ns: str | None = None
     relay_napi: tuple[int, ...] = ()
     return_napi: tuple[int, ...] = ()
+    router_ns: str | None = None  # the internet router, whose `to-relay` feeds the relay
+
+
+# The router's interface toward the relay: what it could not hand to the relay's veth (that
+# veth's receive ring, 256 frames, was full) is its transmit drop.
+ROUTER_TO_RELAY = "to-relay"
 
 
 class LoadRunner:
@@ -201,13 +207,28 @@ class LoadRunner:
         count0 = system.sink_count(self._receiver_ns)
         link0 = _link(self._receiver_ns)
         relay0 = _link(p.relay_ns) if p.relay_ns else None
+        ring0 = link_counters(p.router_ns, ROUTER_TO_RELAY) if p.router_ns else None
         cpu0 = system.cpu_sample(p.relay_pid, RELAY_CPU, p.relay_napi, p.return_napi)
         self._gen.go_at(rate, seconds)
         sent = self._gen.result()
         delivered = system.sink_settled(self._receiver_ns) - count0
         cpu = system.cpu_sample(p.relay_pid, RELAY_CPU, p.relay_napi, p.return_napi) - cpu0
         link = _link(self._receiver_ns) - link0
-        relay_rx = _link(p.relay_ns).rx_packets - relay0.rx_packets if relay0 and p.relay_ns else 0
+        relay = _link(p.relay_ns) - relay0 if relay0 and p.relay_ns else None
+        ring = None
+        if ring0 is not None and p.router_ns:
+            ring = link_counters(p.router_ns, ROUTER_TO_RELAY) - ring0
+        relay_rx = relay.rx_packets if relay else 0
+        lost_at = None
+        if relay is not None and ring is not None:
+            # Where the datagrams that did not arrive were lost, from the links' own counters
+            # (a stray frame on a link, ARP or neighbour discovery, can make a difference -1).
+            lost_at = {
+                "before_relay": max(0, sent.sent - relay_rx - ring.tx_dropped),
+                "relay_receive_ring": ring.tx_dropped,
+                "relay_output_ring": relay.tx_dropped,
+                "in_or_after_relay": max(0, relay_rx - delivered - relay.tx_dropped),
+            }
         return search.Trial(
             requested_pps=rate,
             duration_s=seconds,
@@ -217,6 +238,7 @@ class LoadRunner:
             extra={
                 "rx_link_packets": link.rx_packets,
                 "relay_rx_packets": relay_rx,
+                "lost_at": lost_at,
                 "cpu": {
                     "wall_s": cpu.wall,
                     "relay_core_busy_s": cpu.relay_cpu,
@@ -353,7 +375,9 @@ def _searched(
     port: int,
     warm: str,
 ) -> WorkloadResult:
-    probe = Probe(relay.pid, hosts.relay.netns, hosts.relay_napi, hosts.return_napi)
+    probe = Probe(
+        relay.pid, hosts.relay.netns, hosts.relay_napi, hosts.return_napi, hosts.tb.inet_netns
+    )
     before = counters() if counters else None
     with LoadRunner(send, sender_ns, receiver_ns, port, probe, warm=warm) as runner:
 
