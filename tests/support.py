@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from typing import NoReturn
 
 import pytest
@@ -34,9 +35,11 @@ class Serve:
     """`xdpturn serve` as a subprocess, its JSON log lines read by a thread into a queue. One
     worker unless `env` sets XDPTURN_WORKERS (the default, the CPUs, varies by machine)."""
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, args: list[str], env: dict[str, str] | None = None, prefix: Sequence[str] = ()
+    ) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "xdpturn", "serve", *args],
+            [*prefix, sys.executable, "-m", "xdpturn", "serve", *args],
             stderr=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             text=True,

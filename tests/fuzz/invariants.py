@@ -42,6 +42,7 @@ from xdpturn.proto.commands import (
     Command,
     InstallChannel,
     OpenRelayPort,
+    PortResult,
     RemoveChannel,
     RemovePermission,
     SendToClient,
@@ -271,7 +272,7 @@ class ServerUnderFuzz:
                 if command.relay_port in self.ports.open:
                     raise Violation(f"opening an open port: {command}")
                 self.ports.open.add(command.relay_port)
-                self.server.handle_relay_port(command.relay_port, True, self.now)
+                self.server.handle_relay_port(command.relay_port, PortResult.OPENED, self.now)
             elif isinstance(command, CloseRelayPort):
                 if command.relay_port not in self.ports.open:
                     raise Violation(f"closing a port not open: {command}")

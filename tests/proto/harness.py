@@ -16,6 +16,7 @@ from xdpturn.proto.commands import (
     Command,
     InstallChannel,
     OpenRelayPort,
+    PortResult,
     RemoveChannel,
     SendToClient,
 )
@@ -45,13 +46,16 @@ class FakePorts:
     """The core's port chooser and the runtime's sockets, faked: ports are handed out in order
     from a small range, released ones last; `open` are the ports the core has opened
     (OpenRelayPort) and not closed yet, which tests check. `refused` ports are ones the runtime
-    cannot open (another program holds them)."""
+    cannot open (another program holds them); once `exhausted`, the runtime can open none (out
+    of file descriptors)."""
 
     def __init__(self, low: int = 50000, high: int = 50999) -> None:
         self.free = list(range(low, high + 1))
         self.open: dict[int, frozenset[Family]] = {}
         self.dont_fragment: set[int] = set()  # open ports whose sockets send with DF
         self.refused: set[int] = set()
+        self.exhausted = False
+        self.attempts = 0  # OpenRelayPort commands answered
 
     def acquire(
         self, families: frozenset[Family], *, even: bool = False, pair: bool = False
@@ -70,15 +74,18 @@ class FakePorts:
         assert port not in self.free, f"port {port} released twice"
         self.free.append(port)
 
-    def opened(self, command: OpenRelayPort) -> bool:
+    def opened(self, command: OpenRelayPort) -> PortResult:
         assert command.relay_port not in self.free, "opened a port the chooser did not hand out"
         assert command.relay_port not in self.open, "opened twice"
+        self.attempts += 1
+        if self.exhausted:
+            return PortResult.EXHAUSTED
         if command.relay_port in self.refused:
-            return False
+            return PortResult.TAKEN
         self.open[command.relay_port] = command.families
         if command.dont_fragment:
             self.dont_fragment.add(command.relay_port)
-        return True
+        return PortResult.OPENED
 
     def closed(self, command: CloseRelayPort) -> None:
         del self.open[command.relay_port]
@@ -222,8 +229,8 @@ class Harness:
         out: list[Command] = []
         while (command := self.server.next_command()) is not None:
             if isinstance(command, OpenRelayPort):
-                opened = self.ports.opened(command)
-                self.server.handle_relay_port(command.relay_port, opened, self.now)
+                result = self.ports.opened(command)
+                self.server.handle_relay_port(command.relay_port, result, self.now)
             elif isinstance(command, CloseRelayPort):
                 self.ports.closed(command)
             else:

@@ -35,6 +35,8 @@ from xdpturn.proto.commands import (
     AllocationOpened,
     ChannelRoute,
     InstallChannel,
+    OpenRelayPort,
+    PortResult,
     RemoveChannel,
     SendToClient,
     SendToPeer,
@@ -309,6 +311,33 @@ def test_ports_the_runtime_cannot_open_are_skipped_then_508() -> None:
     assert client.allocate().cls == MessageClass.SUCCESS and client.relay_port == 50002
     assert error_code(h.client("192.0.2.2:1").allocate()) == 508
     assert list(h.ports.open) == [50002]  # the refused ones were given back
+
+
+def test_a_runtime_out_of_resources_gets_one_attempt_then_508() -> None:
+    # Out of file descriptors, every port would fail alike: one attempt, not the whole range.
+    h = Harness(ports=FakePorts(50000, 50999))
+    h.ports.exhausted = True
+    response = h.client("192.0.2.1:1").allocate()
+    assert error_code(response) == 508
+    assert h.ports.attempts == 1
+    assert h.ports.open == {} and len(h.ports.free) == 1000  # everything given back
+    h.ports.exhausted = False  # descriptors freed: the next Allocate succeeds
+    assert h.client("192.0.2.2:1").allocate().cls == MessageClass.SUCCESS
+
+
+def test_a_pair_out_of_resources_closes_its_open_half() -> None:
+    h = Harness(ports=FakePorts(50000, 50999))
+    client = h.client("192.0.2.1:1")
+    opened = h.ports.opened
+
+    def second_port_exhausted(command: OpenRelayPort) -> PortResult:
+        h.ports.exhausted = command.relay_port % 2 == 1  # the pair's N + 1 fails
+        return opened(command)
+
+    h.ports.opened = second_port_exhausted  # type: ignore[method-assign]
+    even_port_reserve = (AttrType.EVEN_PORT, stun.encode_even_port(True))
+    assert error_code(client.allocate(even_port_reserve)) == 508
+    assert h.ports.open == {} and h.ports.attempts == 2
 
 
 # Refresh and expiry

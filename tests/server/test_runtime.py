@@ -27,6 +27,7 @@ from xdpturn.proto.commands import (
     Command,
     InstallChannel,
     OpenRelayPort,
+    PortResult,
     RemoveChannel,
     SendToClient,
     SendToPeer,
@@ -101,9 +102,9 @@ class FakeCore:
                 SendToClient(flow, b"ok"),
             ]
 
-    def handle_relay_port(self, port: int, opened: bool, now: float) -> None:
+    def handle_relay_port(self, port: int, result: PortResult, now: float) -> None:
         flow = self.opening.pop(port)
-        if not opened:
+        if result is not PortResult.OPENED:
             self.commands.append(SendToClient(flow, b"full"))
             return
         self.owner[port] = flow
@@ -408,8 +409,8 @@ def test_a_port_opened_for_dont_fragment_sends_with_df_and_others_as_the_kernel_
         try:
             with udp() as probe:  # a port number free in IPv4, and so likely in IPv6
                 df_port = local(probe).port
-            assert sockets.open(df_port, both, dont_fragment=True)
-            assert sockets.open(0, frozenset({Family.IPV4}))  # 0: any free port
+            assert sockets.open(df_port, both, dont_fragment=True) is PortResult.OPENED
+            assert sockets.open(0, frozenset({Family.IPV4})) is PortResult.OPENED  # 0: any
             df_v4 = sockets.socket(df_port, Family.IPV4)
             df_v6 = sockets.socket(df_port, Family.IPV6)
             plain = sockets.socket(0, Family.IPV4)

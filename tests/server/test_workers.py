@@ -402,6 +402,8 @@ def test_one_cpu_by_default_is_the_single_process_relay_of_before() -> None:
     try:
         assert proc.stderr is not None
         listening = json.loads(proc.stderr.readline())
+        if listening["message"] == "the open-file limit is lower than the port range needs":
+            listening = json.loads(proc.stderr.readline())  # this machine's hard limit is low
         assert listening["message"] == "listening"
         assert "worker" not in listening and "workers" not in listening
         children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
@@ -445,6 +447,7 @@ def test_an_address_in_use_fails_the_start_naming_the_option() -> None:
         proc = Serve(["--listen", address, "--auth-secret", SECRET, "--workers", "2"])
         assert proc.proc.wait(timeout=BOUNDED) == 1
         output = list(iter(lambda: proc.lines.get(timeout=BOUNDED), None))
-        assert output == [
+        # Log records aside (this machine's open-file limit gets a warning): the one error.
+        assert [line for line in output if not line.startswith("{")] == [
             f"xdpturn serve: --listen: cannot bind {address}: Address already in use\n"
         ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import sys
 import time
@@ -27,7 +28,10 @@ from xdpturn.log import setup_logging
 from xdpturn.proto.addr import TransportAddr
 from xdpturn.proto.auth import mint_rest_credentials, rest_password
 from xdpturn.server.lifecycle import StartError, event_loop_factory, run
+from xdpturn.server.sockets import raise_open_file_limit
 from xdpturn.server.workers import run_workers
+
+log = logging.getLogger("xdpturn.server")
 
 # serve
 
@@ -73,6 +77,18 @@ def _serve(args: argparse.Namespace) -> int:
         raise UsageError("serve", str(e)) from None
 
     setup_logging(config.log_format, config.log_level)
+    files, need = raise_open_file_limit(len(config.ports))
+    if files < need:
+        # Past it, Allocates get 508 "Relay out of resources" while ports are still free.
+        log.warning(
+            "the open-file limit is lower than the port range needs",
+            extra={
+                "open_files": files,
+                "needed": need,
+                "fix": "raise the hard limit (LimitNOFILE= in the systemd unit, ulimit -Hn) "
+                "or run as root",
+            },
+        )
     try:
         return run_workers(config) if config.workers > 1 else run(config)
     except StartError as e:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 from xdpturn.proto.addr import ClientAddr, ClientFlow, Family, IPAddress, PeerAddr
@@ -38,6 +39,14 @@ class OpenRelayPort:
     relay_port: int
     families: frozenset[Family]
     dont_fragment: bool = False
+
+
+class PortResult(enum.Enum):
+    """What became of an `OpenRelayPort`, as the runtime answers it."""
+
+    OPENED = "opened"
+    TAKEN = "taken"  # another program holds it (or may not have it): another port may do
+    EXHAUSTED = "exhausted"  # out of file descriptors or memory: no other port would open now
 
 
 @dataclass(frozen=True, slots=True)

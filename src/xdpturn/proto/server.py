@@ -57,6 +57,7 @@ from xdpturn.proto.commands import (
     Command,
     InstallChannel,
     OpenRelayPort,
+    PortResult,
     RemoveChannel,
     RemovePermission,
     SendToClient,
@@ -228,6 +229,7 @@ class _PendingAllocate:
     waiting: set[int] = field(default_factory=set)
     opened: list[int] = field(default_factory=list)
     refused: list[int] = field(default_factory=list)
+    exhausted: bool = False  # a port was refused for want of resources: try no other
 
 
 @dataclass
@@ -326,10 +328,13 @@ class TurnServer:
             return
         self._deliver_to_client(alloc, peer, data, now)
 
-    def handle_relay_port(self, port: int, opened: bool, now: float) -> None:
-        """The runtime's answer to `OpenRelayPort(port)`: the sockets are open, or they could not
-        be (another program holds the port), and the Allocate tries the next one (the next
-        pair: one refused port of a pair closes the other)."""
+    def handle_relay_port(self, port: int, result: PortResult, now: float) -> None:
+        """The runtime's answer to `OpenRelayPort(port)`: the sockets are open; or they could not
+        be because another program holds the port, and the Allocate tries the next one (the next
+        pair: one refused port of a pair closes the other); or the process is out of resources
+        (file descriptors), and the Allocate gets its 508 at once: trying every other port
+        would fail the same way, one system call and one log line each."""
+        opened = result is PortResult.OPENED
         if port in self._reopening:
             self._reopening.discard(port)
             alloc = self._by_port.get(port)
@@ -349,6 +354,7 @@ class TurnServer:
             return
         pending.waiting.discard(port)
         (pending.opened if opened else pending.refused).append(port)
+        pending.exhausted |= result is PortResult.EXHAUSTED
         if pending.waiting:  # the pair's other port is still being opened
             return
         if len(pending.opened) < (2 if pending.pair else 1):
@@ -356,7 +362,10 @@ class TurnServer:
                 self._ports.release(other)
                 self._push(CloseRelayPort(other))
             pending.opened.clear()
-            self._open_next_port(pending)
+            if pending.exhausted:
+                self._refuse_allocate(pending, "Relay out of resources")
+            else:
+                self._open_next_port(pending)
             return
         self._release_refused(pending)
         request = pending.request
@@ -921,11 +930,7 @@ class TurnServer:
         port = self._ports.acquire(pending.families, even=pending.even, pair=pending.pair)
         if port is None:
             if pending.refused:  # the Allocate is answered here, not by the caller
-                self._release_refused(pending)
-                request = pending.request
-                self._quotas.release(request.username, request.flow.client.ip)
-                error = TurnError(508, _NO_PORT[pending.even, pending.pair])
-                self._respond_error(request.flow, request.message, error, request)
+                self._refuse_allocate(pending, _NO_PORT[pending.even, pending.pair])
             return False
         pending.port = port
         # A pair's N + 1 is opened now, not when its token comes: then no other program can
@@ -935,6 +940,13 @@ class TurnServer:
             self._opening[opening] = pending
             self._push(OpenRelayPort(opening, pending.families, pending.dont_fragment))
         return True
+
+    def _refuse_allocate(self, pending: _PendingAllocate, reason: str) -> None:
+        """Answer a pending Allocate 508 after its ports were refused."""
+        self._release_refused(pending)
+        request = pending.request
+        self._quotas.release(request.username, request.flow.client.ip)
+        self._respond_error(request.flow, request.message, TurnError(508, reason), request)
 
     def _release_refused(self, pending: _PendingAllocate) -> None:
         # Held while the Allocate lasts, so the chooser does not offer them again.

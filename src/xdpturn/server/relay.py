@@ -31,6 +31,7 @@ from xdpturn.proto.commands import (
     Command,
     InstallChannel,
     OpenRelayPort,
+    PortResult,
     RemoveChannel,
     RemovePermission,
     SendToClient,
@@ -94,7 +95,7 @@ class Core(Protocol):
     def allocations(self) -> list[AllocationInfo]: ...
     def set_throughput(self, bps: float) -> None: ...
     def handle_flow_closed(self, flow: ClientFlow, now: float) -> None: ...
-    def handle_relay_port(self, port: int, opened: bool, now: float) -> None: ...
+    def handle_relay_port(self, port: int, result: PortResult, now: float) -> None: ...
     def export_state(self, now: float, wall_now: float) -> CoreState: ...
     def restore_state(
         self, state: CoreState, now: float, wall_now: float, listeners: int
@@ -664,8 +665,8 @@ class RelayServer:
         match command:
             case OpenRelayPort(relay_port, families, dont_fragment):
                 assert self._relay_sockets is not None
-                opened = self._relay_sockets.open(relay_port, families, dont_fragment)
-                self.core.handle_relay_port(relay_port, opened, self._clock())
+                result = self._relay_sockets.open(relay_port, families, dont_fragment)
+                self.core.handle_relay_port(relay_port, result, self._clock())
             case CloseRelayPort(relay_port):
                 assert self._relay_sockets is not None
                 self._relay_sockets.close(relay_port)

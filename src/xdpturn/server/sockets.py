@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import ipaddress
 import logging
+import resource
 import socket
 import struct
 from collections.abc import Callable, Mapping
 
 from xdpturn.proto.addr import Family, IPAddress, TransportAddr
+from xdpturn.proto.commands import PortResult
 
 log = logging.getLogger("xdpturn.server")
+
+# Errors that say the process, not the port, is the problem: no other port would open either.
+_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 MAX_DATAGRAM = 65535
 
@@ -149,11 +155,13 @@ class RelaySockets:
         self._sockets: dict[int, dict[Family, socket.socket]] = {}
         self._closed_drops = 0  # receive_drops of the sockets already closed
 
-    def open(self, port: int, families: frozenset[Family], dont_fragment: bool = False) -> bool:
-        """Bind `port` in every family of `families`; False (and nothing bound) when it cannot.
+    def open(
+        self, port: int, families: frozenset[Family], dont_fragment: bool = False
+    ) -> PortResult:
+        """Bind `port` in every family of `families` (nothing stays bound unless all are).
         `dont_fragment`: see set_dont_fragment."""
         if port in self._sockets or not families or not families <= self._bind.keys():
-            return False
+            return PortResult.TAKEN
         socks: dict[Family, socket.socket] = {}
         for family in sorted(families):
             try:
@@ -162,15 +170,16 @@ class RelaySockets:
                 if dont_fragment:
                     set_dont_fragment(sock, family)
             except OSError as e:
-                if e.errno not in (errno.EADDRINUSE, errno.EACCES):
-                    log.warning("cannot bind a relay port", extra={"port": port, "error": str(e)})
                 for sock in socks.values():
                     sock.close()
-                return False
+                if e.errno in (errno.EADDRINUSE, errno.EACCES):
+                    return PortResult.TAKEN
+                log.warning("cannot bind a relay port", extra={"port": port, "error": str(e)})
+                return PortResult.EXHAUSTED if e.errno in _EXHAUSTED else PortResult.TAKEN
         self._sockets[port] = socks
         for family, sock in socks.items():
             self._loop.add_reader(sock.fileno(), self._reader, sock, port, family)
-        return True
+        return PortResult.OPENED
 
     def close(self, port: int) -> None:
         for sock in self._sockets.pop(port, {}).values():
@@ -195,3 +204,32 @@ class RelaySockets:
     def close_all(self) -> None:
         for port in list(self._sockets):
             self.close(port)
+
+
+# Descriptors an allocation may hold: a relay socket per family (two for a dual allocation) and
+# its UDP client's connected socket; plus room for listeners, TCP clients and the rest.
+FILES_PER_ALLOCATION = 3
+FILES_HEADROOM = 4096
+
+
+def raise_open_file_limit(relay_ports: int) -> tuple[int, int]:
+    """Raise this process's open-file limit (RLIMIT_NOFILE) to what `relay_ports` allocations
+    need, as far as it may: the hard limit too when privileged (to at most fs.nr_open), else
+    the soft limit to the hard one. Returns (limit now, limit needed). Workers inherit it."""
+    need = relay_ports * FILES_PER_ALLOCATION + FILES_HEADROOM
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    unlimited = resource.RLIM_INFINITY
+    if hard != unlimited and hard < need:
+        try:
+            with open("/proc/sys/fs/nr_open") as f:
+                ceiling = int(f.read())
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(need, ceiling),) * 2)
+        except (OSError, ValueError):
+            pass  # not privileged: the hard limit stays
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != unlimited else need
+    if soft != unlimited and soft < target:
+        with contextlib.suppress(OSError, ValueError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return (soft if soft != unlimited else need), need
