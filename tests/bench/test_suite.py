@@ -121,6 +121,11 @@ def test_xdp_routes_counted_what_the_sink_received(quick_run: tuple[dict[str, An
         # program forwarded and the sink missed was lost on the way back, and is bounded.
         assert delivered <= moved[route] <= sent, (w["name"], moved, sent, delivered)
         assert moved[route] - delivered <= sent - delivered
+        # What reached the relay's interface, the program relayed and the sink counted: loss at
+        # any rate is the rings' (the links' counters say where), never the program's.
+        for t in w["search_trials"]:
+            lost_inside = t["lost_at"]["in_or_after_relay"]
+            assert lost_inside <= max(2, t["sent"] // 1000), (w["name"], t["lost_at"], t["sent"])
 
 
 @pytest.mark.kernel
