@@ -7,6 +7,7 @@ import statistics
 from typing import Any
 
 from xdpturn_lab.bench import tools
+from xdpturn_lab.bench.suite.search import NDR_LOSS
 
 CPU_ACCOUNTING = (
     "relay_us_per_pkt: the relay core's busy time during the trial (wall time less the core's "
@@ -122,6 +123,24 @@ def _lost_at_text(w: dict[str, Any]) -> str:
     return ", ".join(parts) or "none"
 
 
+def _lost_in_relay_above(w: dict[str, Any]) -> bool:
+    """Whether the first search trial above the NDR that failed its goal lost most of its
+    datagrams in the relay (its sockets' queues): then the relay set the rate even with its
+    core under LOAD_LIMITED_BUSY (bursts overflowed its queues), not the load."""
+    rate = (w.get("ndr") or {}).get("rate_pps")
+    above = [
+        t
+        for t in w.get("search_trials", [])
+        if rate is not None and t["offered_pps"] > rate and t["loss"] > NDR_LOSS
+    ]
+    if not above:
+        return False
+    where = min(above, key=lambda t: t["offered_pps"]).get("lost_at")
+    if not where:
+        return False
+    return bool(2 * where["in_or_after_relay"] > sum(where.values()))
+
+
 def derive_workload(w: dict[str, Any], background: float) -> None:
     """Cost per packet at NDR (median of the confirming trials), which limit applied, and the
     projection where the load, not the relay, was the limit. If any confirming trial's cost is
@@ -138,7 +157,9 @@ def derive_workload(w: dict[str, Any], background: float) -> None:
     if invalid:
         w["cost_invalid"] = invalid[0]
     busy = (cost.get("relay_core_busy") or {}).get("median")
-    limited = bool(w["load_limited"]) or (busy is not None and busy < LOAD_LIMITED_BUSY)
+    limited = bool(w["load_limited"]) or (
+        busy is not None and busy < LOAD_LIMITED_BUSY and not _lost_in_relay_above(w)
+    )
     # No NDR: nothing to say what limited it (the reason says why there is none).
     w["limit"] = ("load" if limited else "relay") if ndr.get("confirms") else None
     per_pkt = (cost.get("relay_us_per_pkt") or {}).get("median")
@@ -458,10 +479,11 @@ def table(result: dict[str, Any]) -> str:
         "  receive ring was full (the router could not hand them on), 'relay' in or after the "
         "relay, 'out' the relay's",
         "  output ring toward the next hop, 'before' on the generator's side.",
-        "(*) limit 'load': at NDR the relay core was under "
-        f"{100 * LOAD_LIMITED_BUSY:.0f} % busy or the top rate passed: the generator's core "
-        "(generator, routing, sink,",
-        "  return path), not the relay, set the rate; projected kpps/core = 1 / relay us/pkt, a",
+        "(*) limit 'load': the top rate passed, or at NDR the relay core was under "
+        f"{100 * LOAD_LIMITED_BUSY:.0f} % busy and the first failing trial above it lost its "
+        "datagrams outside the relay:",
+        "  the generator's core (generator, routing, sink, return path) or the rings, not the "
+        "relay, set the rate; projected kpps/core = 1 / relay us/pkt, a",
         "  projection from the measured cost, not a measurement.",
         "control plane: relay CPU us per authenticated Allocate+CreatePermission+ChannelBind (the",
         "  headline); driver/relay/core busy: CPU time / wall time of the drivers, the relay "
