@@ -57,6 +57,16 @@ class CloseRelayPort:
 
 
 @dataclass(frozen=True, slots=True)
+class FetchReservation:
+    """Fetch the reservation of RESERVATION-TOKEN `token` from the worker process of the relay
+    that holds it (an Allocate presented it here): that worker gives it up with the sockets of
+    its port, which this runtime takes as its own. The runtime answers with
+    `handle_fetched_reservation`, also when no worker held it."""
+
+    token: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class ChannelRoute:
     """One channel binding as the kernel fast path needs it, both directions in one record.
 
@@ -128,6 +138,7 @@ Command = (
     | SendToPeer
     | OpenRelayPort
     | CloseRelayPort
+    | FetchReservation
     | InstallChannel
     | RemoveChannel
     | AllocationOpened

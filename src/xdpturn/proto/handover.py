@@ -7,6 +7,11 @@ so times are converted with the pair (core now, wall now) on the way out and on 
 
 `from_plain` checks everything it reads and raises `StateError` on anything unexpected, so a
 state file from another format version, truncated or corrupt, is refused as a whole.
+
+A reservation also moves between the worker processes of one running relay
+(`TurnServer.give_up_reservation`, `handle_fetched_reservation`): as a `SavedReservation` whose
+`expires` is the seconds it has left, in the same plain form (`reservation_to_plain`,
+`reservation_from_plain`).
 """
 
 from __future__ import annotations
@@ -55,7 +60,7 @@ class SavedReservation:
     relay_port: int
     families: frozenset[Family]
     dont_fragment: bool
-    expires: float  # wall clock
+    expires: float  # wall clock; between workers, the seconds it has left
 
 
 @dataclass(frozen=True)
@@ -70,17 +75,26 @@ def to_plain(state: CoreState) -> dict[str, Any]:
         "format": FORMAT_VERSION,
         "nonce_key": state.nonce_key.hex(),
         "allocations": [_allocation_to_plain(a) for a in state.allocations],
-        "reservations": [
-            {
-                "token": r.token.hex(),
-                "relay_port": r.relay_port,
-                "families": sorted(int(f) for f in r.families),
-                "dont_fragment": r.dont_fragment,
-                "expires": r.expires,
-            }
-            for r in state.reservations
-        ],
+        "reservations": [reservation_to_plain(r) for r in state.reservations],
     }
+
+
+def reservation_to_plain(r: SavedReservation) -> dict[str, Any]:
+    return {
+        "token": r.token.hex(),
+        "relay_port": r.relay_port,
+        "families": sorted(int(f) for f in r.families),
+        "dont_fragment": r.dont_fragment,
+        "expires": r.expires,
+    }
+
+
+def reservation_from_plain(data: object) -> SavedReservation:
+    """The reservation in `data` (as `reservation_to_plain` made it). Raises StateError."""
+    try:
+        return _reservation_from_plain(data)
+    except (KeyError, TypeError, ValueError) as e:
+        raise StateError(f"malformed reservation: {type(e).__name__} {e}") from e
 
 
 def _allocation_to_plain(a: SavedAllocation) -> dict[str, Any]:
@@ -215,5 +229,7 @@ __all__ = [
     "SavedReservation",
     "StateError",
     "from_plain",
+    "reservation_from_plain",
+    "reservation_to_plain",
     "to_plain",
 ]

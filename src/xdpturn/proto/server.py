@@ -16,6 +16,13 @@ is a live allocation, the datagram is handed to that allocation here, as if it h
 the network, and never becomes a `SendToPeer`. When another worker process of the same relay
 holds that port (an injected `SiblingAllocations` says so), it becomes a `SendToPeer` to the
 address that worker's socket listens on, and arrives there from a peer.
+
+Reservations across workers: a core that is one of several workers (`ServerConfig.worker`) puts
+its index in the first two bytes of its RESERVATION-TOKENs. An Allocate with a token this core
+does not hold is held while the runtime fetches the reservation from the worker that does
+(`FetchReservation`; that worker's core gives it up with `give_up_reservation`, and the runtime
+moves the port's sockets), then answered as a local token would be
+(`handle_fetched_reservation`); no answer within FETCH_TIMEOUT is an unknown token.
 """
 
 from __future__ import annotations
@@ -55,6 +62,7 @@ from xdpturn.proto.commands import (
     ChannelRoute,
     CloseRelayPort,
     Command,
+    FetchReservation,
     InstallChannel,
     OpenRelayPort,
     PortResult,
@@ -83,6 +91,10 @@ CHANNEL_COOLDOWN = 300
 # How long the port after an EVEN-PORT allocation with the R bit is held for its
 # RESERVATION-TOKEN: the "at least 30 seconds" of section 7.2, and no longer.
 RESERVATION_LIFETIME = 30
+# How long an Allocate waits for a reservation another worker holds (FetchReservation) before
+# it is answered as for an unknown token; and how many may wait at once.
+FETCH_TIMEOUT = 1.0
+MAX_FETCHES = 256
 NONCE_LIFETIME = 600
 
 UDP_PROTOCOL = 17
@@ -156,6 +168,10 @@ class ServerConfig:
     allocation_burst: float = DEFAULT_BURST_SECONDS
     # New allocations get 508 while the relay's measured rate (set_throughput) is at least this.
     max_bps: int | None = None
+    # This core's index among the relay's worker processes (0-65535), None for the only one:
+    # its reservation tokens start with it, and a token it does not hold is fetched through the
+    # runtime from the worker that does (FetchReservation).
+    worker: int | None = None
 
 
 @dataclass(frozen=True)
@@ -300,6 +316,12 @@ class TurnServer:
         # By token, in the order made, which is the order they expire in: every reservation
         # lives RESERVATION_LIFETIME, so the first one is always the next to expire.
         self._reservations: dict[bytes, _Reservation] = {}
+        if config.worker is not None and not 0 <= config.worker <= 0xFFFF:
+            raise ValueError(f"worker index {config.worker} does not fit a token's two bytes")
+        self._token_prefix = b"" if config.worker is None else config.worker.to_bytes(2, "big")
+        # Allocates waiting for the reservation of their token from another worker, by token,
+        # with when to stop waiting; in the order asked, which is the order they time out in.
+        self._fetching: dict[bytes, tuple[_Request, float]] = {}
         self._seq = itertools.count()
         self._commands: list[Command] = []
         self._next_command = 0
@@ -373,17 +395,26 @@ class TurnServer:
         self._respond(request.flow, response, request, request.message)
 
     def get_timer(self) -> float | None:
-        timer = self._timers[0][0] if self._timers else None
+        deadlines = [self._timers[0][0]] if self._timers else []
         reservation = self._first_reservation()
-        if reservation is not None and (timer is None or reservation.expires < timer):
-            return reservation.expires
-        return timer
+        if reservation is not None:
+            deadlines.append(reservation.expires)
+        fetch = next(iter(self._fetching.values()), None)
+        if fetch is not None:
+            deadlines.append(fetch[1])
+        return min(deadlines, default=None)
 
     def handle_timer(self, now: float) -> None:
         while (reservation := self._first_reservation()) is not None:
             if reservation.expires > now:
                 break
             self._cancel_reservation(reservation)
+        while (fetch := next(iter(self._fetching.items()), None)) is not None:
+            token, (request, deadline) = fetch
+            if deadline > now:
+                break
+            del self._fetching[token]
+            self._resume_allocate(request, now)  # no reservation here: as for an unknown token
         while self._timers and self._timers[0][0] <= now:
             when, _, port = heapq.heappop(self._timers)
             alloc = self._by_port.get(port)
@@ -408,14 +439,20 @@ class TurnServer:
             self._delete_allocation(alloc, "shutdown")
         for reservation in list(self._reservations.values()):
             self._cancel_reservation(reservation)
+        self._fetching.clear()  # unanswered, as every request in flight at shutdown
 
     def handle_flow_closed(self, flow: ClientFlow, now: float) -> None:
         """The TCP/TLS connection of `flow` closed. Its allocation is deleted at once: no
         request can reach it again (a new connection is a new 5-tuple), and leaving it to
         expire would hold its port and quota for up to an hour."""
+        if flow.transport is Transport.UDP:
+            return
         alloc = self._by_flow.get(flow)
-        if alloc is not None and flow.transport is not Transport.UDP:
+        if alloc is not None:
             self._delete_allocation(alloc, "connection_closed")
+        for token, (request, _) in list(self._fetching.items()):
+            if request.flow == flow:  # its reservation, when it comes, waits for another try
+                del self._fetching[token]
 
     def drain(self, alternate: TransportAddr | None = None) -> None:
         """Accept no new allocations: a new Allocate is answered 300 Try Alternate with
@@ -536,22 +573,69 @@ class TurnServer:
         """Hold the reserved ports again, each reopened like a restored allocation's; ones that
         lapsed meanwhile, or whose port or family is gone, are dropped (their token's Allocate
         then gets 508, as for any unknown token)."""
-        # In expiry order: `_first_reservation` relies on it.
-        for r in sorted(saved, key=lambda r: r.expires):
-            expires = r.expires + to_core
-            if (
-                expires <= now
-                or r.token in self._reservations
-                or not r.families
-                or not r.families <= self._public.keys()
-                or not self._ports.claim(r.relay_port, r.families)
-            ):
-                continue
-            self._reservations[r.token] = _Reservation(
-                r.token, r.relay_port, r.families, r.dont_fragment, expires
-            )
-            self._reopening.add(r.relay_port)
-            self._push(OpenRelayPort(r.relay_port, r.families, r.dont_fragment))
+        for r in sorted(saved, key=lambda r: r.expires):  # so `_hold` need not reorder
+            if self._hold_saved(r, r.expires + to_core, now):
+                self._reopening.add(r.relay_port)
+                self._push(OpenRelayPort(r.relay_port, r.families, r.dont_fragment))
+
+    def _hold_saved(self, r: SavedReservation, expires: float, now: float) -> bool:
+        """Hold a reservation of another process (restored) or worker (fetched) until
+        `expires`, its port claimed; False when it lapsed meanwhile or its port or family is
+        not to be had here."""
+        if (
+            expires <= now
+            or r.token in self._reservations
+            or not r.families
+            or not r.families <= self._public.keys()
+            or not self._ports.claim(r.relay_port, r.families)
+        ):
+            return False
+        self._hold(_Reservation(r.token, r.relay_port, r.families, r.dont_fragment, expires))
+        return True
+
+    def _hold(self, reservation: _Reservation) -> None:
+        """Keep the table in expiry order (`_first_reservation` relies on it): reservations
+        made here come in that order; one from elsewhere may have less left."""
+        last = next(reversed(self._reservations.values()), None)
+        self._reservations[reservation.token] = reservation
+        if last is not None and reservation.expires < last.expires:
+            ordered = sorted(self._reservations.values(), key=lambda r: r.expires)
+            self._reservations = {r.token: r for r in ordered}
+
+    def give_up_reservation(self, token: bytes, now: float) -> SavedReservation | None:
+        """Another worker asks for the reservation of `token` (an Allocate presented it there):
+        it leaves this core, its port released here but not closed, since the runtime hands the
+        port's sockets over with it. `expires` in the result is the seconds it has left. None
+        when this core holds no live reservation of that token (unknown, expired or used)."""
+        reservation = self._reservations.get(token)
+        if reservation is None or reservation.expires <= now:
+            return None
+        del self._reservations[token]
+        self._ports.release(reservation.relay_port)
+        return SavedReservation(
+            token,
+            reservation.relay_port,
+            reservation.families,
+            reservation.dont_fragment,
+            reservation.expires - now,
+        )
+
+    def handle_fetched_reservation(
+        self, token: bytes, handed: SavedReservation | None, now: float
+    ) -> None:
+        """The runtime's answer to `FetchReservation(token)`: the reservation as the worker that
+        held it gave it up (`expires`: seconds left), its port's sockets now open in this
+        runtime; or None when no worker held it or the hand-over failed. It is held here for
+        the rest of its 30 s, and the Allocate waiting for it is answered now; after
+        FETCH_TIMEOUT that Allocate was answered as for an unknown token already, and the
+        reservation waits for the client's next try."""
+        if handed is not None and (
+            handed.token != token or not self._hold_saved(handed, now + handed.expires, now)
+        ):
+            self._push(CloseRelayPort(handed.relay_port))  # the sockets the runtime took
+        held = self._fetching.pop(token, None)
+        if held is not None:
+            self._resume_allocate(held[0], now)
 
     def set_throughput(self, bps: float) -> None:
         """The relay's current rate of relayed payload, both paths, in bits per second, as the
@@ -874,10 +958,14 @@ class TurnServer:
             return False
         return expires >= now and hmac.compare_digest(mac, self._nonce_mac(expiry, flow))
 
-    def _allocate(self, request: _Request, now: float) -> bytes | None:
+    def _allocate(self, request: _Request, now: float, *, fetch: bool = True) -> bytes | None:
+        """`fetch`: a token this core does not hold may be fetched from another worker (not
+        when resuming an Allocate that waited for one)."""
         message, flow = request.message, request.flow
-        if any(p.request.flow == flow for p in self._opening.values()):
-            return None  # a retransmission while its port is being opened: answered then
+        if any(p.request.flow == flow for p in self._opening.values()) or any(
+            held.flow == flow for held, _ in self._fetching.values()
+        ):
+            return None  # a retransmission while its port is opened or its token fetched
         existing = self._by_flow.get(flow)
         if existing is not None:
             if existing.expires <= now:  # expired, its timer has not run yet
@@ -895,7 +983,17 @@ class TurnServer:
             raise TurnError(400, "Missing REQUESTED-TRANSPORT")
         if _decode(stun.decode_requested_transport, transport) != UDP_PROTOCOL:
             raise TurnError(442)
-        reservation = self._requested_reservation(message, now)
+        lifetime = _granted_lifetime(message, default=DEFAULT_ALLOCATION_LIFETIME)
+        token = self._requested_token(message)
+        reservation = None
+        if token is not None:
+            reservation = self._reservations.get(token)
+            if reservation is None and fetch and self._may_fetch(token):
+                self._fetching[token] = (request, now + FETCH_TIMEOUT)
+                self._push(FetchReservation(token))
+                return None  # answered when the reservation comes, or at FETCH_TIMEOUT
+            if reservation is None or reservation.expires <= now:
+                raise TurnError(508, "No reservation for this token")
         address_errors: list[tuple[Family, int]] = []
         if reservation is not None:
             families = reservation.families
@@ -910,7 +1008,6 @@ class TurnServer:
             unknown = stun.encode_unknown_attributes([AttrType.DONT_FRAGMENT])
             error.attributes.append((AttrType.UNKNOWN_ATTRIBUTES, unknown))
             raise error
-        lifetime = _granted_lifetime(message, default=DEFAULT_ALLOCATION_LIFETIME)
         self._acquire_quota(request.username, flow)
         pending = _PendingAllocate(
             request, families, address_errors, lifetime, even, pair, dont_fragment
@@ -998,10 +1095,30 @@ class TurnServer:
         self._push(AllocationOpened(flow, port, families, request.username, lifetime))
         return alloc.allocate_response
 
-    def _requested_reservation(self, message: Message, now: float) -> _Reservation | None:
-        """The reservation a RESERVATION-TOKEN names (section 7.2, check 5): it takes the
-        reserved port with that port's family, so the request may name no port parity and no
-        address family; a token that is unknown, expired or already used gets 508."""
+    def _resume_allocate(self, request: _Request, now: float) -> None:
+        """Answer an Allocate that waited for its token's reservation from another worker."""
+        try:
+            response = self._allocate(request, now, fetch=False)
+        except TurnError as error:
+            self._respond_error(request.flow, request.message, error, request)
+            return
+        if response is not None:
+            self._respond(request.flow, response, request, request.message)
+
+    def _may_fetch(self, token: bytes) -> bool:
+        """A token this core does not hold may be another worker's (or one it gave up): asked
+        of the runtime, unless this is the only worker, another Allocate waits for the same
+        token (the first takes it), or too many wait already."""
+        return (
+            bool(self._token_prefix)
+            and token not in self._fetching
+            and len(self._fetching) < MAX_FETCHES
+        )
+
+    def _requested_token(self, message: Message) -> bytes | None:
+        """The RESERVATION-TOKEN (section 7.2, check 5): it takes the reserved port with that
+        port's family, so the request may name no port parity and no address family. A token
+        that is unknown, expired or already used gets 508 (the caller's)."""
         value = message.get(AttrType.RESERVATION_TOKEN)
         if value is None:
             return None
@@ -1012,11 +1129,7 @@ class TurnServer:
         ):
             if message.get(attr) is not None:
                 raise TurnError(400, f"RESERVATION-TOKEN with {attr.name.replace('_', '-')}")
-        token = _decode(stun.decode_reservation_token, value)
-        reservation = self._reservations.get(token)
-        if reservation is None or reservation.expires <= now:
-            raise TurnError(508, "No reservation for this token")
-        return reservation
+        return _decode(stun.decode_reservation_token, value)
 
     def _requested_parity(self, message: Message) -> tuple[bool, bool]:
         """(even, pair) from EVEN-PORT (section 7.2, check 8). A pair reserves N + 1 in the one
@@ -1030,12 +1143,13 @@ class TurnServer:
         return True, pair
 
     def _reserve(self, port: int, pending: _PendingAllocate, now: float) -> bytes:
-        token = self._secret_rng.randbytes(8)
-        while token in self._reservations:  # 64 random bits: in practice never
-            token = self._secret_rng.randbytes(8)
+        # With workers, the first two bytes say which made it, 48 random bits remain.
+        prefix, random_bytes = self._token_prefix, 8 - len(self._token_prefix)
+        token = prefix + self._secret_rng.randbytes(random_bytes)
+        while token in self._reservations:  # 48 or 64 random bits: in practice never
+            token = prefix + self._secret_rng.randbytes(random_bytes)
         expires = now + RESERVATION_LIFETIME
-        reservation = _Reservation(token, port, pending.families, pending.dont_fragment, expires)
-        self._reservations[token] = reservation
+        self._hold(_Reservation(token, port, pending.families, pending.dont_fragment, expires))
         return token
 
     def _first_reservation(self) -> _Reservation | None:
