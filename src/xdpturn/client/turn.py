@@ -175,6 +175,8 @@ class TurnClient:
         self.relayed: list[TransportAddr] = []
         self.mapped: TransportAddr | None = None
         self.lifetime: int | None = None
+        # The RESERVATION-TOKEN of the next port, after allocate(reserve_next=True).
+        self.reservation_token: bytes | None = None
         self.last_error: TurnClientError | None = None
         self.dropped = 0  # datagrams dropped: malformed, unknown channel, or inbox full
 
@@ -215,12 +217,25 @@ class TurnClient:
         family: Family = Family.IPV4,
         additional_family: Family | None = None,
         lifetime: int | None = None,
+        *,
+        even_port: bool = False,
+        reserve_next: bool = False,
+        reservation_token: bytes | None = None,
     ) -> list[TransportAddr]:
         """Allocate relayed addresses: one in `family`, plus one in `additional_family` for a
-        dual-stack allocation (RFC 8656 section 7.1 allows only IPv4 + additional IPv6)."""
+        dual-stack allocation (RFC 8656 section 7.1 allows only IPv4 + additional IPv6).
+        `even_port`: on an even port (EVEN-PORT); `reserve_next`: and the next port held for
+        another allocation, whose token is then `reservation_token` (the R bit);
+        `reservation_token`: on the port a token holds, in its family (RFC 8656 section 7.2)."""
         attrs: list[tuple[int, bytes]] = [
             (AttrType.REQUESTED_TRANSPORT, stun.encode_requested_transport(UDP_PROTOCOL))
         ]
+        if reservation_token is not None:
+            if even_port or reserve_next or family != Family.IPV4 or additional_family is not None:
+                raise ValueError("a RESERVATION-TOKEN allocation names no port or family")
+            attrs.append((AttrType.RESERVATION_TOKEN, reservation_token))
+        elif even_port or reserve_next:
+            attrs.append((AttrType.EVEN_PORT, stun.encode_even_port(reserve_next)))
         if additional_family is not None:
             if family != Family.IPV4 or additional_family != Family.IPV6:
                 raise ValueError("a dual-stack allocation is IPv4 plus additional IPv6")
@@ -242,6 +257,8 @@ class TurnClient:
                     self.mapped = stun.decode_xor_address(value, answer.transaction_id)
                 elif kind == AttrType.LIFETIME:
                     self.lifetime = stun.decode_u32(value)
+                elif kind == AttrType.RESERVATION_TOKEN:
+                    self.reservation_token = stun.decode_reservation_token(value)
         except StunDecodeError as exc:
             raise self._fail(None, f"malformed Allocate response: {exc}") from None
         if not relayed:
