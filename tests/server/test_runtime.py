@@ -32,7 +32,7 @@ from xdpturn.proto.commands import (
     SendToClient,
     SendToPeer,
 )
-from xdpturn.proto.handover import CoreState, SavedAllocation
+from xdpturn.proto.handover import CoreState, SavedAllocation, SavedReservation
 from xdpturn.proto.ports import PortRange
 from xdpturn.proto.server import AllocationInfo, RelayPorts, ServerConfig
 from xdpturn.proto.stats import CoreStats
@@ -153,6 +153,14 @@ class FakeCore:
         self, state: CoreState, now: float, wall_now: float, listeners: int
     ) -> list[tuple[SavedAllocation, str]]:
         return []
+
+    def give_up_reservation(self, token: bytes, now: float) -> SavedReservation | None:
+        return None
+
+    def handle_fetched_reservation(
+        self, token: bytes, handed: SavedReservation | None, now: float
+    ) -> None:
+        pass
 
 
 class RecordingFastPath(NullFastPath):

@@ -373,6 +373,85 @@ def test_tcp_and_tls_connections_spread_and_sighup_reloads_every_worker(tmp_path
         assert proc.record("stopped", lambda r: "workers" in r)["reason"] == "SIGINT"
 
 
+# Reservations: EVEN-PORT with the R bit on one worker, RESERVATION-TOKEN on another
+
+
+async def worker_answering(metrics: TransportAddr, client: TurnClient) -> int:
+    """The worker `client`'s requests reach (its allocation too, as long as no socket joins or
+    leaves the listeners' group meanwhile): the one whose count of Refreshes answered 437 (no
+    allocation) grows when it asks. The client has its nonce then."""
+
+    async def refused() -> dict[int, int]:
+        rows = (await status(metrics))["workers"]
+        return {r["worker"]: r["errors"].get("refresh:437", 0) for r in rows}
+
+    before = await refused()
+    with pytest.raises(TurnClientError) as error:
+        await client.refresh()
+    assert error.value.code == 437
+    after = await refused()
+    (worker,) = [w for w in after if after[w] > before.get(w, 0)]
+    return worker
+
+
+async def client_on(
+    stack: AsyncExitStack,
+    metrics: TransportAddr,
+    server: TransportAddr,
+    worker: int,
+    *,
+    other: bool = False,
+    opener: TransportOpener = open_udp,
+) -> tuple[TurnClient, int]:
+    """A client, not allocated yet, whose requests reach `worker` (`other`: any other one), and
+    the worker they reach."""
+    for _ in range(TRIES):
+        client = await connect(server, opener)
+        reached = await worker_answering(metrics, client)
+        if (reached == worker) != other:
+            return await stack.enter_async_context(client), reached
+        await client.close()
+    raise AssertionError(f"no client reached {'a worker but' if other else 'worker'} {worker}")
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_a_token_made_on_one_worker_is_taken_on_another_and_only_once(transport: str) -> None:
+    with workers("--listen-tcp", "127.0.0.1:0") as proc:
+        listen, metrics = proc.started()
+        tcp = TransportAddr.parse(proc.record("listening on streams")["tcp"][0])
+        server, opener = (listen, open_udp) if transport == "udp" else (tcp, open_tcp)
+
+        async def main() -> None:
+            async with AsyncExitStack() as stack:
+                rtp = await stack.enter_async_context(await connect(listen))
+                (rtp_relayed,) = await rtp.allocate(even_port=True, reserve_next=True)
+                token = rtp.reservation_token
+                assert token is not None and rtp_relayed.port % 2 == 0
+                maker = proc.worker_of(rtp)
+                rtcp, taker = await client_on(
+                    stack, metrics, server, maker, other=True, opener=opener
+                )
+                (relayed,) = await rtcp.allocate(reservation_token=token)
+                assert relayed == TransportAddr(rtp_relayed.ip, rtp_relayed.port + 1)
+                assert proc.worker_of(rtcp) == taker
+                taken = proc.record("reservation taken over", by_worker(taker))
+                assert taken["relay_port"] == relayed.port and taken["from_worker"] == maker
+                # The port's sockets came along: the allocation relays through them.
+                await round_trip(rtcp, b"through the port reserved on the other worker")
+                # Used: refused wherever it comes again, its maker included.
+                for where in (maker, taker):
+                    again, _ = await client_on(stack, metrics, listen, where)
+                    with pytest.raises(TurnClientError) as refused:
+                        await again.allocate(reservation_token=token)
+                    assert refused.value.code == 508
+                rows = (await status(metrics))["workers"]
+                assert sum(r["allocations"] for r in rows) == 2
+                assert sum(r["errors"].get("allocate:508", 0) for r in rows) == 2
+
+        run(main())
+        assert proc.stop() == 0
+
+
 # The number of workers
 
 

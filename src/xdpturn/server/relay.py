@@ -29,6 +29,7 @@ from xdpturn.proto.commands import (
     AllocationOpened,
     CloseRelayPort,
     Command,
+    FetchReservation,
     InstallChannel,
     OpenRelayPort,
     PortResult,
@@ -37,7 +38,7 @@ from xdpturn.proto.commands import (
     SendToClient,
     SendToPeer,
 )
-from xdpturn.proto.handover import CoreState, SavedAllocation, StateError
+from xdpturn.proto.handover import CoreState, SavedAllocation, SavedReservation, StateError
 from xdpturn.proto.ports import PortChooser
 from xdpturn.proto.server import AllocationInfo, RelayPorts, ServerConfig, TurnServer
 from xdpturn.proto.stats import CoreStats
@@ -100,6 +101,19 @@ class Core(Protocol):
     def restore_state(
         self, state: CoreState, now: float, wall_now: float, listeners: int
     ) -> list[tuple[SavedAllocation, str]]: ...
+    def give_up_reservation(self, token: bytes, now: float) -> SavedReservation | None: ...
+    def handle_fetched_reservation(
+        self, token: bytes, handed: SavedReservation | None, now: float
+    ) -> None: ...
+
+
+class ReservationExchange(Protocol):
+    """How a worker process asks the others for a reservation it does not hold
+    (xdpturn.server.workers); a single process has none."""
+
+    def fetch(self, token: bytes) -> bool:
+        """Ask for the reservation of `token`; the answer comes to
+        `RelayServer.reservation_fetched`. False when the question could not be sent."""
 
 
 CoreFactory = Callable[[ServerConfig, RelayPorts, "random.Random | None"], Core]
@@ -156,10 +170,12 @@ class RelayServer:
         clock: Callable[[], float] = time.monotonic,
         listeners: Sequence[socket.socket] = (),
         stream_listeners: Sequence[socket.socket] = (),
+        reservations: ReservationExchange | None = None,
     ) -> None:
         """`listeners`/`stream_listeners`: sockets already bound to the --listen and then the
         --listen-tcp and --listen-tls addresses, used instead of binding them (a worker gets
-        its own from the supervisor, see xdpturn.server.workers)."""
+        its own from the supervisor, see xdpturn.server.workers). `reservations`: where the
+        core's FetchReservation goes (a worker's channel to the other workers)."""
         self.config = config
         self.stats: Counter[str] = Counter()  # the runtime's own: send errors, drops
         self.metering = Metering()  # traffic per allocation and user, both paths
@@ -172,6 +188,7 @@ class RelayServer:
         self._listeners: list[socket.socket] = []
         self._bound = list(listeners)
         self._bound_streams = list(stream_listeners)
+        self._reservations = reservations
         # Each UDP client with an allocation gets its own connected socket on the listening port
         # (see clientsockets), so a flood on the listener does not bury its datagrams.
         self._client_sockets: ClientSockets | None = None
@@ -623,6 +640,71 @@ class RelayServer:
         open connections are untouched. False when there is no TLS or the files are bad."""
         return self.streams.reload_tls()
 
+    # Reservations across worker processes (see ReservationExchange)
+
+    def give_up_reservation(
+        self, token: bytes
+    ) -> tuple[SavedReservation, list[socket.socket]] | None:
+        """Another worker asks for the reservation of `token`: out of the core, with its
+        port's sockets (one per family, in family order), which the caller sends on and then
+        closes. None when this worker does not hold it."""
+        if self._state != "running" or self._relay_sockets is None:
+            return None
+        try:
+            handed = self.core.give_up_reservation(token, self._clock())
+        except Exception:
+            self._core_failed("reservation give-up")
+            return None
+        self._arm_timer()  # its expiry is no longer this worker's
+        if handed is None:
+            return None
+        socks = self._relay_sockets.detach(handed.relay_port)
+        if socks.keys() != handed.families:  # its sockets were not open: a bug, logged
+            log.error("reserved port without its sockets", extra={"relay_port": handed.relay_port})
+            for sock in socks.values():
+                sock.close()
+            return None
+        return handed, [socks[family] for family in sorted(handed.families)]
+
+    def reservation_fetched(
+        self,
+        token: bytes,
+        handed: SavedReservation | None,
+        socks: Sequence[socket.socket],
+        giver: int | None = None,
+    ) -> None:
+        """The answer to a FetchReservation: the reservation worker `giver` gave up and its
+        port's sockets (in family order), or None and no sockets. The sockets are this
+        worker's from now on (closed here when they cannot be taken)."""
+        if self._state != "running" or self._relay_sockets is None:
+            for sock in socks:
+                sock.close()
+            return
+        if handed is not None and (
+            len(socks) != len(handed.families)
+            or not self._relay_sockets.adopt(
+                handed.relay_port, dict(zip(sorted(handed.families), socks, strict=True))
+            )
+        ):
+            log.warning(
+                "reserved port's sockets not taken", extra={"relay_port": handed.relay_port}
+            )
+            handed = None
+        if handed is None:
+            for sock in socks:
+                sock.close()
+        else:
+            log.info(
+                "reservation taken over",
+                extra={"relay_port": handed.relay_port, "from_worker": giver},
+            )
+        try:
+            self.core.handle_fetched_reservation(token, handed, self._clock())
+        except Exception:
+            self._core_failed("fetched reservation")
+        self._drain()
+        self._arm_timer()
+
     def _core_failed(self, what: str, **fields: object) -> None:
         # A bug in the core must not take every other allocation down with it.
         self.stats["core_errors"] += 1
@@ -670,6 +752,10 @@ class RelayServer:
             case CloseRelayPort(relay_port):
                 assert self._relay_sockets is not None
                 self._relay_sockets.close(relay_port)
+            case FetchReservation(token):
+                exchange = self._reservations
+                if exchange is None or not exchange.fetch(token):
+                    self.core.handle_fetched_reservation(token, None, self._clock())
             case InstallChannel(route) | RemoveChannel(route):
                 install = isinstance(command, InstallChannel)
                 try:
@@ -777,6 +863,7 @@ __all__ = [
     "Core",
     "CoreFactory",
     "RelayServer",
+    "ReservationExchange",
     "StartError",
     "allocation_id",
     "bind_udp_listeners",

@@ -187,6 +187,36 @@ class RelaySockets:
             self._closed_drops += receive_drops(sock)
             sock.close()
 
+    def detach(self, port: int) -> dict[Family, socket.socket]:
+        """Stop reading `port`'s sockets and hand them to the caller, open (a reservation
+        given up to another worker process takes them along)."""
+        socks = self._sockets.pop(port, {})
+        for sock in socks.values():
+            self._loop.remove_reader(sock.fileno())
+        return socks
+
+    def adopt(self, port: int, socks: Mapping[Family, socket.socket]) -> bool:
+        """Read `socks`, the sockets of `port` that another worker process opened, as if they
+        were opened here; False (and nothing taken) when they are not each a UDP socket of its
+        family bound to that port on this relay's address, or `port` is open here already."""
+        if port in self._sockets or not socks:
+            return False
+        for family, sock in socks.items():
+            bind = self._bind.get(family)
+            expected = socket.AF_INET if family is Family.IPV4 else socket.AF_INET6
+            if (
+                bind is None
+                or sock.family != expected
+                or sock.type != socket.SOCK_DGRAM
+                or bound_address(sock) != TransportAddr(bind, port)
+            ):
+                return False
+        self._sockets[port] = dict(socks)
+        for family, sock in socks.items():
+            sock.setblocking(False)
+            self._loop.add_reader(sock.fileno(), self._reader, sock, port, family)
+        return True
+
     def receive_drops(self) -> int:
         """Datagrams dropped at full receive queues of allocation sockets, closed ones too."""
         open_drops = sum(

@@ -16,6 +16,9 @@ shared:
   address on a port that is no allocation stays refused;
 - quotas are counted by the supervisor, asked over a socket pair at Allocate time
   (`SupervisorQuotas`), because a client's several 5-tuples may land on different workers;
+- reservations (EVEN-PORT with the R bit): for the same reason, a RESERVATION-TOKEN made by one
+  worker may come to another, which fetches the reservation and its port's sockets from the
+  first through the supervisor (xdpturn.server.reservations);
 - the nonce key is made by the supervisor and the credentials come from the same config, so a
   nonce from one worker is valid on every other;
 - the fast path's maps: the workers inherit the loaded program's file descriptors across fork and
@@ -71,6 +74,7 @@ from xdpturn.server.relay import (
     StartError,
     bind_udp_listeners,
 )
+from xdpturn.server.reservations import ReservationChannel, ReservationRouter, channel_pair
 from xdpturn.server.sockets import bound_address, receive_buffer_for
 from xdpturn.server.streams import StreamBindError, open_tcp_listener
 from xdpturn.server.traffic import ReceiveQueueDrops, error_counts, request_counts
@@ -572,16 +576,17 @@ class PoolOpsServer(OpsServer):
 
 @dataclass
 class WorkerSockets:
-    """What one worker gets from the supervisor: its listening sockets, its ends of the control
-    and quota channels."""
+    """What one worker gets from the supervisor: its listening sockets, its ends of the
+    control, quota and reservation channels."""
 
     udp: list[socket.socket]
     streams: list[socket.socket]
     control: socket.socket
     quotas: socket.socket
+    reservations: socket.socket
 
     def close(self) -> None:
-        for sock in [*self.udp, *self.streams, self.control, self.quotas]:
+        for sock in [*self.udp, *self.streams, self.control, self.quotas, self.reservations]:
             sock.close()
 
 
@@ -716,7 +721,7 @@ def _tag_logs(index: int) -> None:
 
 
 def make_core_factory(
-    config: ServeConfig, nonce_key: bytes, live: LivePorts, quotas: Quotas | None
+    config: ServeConfig, index: int, nonce_key: bytes, live: LivePorts, quotas: Quotas | None
 ) -> CoreFactory:
     reach = sibling_addresses(config)
     siblings = Siblings(live, reach)
@@ -727,7 +732,7 @@ def make_core_factory(
             public_of[ip] = public
 
     def factory(server: ServerConfig, ports: RelayPorts, rng: random.Random | None) -> Core:
-        server = replace(server, nonce_key=nonce_key)
+        server = replace(server, nonce_key=nonce_key, worker=index)
         if public_of:
             return WorkerCore(
                 server,
@@ -761,20 +766,24 @@ def _worker_main(
     if xdp is not None:
         xdp.keep_next_hops_with(NextHopsProxy(sockets.quotas))
     quotas = SupervisorQuotas(sockets.quotas) if quotas_limited else None
+    reservations = ReservationChannel(sockets.reservations)
     server = RelayServer(
         config,
-        core_factory=make_core_factory(config, nonce_key, live, quotas),
+        core_factory=make_core_factory(config, index, nonce_key, live, quotas),
         fastpath=SharedFastPath(fastpath),
         listeners=sockets.udp,
         stream_listeners=sockets.streams,
+        reservations=reservations,
     )
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
         control = loop.create_task(answer_snapshots(index, server, sockets.control))
+        reservations.start(server)
         try:
             await serve(config, server)
         finally:
+            reservations.close()
             control.cancel()
 
     try:
@@ -805,17 +814,20 @@ def run_workers(config: ServeConfig) -> int:
     )
     worker_config = replace(config, metrics=None)
     handles: list[tuple[int, int, socket.socket, socket.socket]] = []
+    channels: list[socket.socket] = []  # the supervisor's ends of the reservation channels
     supervisor = os.getpid()
     for index, (udp, streams) in enumerate(groups):
         control, control_peer = socket.socketpair()
         quota, quota_peer = socket.socketpair()
-        mine = WorkerSockets(udp, streams, control_peer, quota_peer)
+        channel, channel_peer = channel_pair()
+        mine = WorkerSockets(udp, streams, control_peer, quota_peer, channel_peer)
         pid = os.fork()
         if pid == 0:  # the worker
             code = 1
             try:
                 control.close()
                 quota.close()
+                channel.close()
                 for other_udp, other_streams in groups:
                     if other_udp is not udp:
                         for sock in [*other_udp, *other_streams]:
@@ -823,6 +835,8 @@ def run_workers(config: ServeConfig) -> int:
                 for _, _, sup_control, sup_quota in handles:
                     sup_control.close()
                     sup_quota.close()
+                for sup_channel in channels:
+                    sup_channel.close()
                 code = _worker_main(
                     supervisor,
                     index,
@@ -839,12 +853,14 @@ def run_workers(config: ServeConfig) -> int:
                 logging.shutdown()
                 os._exit(code)
         handles.append((index, pid, control, quota))
+        channels.append(channel)
         # The supervisor keeps no listening socket: one it held would get its share of the
         # clients and never read them.
         mine.close()
     try:
         with asyncio.Runner() as runner:
-            return runner.run(_supervise(config, handles, fastpath, listen, quotas))
+            router = ReservationRouter(channels)
+            return runner.run(_supervise(config, handles, fastpath, listen, quotas, router))
     finally:
         fastpath.close()
 
@@ -855,8 +871,10 @@ async def _supervise(
     fastpath: FastPath,
     listen: list[TransportAddr],
     quotas: LocalQuotas,
+    reservations: ReservationRouter,
 ) -> int:
     loop = asyncio.get_running_loop()
+    reservations.start()
     workers = [Worker(*handle) for handle in handles]
     pool = WorkerPool(config, fastpath, listen, workers)
     drainer = PoolDrainer(pool, timeout=config.drain_timeout)
@@ -931,6 +949,7 @@ async def _supervise(
             await asyncio.wait([all_exited], timeout=START_TIMEOUT)
         for worker in workers:
             worker.close()
+        reservations.close()
     codes = {w.index: w.exit_code for w in workers}
     clean = all(code == 0 for code in codes.values()) and stopping[:1] != ["worker exited"]
     log.info(
