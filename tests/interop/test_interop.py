@@ -1,16 +1,21 @@
 """Clients no one here wrote, against `xdpturn serve`: aioice's TURN client and coturn's
 turnutils_uclient (REST API auth with -W, to a UDP echo peer and client-to-client; with -c and
-in its default mode, where it allocates RTP/RTCP pairs with EVEN-PORT and RESERVATION-TOKEN)."""
+in its default mode, where it allocates RTP/RTCP pairs with EVEN-PORT and RESERVATION-TOKEN, also
+with two workers, where a pair's two Allocates may reach different ones)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import queue
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import aioice.turn
 import pytest
@@ -22,6 +27,10 @@ from xdpturn.proto.auth import mint_rest_credentials
 pytestmark = pytest.mark.interop
 
 SECRET = "interop-secret"
+# uclient runs with two workers, at most, until one of them had a pair whose RESERVATION-TOKEN
+# Allocate reached another worker than its EVEN-PORT one: each pair does with p = 1/2, and a run
+# has 2 (-y) to 3 pairs, so 15 runs without one happen with p < 2**-30.
+HANDOVER_RUNS = 15
 
 
 def free_udp_port() -> int:
@@ -31,16 +40,35 @@ def free_udp_port() -> int:
         return port
 
 
-@pytest.fixture
-def served() -> Iterator[tuple[Serve, TransportAddr]]:
+@contextmanager
+def serving(workers: int) -> Iterator[tuple[Serve, TransportAddr]]:
     """The relay listens on loopback and tells clients a documentation address, as behind 1:1
     NAT, so loopback peers are plain peers and its public address is itself."""
     args = ["--listen", "127.0.0.1:0", "--public-ipv4", "203.0.113.1"]
     args += ["--auth-secret", SECRET, "--allow-peer", "127.0.0.0/8", "--ports", "20000-29999"]
-    with Serve([*args, "--log-format", "json"]) as serve:
-        listen = serve.wait_for("listening")["listen"]
+    args += ["--log-format", "json", "--workers", str(workers)]
+    with Serve(args, env={"XDPTURN_WORKERS": str(workers)}) as serve:
+        listening = serve.wait_for("listening")
+        while workers > 1 and listening.get("workers") != workers:  # the supervisor's: all run
+            listening = serve.wait_for("listening")
+        listen = listening["listen"]
         assert isinstance(listen, list)
         yield serve, TransportAddr.parse(str(listen[0]))
+        # uclient leaves its allocations to expire: SIGTERM would drain until they do.
+        serve.proc.send_signal(signal.SIGINT)
+        assert serve.proc.wait(timeout=BOUNDED) == 0
+
+
+@pytest.fixture
+def served() -> Iterator[tuple[Serve, TransportAddr]]:
+    with serving(1) as served:
+        yield served
+
+
+@pytest.fixture
+def served_by_two() -> Iterator[tuple[Serve, TransportAddr]]:
+    with serving(2) as served:
+        yield served
 
 
 @pytest.fixture
@@ -140,6 +168,27 @@ def assert_rtp_rtcp_pairs(serve: Serve, pairs: int) -> None:
         ports.add(port)
 
 
+def rtp_rtcp_pairs_handed_over(serve: Serve, pairs: int) -> int:
+    """As assert_rtp_rtcp_pairs, with two workers: how many reserved ports went from the worker
+    that reserved them to the one their token's Allocate reached (each logged there before its
+    allocation)."""
+    ports: set[int] = set()
+    handed = 0
+    deadline = time.monotonic() + BOUNDED
+    while len({p for p in ports if p % 2 == 0 and p + 1 in ports}) < pairs:
+        try:
+            line = serve.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            raise AssertionError(f"fewer than {pairs} RTP/RTCP pairs within {BOUNDED} s") from None
+        assert line is not None, f"serve exited ({serve.proc.wait()})"
+        record = json.loads(line)
+        if record["message"] == "allocation opened":
+            ports.add(int(record["relay_port"]))
+        elif record["message"] == "reservation taken over":
+            handed += 1
+    return handed
+
+
 def test_coturn_uclient_to_an_echo_peer_loses_nothing(relay: TransportAddr) -> None:
     assert_no_loss(uclient_to_echo_peer(relay, rtcp=False), 400)
 
@@ -172,3 +221,25 @@ def test_coturn_uclient_rtp_rtcp_pairs_with_dont_fragment_lose_nothing(
     serve, relay = served
     assert_no_loss(uclient_to_echo_peer(relay, "-g", rtcp=True), 400)
     assert_rtp_rtcp_pairs(serve, 3)
+
+
+def test_coturn_uclient_rtp_rtcp_pairs_across_two_workers_to_an_echo_peer_lose_nothing(
+    served_by_two: tuple[Serve, TransportAddr],
+) -> None:
+    serve, relay = served_by_two
+    for _ in range(HANDOVER_RUNS):
+        assert_no_loss(uclient_to_echo_peer(relay, rtcp=True), 400)
+        if rtp_rtcp_pairs_handed_over(serve, 3):
+            return
+    raise AssertionError("no RESERVATION-TOKEN Allocate ever reached the other worker")
+
+
+def test_coturn_uclient_rtp_rtcp_pairs_across_two_workers_client_to_client_lose_nothing(
+    served_by_two: tuple[Serve, TransportAddr],
+) -> None:
+    serve, relay = served_by_two
+    for _ in range(HANDOVER_RUNS):
+        assert_no_loss(uclient(relay, "-y", rtcp=True), 400)
+        if rtp_rtcp_pairs_handed_over(serve, 2):
+            return
+    raise AssertionError("no RESERVATION-TOKEN Allocate ever reached the other worker")
