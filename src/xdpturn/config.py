@@ -35,6 +35,8 @@ V = TypeVar("V")
 E = TypeVar("E", bound=Enum)
 ENV_PREFIX = "XDPTURN_"
 DEFAULT_TURN_PORT = 3478
+# Worker indexes are 0-65535: a reservation token carries its worker's in two bytes.
+MAX_WORKERS = 65536
 
 
 def available_cpus() -> int:
@@ -639,6 +641,11 @@ class ServeConfig:
         """Raise ConfigError for combinations no single value shows to be wrong."""
         if not self.listen:
             raise ConfigError("--listen", "at least one address is needed")
+        if self.workers > MAX_WORKERS:
+            raise ConfigError(
+                "--workers",
+                f"at most {MAX_WORKERS}: a reservation token names its worker in two bytes",
+            )
         if self.state_dir is not None and self.workers > 1:
             raise ConfigError(
                 "--state-dir",

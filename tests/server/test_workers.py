@@ -462,9 +462,10 @@ def test_workers_default_to_the_cpus_the_process_may_use() -> None:
     env["XDPTURN_WORKERS"] = "3"
     assert load_serve_config({}, env).workers == 3
     assert load_serve_config({"workers": "1"}, env).workers == 1
-    with pytest.raises(ConfigError) as error:
-        load_serve_config({"workers": "0"}, env)
-    assert str(error.value).startswith("--workers:")
+    for bad in ("0", "65537"):
+        with pytest.raises(ConfigError) as error:
+            load_serve_config({"workers": bad}, env)
+        assert str(error.value).startswith("--workers:")
 
 
 def test_one_cpu_by_default_is_the_single_process_relay_of_before() -> None:
