@@ -132,6 +132,27 @@ def test_a_reservation_moves_with_its_sockets_to_the_worker_its_token_reached() 
     run(main())
 
 
+def test_a_reservation_not_on_the_worker_its_token_names_is_still_found() -> None:
+    # As after a restart that dealt the saved reservations out round the workers anew: worker 1
+    # holds a token of worker 0's, and the router was never told.
+    async def main() -> None:
+        async with two_workers() as relay:
+            maker, holder = relay.servers
+            rtp, rtp_relayed, token = await reserve(relay, 0)
+            given = maker.give_up_reservation(token)
+            assert given is not None
+            holder.reservation_fetched(token, *given)
+            async with rtp, await relay.client(0) as rtcp:
+                (relayed,) = await rtcp.allocate(reservation_token=token)
+                assert relayed.port == rtp_relayed.port + 1
+                assert [a.relay_port for a in maker.allocations()] == [
+                    rtp_relayed.port,
+                    relayed.port,
+                ]
+
+    run(main())
+
+
 def test_a_token_naming_no_worker_is_508_at_once() -> None:
     async def main() -> None:
         async with two_workers() as relay, await relay.client(1) as client:

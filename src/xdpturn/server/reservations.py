@@ -14,14 +14,16 @@ One channel per worker: a SOCK_SEQPACKET socket pair, one JSON message per datag
 reservation's sockets attached to the message that carries it. Messages:
 
     worker -> supervisor   {"op": "fetch", "token": T}
-    supervisor -> holder   {"op": "give_up", "token": T, "for": ASKER}
-    holder -> supervisor   {"op": "given", "token": T, "for": ASKER, "reservation": R | null}
+    supervisor -> holder   {"op": "give_up", "token": T, "route": ROUTE}
+    holder -> supervisor   {"op": "given", "token": T, "route": ROUTE, "reservation": R | null}
     supervisor -> asker    {"op": "fetched", "token": T, "from": HOLDER, "reservation": R | null}
 
-T is hex, R is `handover.reservation_to_plain` (expires: seconds left). The supervisor keeps
-which worker a handed-over token went to for its remaining life, so a token taken over and then
-not used (the Allocate failed, say for a quota) is still found; a used or expired one is then
-refused by the worker that has it no more.
+T is hex, R is `handover.reservation_to_plain` (expires: seconds left), ROUTE the supervisor's
+own bookkeeping, echoed: the worker that asked and the workers asked so far. The supervisor asks
+the worker it handed the token to, if it did (it keeps that for the token's remaining life, so a
+token taken over and then not used, say refused for a quota, is still found); else the worker
+that made it, and if that one has not got it, each other worker in turn, since a restart deals
+the saved reservations out round the workers anew (xdpturn.server.restart).
 """
 
 from __future__ import annotations
@@ -159,11 +161,10 @@ class ReservationChannel:
         assert server is not None
         op, token = message["op"], _token(message)
         if op == "give_up":
-            asker = int(message["for"])
             for s in socks:  # none are expected with a question
                 s.close()
             given = server.give_up_reservation(token)
-            reply: dict[str, Any] = {"op": "given", "token": token.hex(), "for": asker}
+            reply: dict[str, Any] = {"op": "given", "token": token.hex(), "route": message["route"]}
             reply["reservation"] = None if given is None else reservation_to_plain(given[0])
             mine = given[1] if given is not None else []
             try:
@@ -193,9 +194,8 @@ class ReservationChannel:
 
 class ReservationRouter:
     """The supervisor's ends of the workers' channels (in worker order): passes each question
-    to the worker holding the token, and its answer, sockets and all, to the worker that
-    asked. A token is held by the worker that made it (its first two bytes) until it is handed
-    over; then by the worker it went to, for what is left of its life."""
+    to the workers that may hold the token, one after the other, and the answer, sockets and
+    all, to the worker that asked (see the module's description)."""
 
     def __init__(self, channels: Sequence[socket.socket]) -> None:
         self._channels = list(channels)
@@ -217,13 +217,25 @@ class ReservationRouter:
         for sock in self._channels:
             sock.close()
 
-    def holder(self, token: bytes, now: float) -> int | None:
-        """The worker holding `token` (as far as the supervisor knows), or None."""
+    def _candidates(self, token: bytes, now: float) -> list[int]:
+        """The workers that may hold `token`, in the order to ask them."""
         moved = self._moved.get(token)
         if moved is not None and moved[1] > now:
-            return moved[0]
+            return [moved[0]]  # handed over here: gone if not there
         maker = int.from_bytes(token[:2], "big")
-        return maker if maker < len(self._channels) else None
+        return [maker, *(w for w in range(len(self._channels)) if w != maker)]
+
+    def _ask(self, asker: int, token: bytes, tried: list[int], now: float) -> None:
+        """Ask the next worker that may hold `token` to give it up for `asker`; when none is
+        left, tell `asker` that no worker has it."""
+        for worker in self._candidates(token, now):
+            if worker == asker or worker in tried:
+                continue
+            tried = [*tried, worker]
+            question = {"op": "give_up", "token": token.hex(), "route": [asker, tried]}
+            if self._to(worker, question, []):
+                return
+        self._to(asker, {"op": "fetched", "token": token.hex(), "reservation": None}, [])
 
     def _on_readable(self, index: int) -> None:
         sock = self._channels[index]
@@ -256,18 +268,19 @@ class ReservationRouter:
         op, token = message["op"], _token(message)
         now = time.monotonic()
         if op == "fetch":
-            holder = self.holder(token, now)
-            question = {"op": "give_up", "token": token.hex(), "for": sender}
-            if holder is None or holder == sender or not self._to(holder, question, []):
-                self._to(sender, {"op": "fetched", "token": token.hex(), "reservation": None}, [])
+            self._ask(sender, token, [], now)
         elif op == "given":
-            asker, reservation = int(message["for"]), message["reservation"]
+            asker_value, tried_values = message["route"]
+            asker, tried = int(asker_value), [int(w) for w in tried_values]
             if not 0 <= asker < len(self._channels):
                 raise ValueError(f"no worker {asker}")
-            if reservation is not None:
-                left = float(reservation["expires"])
-                self._moved = {t: m for t, m in self._moved.items() if m[1] > now}
-                self._moved[token] = (asker, now + left)
+            reservation = message["reservation"]
+            if reservation is None:
+                self._ask(asker, token, tried, now)
+                return
+            left = float(reservation["expires"])
+            self._moved = {t: m for t, m in self._moved.items() if m[1] > now}
+            self._moved[token] = (asker, now + left)
             answer = {"op": "fetched", "token": token.hex(), "from": sender}
             answer["reservation"] = reservation
             self._to(asker, answer, socks)
@@ -275,7 +288,7 @@ class ReservationRouter:
             raise ValueError(f"unknown op {op!r}")
 
     def _to(self, worker: int, message: dict[str, Any], socks: Sequence[socket.socket]) -> bool:
-        if worker not in self._reading:  # exited
+        if worker not in self._reading:  # exited, or no such worker
             return False
         return _send(self._channels[worker], message, socks)
 
