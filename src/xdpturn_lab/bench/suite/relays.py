@@ -13,6 +13,7 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 from xdpturn.fastpath import FastPathCounters
@@ -128,6 +129,38 @@ class XdpturnRelay:
         return {"routes": {k: list(v) for k, v in c.routes.items()}, "passes": dict(c.passes)}
 
 
+def coturn_argv(
+    *, listen: Sequence[str], port: int, secret: str, threads: int, state_dir: str
+) -> list[str]:
+    """`turnserver`'s command line as the benchmarks run it (without CPU pinning): everything
+    on the line, the REST secret and realm, listening and relaying on the `listen` addresses,
+    the bench's relay port range, `threads` relay threads, UDP only, pid file and log in
+    `state_dir`."""
+    low, high = RELAY_PORTS
+    return [
+        "turnserver",
+        "-n",  # no configuration file: everything is on this line
+        f"--listening-port={port}",
+        *(f"--listening-ip={ip}" for ip in listen),
+        *(f"--relay-ip={ip}" for ip in listen),
+        f"--min-port={low}",
+        f"--max-port={high}",
+        "--use-auth-secret",
+        f"--static-auth-secret={secret}",
+        f"--realm={REALM}",
+        f"--relay-threads={threads}",
+        "--no-tls",
+        "--no-dtls",
+        "--no-tcp-relay",
+        "--no-cli",
+        "--no-multicast-peers",
+        "--no-software-attribute",
+        f"--pidfile={state_dir}/turnserver.pid",
+        f"--log-file={state_dir}/turnserver.log",
+        "--simple-log",
+    ]
+
+
 class CoturnRelay:
     def __init__(self, tb: Testbed, relay: RelayNode, *, relay_threads: int = 1) -> None:
         self.name = "coturn"
@@ -141,33 +174,17 @@ class CoturnRelay:
 
     def argv(self) -> list[str]:
         r = self._relay
-        low, high = RELAY_PORTS
         return [
             "taskset",
             "-c",
             RELAY_CPU,
-            "turnserver",
-            "-n",  # no configuration file: everything is on this line
-            f"--listening-port={TURN_PORT}",
-            f"--listening-ip={r.local_ipv4}",
-            f"--listening-ip={r.local_ipv6}",
-            f"--relay-ip={r.local_ipv4}",
-            f"--relay-ip={r.local_ipv6}",
-            f"--min-port={low}",
-            f"--max-port={high}",
-            "--use-auth-secret",
-            f"--static-auth-secret={self.secret}",
-            f"--realm={REALM}",
-            f"--relay-threads={self._threads}",
-            "--no-tls",
-            "--no-dtls",
-            "--no-tcp-relay",
-            "--no-cli",
-            "--no-multicast-peers",
-            "--no-software-attribute",
-            f"--pidfile={self._dir.name}/turnserver.pid",
-            f"--log-file={self._dir.name}/turnserver.log",
-            "--simple-log",
+            *coturn_argv(
+                listen=[str(r.local_ipv4), str(r.local_ipv6)],
+                port=TURN_PORT,
+                secret=self.secret,
+                threads=self._threads,
+                state_dir=self._dir.name,
+            ),
         ]
 
     def start(self) -> None:

@@ -235,10 +235,10 @@ def _uclient_runs(
     for mode in uclient.MODES:
         _log(f"  {relay.name}: turnutils_uclient ({mode} mode)")
         r = uclient.run(
-            relay,
+            relay.secret,
             str(relay.server(Family.IPV4).ip),
             workloads.gen_prefix(hosts.client.netns),
-            hosts.peer,
+            str(hosts.peer.public_ipv4),
             tools.netns_prefix(hosts.peer.netns),
             mode,
             settings.uclient_messages,
@@ -255,18 +255,18 @@ def _command() -> list[str]:
     return [*head, *sys.argv[1:]]
 
 
-def _results_path(out: Path, started: dt.datetime) -> Path:
-    """`out` itself if it names a .json file, else `<out>/<UTC time>.json`."""
+def results_path(out: Path, started: dt.datetime, prefix: str = "") -> Path:
+    """`out` itself if it names a .json file, else `<out>/<prefix><UTC time>.json`."""
     if out.suffix == ".json":
         return out
-    return out / f"{started.strftime('%Y-%m-%dT%H%M%SZ')}.json"
+    return out / f"{prefix}{started.strftime('%Y-%m-%dT%H%M%SZ')}.json"
 
 
 def run(settings: Settings, only: Sequence[str], out: Path) -> dict[str, Any]:
     if os.geteuid() != 0:
         raise SystemExit("xdpturn-lab bench: needs root (namespaces, XDP, nftables)")
     started = dt.datetime.now(dt.UTC)
-    json_path = _results_path(out, started)
+    json_path = results_path(out, started)
     if json_path.exists():
         raise SystemExit(f"xdpturn-lab bench: {json_path} exists; results are never overwritten")
     if "coturn" in only and shutil.which("turnserver") is None:
@@ -315,9 +315,9 @@ def run(settings: Settings, only: Sequence[str], out: Path) -> dict[str, Any]:
         result["table"] = report.table(result)
     except Exception as e:  # the measurements are kept even if the report has a bug
         result["report_error"] = repr(e)
-        _write_new(json_path, result)
+        write_new(json_path, result)
         raise
-    _write_new(json_path, result)
+    write_new(json_path, result)
     from xdpturn_lab.bench import chart
 
     chart.render(result, png_path)
@@ -380,7 +380,7 @@ def _measure(
                 relay.stop()
 
 
-def _write_new(path: Path, result: dict[str, Any]) -> None:
+def write_new(path: Path, result: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("x") as f:  # never overwrite, even if one appeared meanwhile
         f.write(json.dumps(result, indent=1) + "\n")
