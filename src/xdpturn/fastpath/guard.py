@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from typing import TYPE_CHECKING
 
 from xdpturn.fastpath import libbpf as bpf
 from xdpturn.fastpath import maps
 from xdpturn.fastpath.api import GuardConfig
 from xdpturn.proto.addr import ClientAddr, ClientFlow, IPAddress, Transport
+
+if TYPE_CHECKING:
+    from xdpturn.fastpath.xdp import KeptEntries
 
 log = logging.getLogger("xdpturn.fastpath")
 
@@ -105,19 +109,28 @@ class Guard:
         self._permitted.discard(key)
         self._delete(self.permissions, key)
 
-    def settle(self, old_ports: list[int]) -> int:
-        """After adopting a previous process's maps, once the restored core has announced its
-        allocations and permissions again: remove the rest (those that lapsed while no process
-        ran). `old_ports` are the ports the previous process used. Returns how many went."""
+    def client_keys(self) -> frozenset[bytes]:
+        """The guard_clients keys of this process's allocations."""
+        return frozenset(bytes(maps.client_key(f.client)) for f in self._clients)
+
+    @property
+    def permitted(self) -> set[bytes]:
+        """The guard_permissions keys this process wrote."""
+        return self._permitted
+
+    def settle(self, old_ports: list[int], wanted: KeptEntries) -> int:
+        """After adopting a previous process's maps, once the restored cores have announced
+        their allocations and permissions again (`wanted`, those of every process sharing the
+        maps): remove the rest (those that lapsed while no process ran). `old_ports` are the
+        ports the previous process used. Returns how many went."""
         stale = 0
-        clients = {bytes(maps.client_key(f.client)) for f in self._clients}
-        for m, wanted in ((self.clients, clients), (self.permissions, self._permitted)):
+        for m, keys in ((self.clients, wanted.clients), (self.permissions, wanted.permissions)):
             present = list(m.keys())
             for key in present:
-                if key not in wanted:
+                if key not in keys:
                     stale += m.delete(key)
         for port in old_ports:
-            if port not in self._port_allocations:
+            if port not in wanted.allocation_ports:
                 self.ports.update(port.to_bytes(4, "little"), _ZERO)
                 stale += 1
         return stale

@@ -11,7 +11,7 @@ import errno
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -51,6 +51,55 @@ class _Attachment:
     ifindex: int
     flags: int  # the mode flag it was attached with
     prog_id: int
+
+
+@dataclass(frozen=True)
+class KeptEntries:
+    """The keys and ports of the adopted maps that one process needs after restoring its
+    allocations (`XdpFastPath.kept_entries`): settling removes everything else. Plain data, so
+    a worker can hand its own to the supervisor."""
+
+    chan_to_udp: frozenset[bytes] = frozenset()
+    udp_to_chan: frozenset[bytes] = frozenset()
+    routed_ports: frozenset[int] = frozenset()
+    clients: frozenset[bytes] = frozenset()  # guard_clients keys
+    permissions: frozenset[bytes] = frozenset()  # guard_permissions keys
+    allocation_ports: frozenset[int] = frozenset()
+
+    @staticmethod
+    def union(kept: Iterable[KeptEntries]) -> KeptEntries:
+        parts = list(kept)
+        return KeptEntries(
+            *(frozenset().union(*(getattr(k, name) for k in parts)) for name in _KEPT_FIELDS)
+        )
+
+    def to_plain(self) -> dict[str, list[Any]]:
+        return {
+            name: sorted(v.hex() if isinstance(v, bytes) else v for v in getattr(self, name))
+            for name in _KEPT_FIELDS
+        }
+
+    @staticmethod
+    def from_plain(data: dict[str, list[Any]]) -> KeptEntries:
+        """Raises ValueError/TypeError/KeyError on what to_plain does not make."""
+        values: list[frozenset[Any]] = []
+        for name in _KEPT_FIELDS:
+            items = data[name]
+            if name.endswith("ports"):
+                values.append(frozenset(int(p) for p in items))
+            else:
+                values.append(frozenset(bytes.fromhex(k) for k in items))
+        return KeptEntries(*values)
+
+
+_KEPT_FIELDS = (
+    "chan_to_udp",
+    "udp_to_chan",
+    "routed_ports",
+    "clients",
+    "permissions",
+    "allocation_ports",
+)
 
 
 class XdpFastPath:
@@ -368,36 +417,66 @@ class XdpFastPath:
         the supervisor of several workers installs none itself (server.workers)."""
         self._route_count = count
 
-    def settle(self) -> None:
-        """After an adoption, once the core has installed its routes again: delete the entries
-        the adopted maps hold beyond them (channels that lapsed while no process ran)."""
-        if not self.adopted:
-            return
-        wanted_chan: set[bytes] = set()
-        wanted_udp: set[bytes] = set()
+    def kept_entries(self) -> KeptEntries:
+        """The map entries this process's routes, allocations and permissions need."""
+        chan: set[bytes] = set()
+        udp: set[bytes] = set()
         for route in self._routes.values():
             ck, _ = maps.chan_entry(route.client, route.channel, route.relay_port, route.peer)
             uk, _ = maps.udp_entry(route.client, route.channel, route.relay_port, route.peer)
-            wanted_chan.add(bytes(ck))
-            wanted_udp.add(bytes(uk))
+            chan.add(bytes(ck))
+            udp.add(bytes(uk))
+        return KeptEntries(
+            chan_to_udp=frozenset(chan),
+            udp_to_chan=frozenset(udp),
+            routed_ports=frozenset(self._port_users),
+            clients=self.guard.client_keys(),
+            permissions=frozenset(self.guard.permitted),
+            allocation_ports=frozenset(self.guard.allocation_ports),
+        )
+
+    @property
+    def ports_in_use(self) -> set[int]:
+        """Routed ports and allocation ports (the guard's): a later settle looks at these only."""
+        return set(self._port_users) | self.guard.allocation_ports
+
+    def settle(self) -> None:
+        """After an adoption, once the core has installed its routes again: delete the entries
+        the adopted maps hold beyond them (channels that lapsed while no process ran)."""
+        self.settle_with([self.kept_entries()])
+
+    def settle_with(self, kept: list[KeptEntries]) -> None:
+        """`settle` for the entries of several processes (the workers that share these maps,
+        each having restored its share): what none of them needs goes."""
+        if not self.adopted:
+            return
+        wanted = KeptEntries.union(kept)
         stale = 0
-        for m, wanted in ((self.chan_to_udp, wanted_chan), (self.udp_to_chan, wanted_udp)):
+        for m, keys in (
+            (self.chan_to_udp, wanted.chan_to_udp),
+            (self.udp_to_chan, wanted.udp_to_chan),
+        ):
             present = list(m.keys())
             for key in present:
-                if key not in wanted:
+                if key not in keys:
                     stale += m.delete(key)
         # relay_ports is an array of every port: only those the old process used are looked at.
         for port in self._adopted_ports:
-            if port not in self._port_users:
+            if port not in wanted.routed_ports:
                 self.relay_ports.update(port.to_bytes(4, "little"), (0).to_bytes(4, "little"))
                 stale += 1
-        stale += self.guard.settle(self._adopted_ports)
-        log.info("fast path adopted: %d routes kept, %d stale entries removed", self.routes, stale)
+        stale += self.guard.settle(self._adopted_ports, wanted)
+        log.info(
+            "fast path adopted: %d routes kept, %d stale entries removed",
+            len(wanted.chan_to_udp),
+            stale,
+        )
 
-    def keep_for_restart(self) -> dict[str, Any]:
+    def keep_for_restart(self, more_ports: Iterable[int] = ()) -> dict[str, Any]:
         """Stop for a restart: pin the program and every map of the object under the configured
         pin directory, leave the program attached, free this process's handles. Returns what
-        the next process needs (saved with the core's state)."""
+        the next process needs (saved with the core's state). `more_ports`: the ports in use by
+        other processes sharing the maps (the workers')."""
         pin_dir = self._config.pin_dir
         if pin_dir is None:
             raise RuntimeError("keep_for_restart without a pin directory")
@@ -410,7 +489,7 @@ class XdpFastPath:
             "layouts": pinning.layouts(bpf.read_btf(self._object_path)),
             "program_id": bpf.prog_id_of(self.prog_fd),
             # Routed ports and allocation ports (the guard's): settle looks at these only.
-            "ports_in_use": sorted(set(self._port_users) | self.guard.allocation_ports),
+            "ports_in_use": sorted(self.ports_in_use | set(more_ports)),
             "interfaces": [a.ifname for a in self._attachments],
         }
         log.info(

@@ -38,7 +38,7 @@ from xdpturn.proto.commands import (
     SendToClient,
     SendToPeer,
 )
-from xdpturn.proto.handover import CoreState, SavedAllocation, SavedReservation, StateError
+from xdpturn.proto.handover import CoreState, SavedAllocation, SavedReservation
 from xdpturn.proto.ports import PortChooser
 from xdpturn.proto.server import AllocationInfo, RelayPorts, ServerConfig, TurnServer
 from xdpturn.proto.stats import CoreStats
@@ -75,6 +75,10 @@ LISTENER_BATCH = 16
 # emptied and refilled: enough for every sender of a busy relay, bounded against a flood of
 # spoofed sources (which then costs what it would without the cache).
 ADDRESS_CACHE = 65536
+
+# Datagrams read at most from each listener right after restoring (see _sort_queued): far
+# more than a listener's receive buffer holds.
+QUEUED_AT_RESTORE = 65536
 
 # With --max-bps, how often the relay's rate is measured (reading every allocation's meter).
 THROUGHPUT_INTERVAL = 1.0
@@ -152,6 +156,46 @@ def bind_udp_listeners(addrs: Sequence[TransportAddr], receive_buffer: int) -> l
     return socks
 
 
+def open_kept_fastpath(
+    config: ServeConfig, turn_port: int, saved: restart.SavedRelay | None
+) -> tuple[FastPath, restart.SavedRelay | None]:
+    """The fast path, adopting what `saved` pinned; and `saved`, or None when it cannot be
+    taken over after all (then the relay starts clean). Raises StartError when the configured
+    object cannot take over the running program."""
+    settings = replace(config.fastpath_settings, turn_port=turn_port)
+    handover = saved.fastpath if saved is not None else None
+    if handover is not None and config.fastpath is FastPathMode.OFF:
+        # The previous process had a kernel path, this one is told to run without.
+        restart.discard_pins(config)
+        handover = None
+    if config.fastpath is FastPathMode.OFF:
+        return NullFastPath(), saved
+    if settings.pin_dir is not None:
+        try:
+            pinning.ensure_bpffs(config.bpffs)
+        except OSError as e:
+            log.warning("the kernel path cannot be kept over restarts: %s", e)
+    if handover is not None:
+        try:
+            return open_fastpath(settings, handover), saved
+        except pinning.LayoutMismatch as e:
+            raise StartError(
+                f"--bpf-object: cannot take over the running XDP program: {e}. It keeps "
+                "relaying; to replace it and drop the saved state, run `xdpturn detach "
+                f"--state-dir {config.state_dir}` first"
+            ) from e
+        except pinning.AdoptError as e:
+            restart.start_clean(config, str(e))
+            saved = None
+    try:
+        return open_fastpath(settings), saved
+    except Exception:
+        # open_fastpath reports its own failures by returning NullFastPath; this is a bug
+        # there, and Python still relays everything correctly.
+        log.exception("fast path failed to open; relaying in Python only")
+        return NullFastPath(), saved
+
+
 class RelayServer:
     """Runs one TURN relay on the running event loop.
 
@@ -171,12 +215,18 @@ class RelayServer:
         listeners: Sequence[socket.socket] = (),
         stream_listeners: Sequence[socket.socket] = (),
         reservations: ReservationExchange | None = None,
+        handover: restart.Handover | None = None,
     ) -> None:
         """`listeners`/`stream_listeners`: sockets already bound to the --listen and then the
         --listen-tcp and --listen-tls addresses, used instead of binding them (a worker gets
         its own from the supervisor, see xdpturn.server.workers). `reservations`: where the
-        core's FetchReservation goes (a worker's channel to the other workers)."""
+        core's FetchReservation goes (a worker's channel to the other workers). `handover`:
+        where the state of a restart comes from and goes to (default with --state-dir: the
+        state file)."""
         self.config = config
+        if handover is None and config.state_dir is not None:
+            handover = restart.StateFile(config)
+        self._handover = handover
         self.stats: Counter[str] = Counter()  # the runtime's own: send errors, drops
         self.metering = Metering()  # traffic per allocation and user, both paths
         # TURN over TCP/TLS (--listen-tcp, --listen-tls); flows of theirs are sent through it.
@@ -245,11 +295,14 @@ class RelayServer:
                 await self.streams.start(self.config, self._bound_streams)
             except StreamBindError as e:
                 raise StartError(str(e)) from e
-            saved = self._saved_state() if self.config.state_dir is not None else None
+            handover = self._handover
+            saved = handover.saved() if handover is not None else None
             if self._fastpath is None:
-                self._fastpath, saved = self._open_fastpath(saved)
+                turn_port = bound_address(self._listeners[0]).port
+                self._fastpath, saved = open_kept_fastpath(self.config, turn_port, saved)
             elif saved is not None and saved.fastpath is not None:
-                self._discard_pins()  # a fast path was given: the pinned one is not wanted
+                # A fast path was given: the pinned one is not wanted.
+                restart.discard_pins(self.config)
             if saved is not None:
                 self._restore(saved)
         except BaseException:
@@ -276,83 +329,21 @@ class RelayServer:
         )
         self._arm_timer()
 
-    def _open_fastpath(
-        self, saved: restart.SavedRelay | None
-    ) -> tuple[FastPath, restart.SavedRelay | None]:
-        """The fast path, adopting what `saved` pinned; and `saved`, or None when it cannot be
-        taken over after all (then the relay starts clean)."""
-        config = replace(
-            self.config.fastpath_settings, turn_port=bound_address(self._listeners[0]).port
-        )
-        handover = saved.fastpath if saved is not None else None
-        if handover is not None and self.config.fastpath is FastPathMode.OFF:
-            # The previous process had a kernel path, this one is told to run without.
-            self._discard_pins()
-            handover = None
-        if self.config.fastpath is FastPathMode.OFF:
-            return NullFastPath(), saved
-        if config.pin_dir is not None:
-            try:
-                pinning.ensure_bpffs(self.config.bpffs)
-            except OSError as e:
-                log.warning("the kernel path cannot be kept over restarts: %s", e)
-        if handover is not None:
-            try:
-                return open_fastpath(config, handover), saved
-            except pinning.LayoutMismatch as e:
-                raise StartError(
-                    f"--bpf-object: cannot take over the running XDP program: {e}. It keeps "
-                    "relaying; to replace it and drop the saved state, run `xdpturn detach "
-                    f"--state-dir {self.config.state_dir}` first"
-                ) from e
-            except pinning.AdoptError as e:
-                self._start_clean(str(e))
-                saved = None
-        try:
-            return open_fastpath(config), saved
-        except Exception:
-            # open_fastpath reports its own failures by returning NullFastPath; this is a bug
-            # there, and Python still relays everything correctly.
-            log.exception("fast path failed to open; relaying in Python only")
-            return NullFastPath(), saved
-
     # Restarts (--state-dir)
 
-    def _saved_state(self) -> restart.SavedRelay | None:
-        assert self.config.state_dir is not None
-        try:
-            return restart.load(self.config.state_dir)
-        except StateError as e:
-            self._start_clean(str(e))
-            return None
-
-    def _start_clean(self, why: str) -> None:
-        """One line saying why, then nothing of the previous process is left to adopt."""
-        state_dir = self.config.state_dir
-        assert state_dir is not None
-        first = not (state_dir / restart.STATE_FILE).exists()
-        (log.info if first else log.warning)("starting clean", extra={"reason": why})
-        self._discard_pins()
-        (state_dir / restart.STATE_FILE).unlink(missing_ok=True)
-
-    def _discard_pins(self) -> None:
-        """Detach the pinned program (from the interfaces configured or saved), unpin."""
-        assert self.config.state_dir is not None
-        pin_dir = self.config.fastpath_settings.pin_dir
-        saved = restart.saved_interfaces(self.config.state_dir)
-        if pin_dir is not None:
-            pinning.discard(pin_dir, sorted(set(self.config.interfaces) | set(saved)))
-
     def _restore(self, saved: restart.SavedRelay) -> None:
-        """Carry on with the saved allocations; the state file is then spent."""
-        assert self._core is not None and self.config.state_dir is not None
+        """Carry on with the saved allocations; the saved state is then spent."""
+        assert self._core is not None and self._handover is not None
         wall_now = time.time()
         skipped = self._core.restore_state(
             saved.core, self._clock(), wall_now, len(self._listeners)
         )
         self._drain()  # opens their ports again, their records, and installs their routes
         self.fastpath.settle()
-        (self.config.state_dir / restart.STATE_FILE).unlink(missing_ok=True)
+        self._handover.restored(len(self._core.allocations()))
+        elsewhere = self._handover.elsewhere()
+        if elsewhere:
+            self._sort_queued(elsewhere)
         log.info(
             "restored",
             extra={
@@ -362,6 +353,26 @@ class RelayServer:
                 "stopped_for": round(wall_now - saved.saved_at, 3),
             },
         )
+
+    def _sort_queued(self, elsewhere: frozenset[ClientFlow]) -> None:
+        """What queued on the listeners while the workers restored their shares: datagrams of
+        allocations another worker carries on are dropped rather than answered 437 here
+        (their client retransmits a request, and its connected socket, open by now, takes the
+        retransmission to that worker); the rest are handled as usual."""
+        for listener, sock in enumerate(self._listeners):
+            for _ in range(QUEUED_AT_RESTORE):
+                try:
+                    data, addr = sock.recvfrom(MAX_DATAGRAM)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as e:
+                    self._count_error("client_receive_errors", e)
+                    break
+                flow = ClientFlow(ClientAddr(from_sockaddr(addr[0], addr[1])), listener)
+                if flow in elsewhere:
+                    self.stats["listener_restored_elsewhere"] += 1
+                    continue
+                self._client_datagram(data, addr, listener)
 
     async def stop(self, *, for_restart: bool = False) -> None:
         """Stop: close every allocation and detach the fast path; or, `for_restart` with a
@@ -377,7 +388,7 @@ class RelayServer:
         if self._throughput_timer is not None:
             self._throughput_timer.cancel()
             self._throughput_timer = None
-        kept = for_restart and self.config.state_dir is not None and self._keep_for_restart()
+        kept = for_restart and self._handover is not None and self._keep_for_restart()
         if not kept:
             try:
                 self._core.close(self._clock())
@@ -394,28 +405,16 @@ class RelayServer:
         log.info("stopped", extra={"stats": dict(self.stats), "for_restart": kept})
 
     def _keep_for_restart(self) -> bool:
-        """Pin the kernel path and save the state; False (having undone any of it) if that
+        """Pin the kernel path and hand the state over; False (having undone any of it) if that
         fails, and the relay then stops for good."""
-        state_dir = self.config.state_dir
-        assert self._core is not None and state_dir is not None
+        core, handover = self._core, self._handover
+        assert core is not None and handover is not None
         wall_now = time.time()
-        try:
-            state = self._core.export_state(self._clock(), wall_now)
-            handover = self.fastpath.keep_for_restart()
-        except Exception:
-            log.exception("cannot keep the kernel path for a restart; stopping for good")
-            return False
-        try:
-            path = restart.save(state_dir, state, handover, wall_now)
-        except Exception:
-            log.exception("cannot save the state for a restart; stopping for good")
-            self._discard_pins()
-            return False
-        log.info(
-            "state saved for a restart",
-            extra={"path": str(path), "allocations": len(state.allocations)},
-        )
-        return True
+
+        def export() -> tuple[CoreState, dict[str, Any] | None]:
+            return core.export_state(self._clock(), wall_now), self.fastpath.keep_for_restart()
+
+        return restart.keep(handover, export, wall_now)
 
     def _close_sockets(self) -> None:
         for handle in self._paused.values():
@@ -867,5 +866,6 @@ __all__ = [
     "StartError",
     "allocation_id",
     "bind_udp_listeners",
+    "open_kept_fastpath",
     "turn_server",
 ]

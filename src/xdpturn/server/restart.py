@@ -9,6 +9,11 @@ pins and the allocations, then deletes it: a state is taken over once.
 Whatever cannot be taken over (no file, another format, a corrupt or truncated file, pins gone)
 makes the relay start clean: one log line says why, and `discard` removes the state file and the
 pins and detaches the program they held, so nothing is half adopted.
+
+With several workers (xdpturn.server.workers) there is still one state file and one set of pins:
+the supervisor reads the file, adopts the pins, deals the allocations out to its workers
+(`partition`), and on a stop for a restart gathers the workers' states (`merge`) and writes the
+file. Each worker restores and exports its share with the same core code as a single process.
 """
 
 from __future__ import annotations
@@ -19,11 +24,14 @@ import json
 import logging
 import os
 import sys
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+from xdpturn.config import ServeConfig
 from xdpturn.fastpath import pinning
+from xdpturn.proto.addr import ClientFlow
 from xdpturn.proto.handover import CoreState, StateError, from_plain, to_plain
 
 log = logging.getLogger("xdpturn.server")
@@ -106,6 +114,141 @@ def discard(state_dir: Path, pin_dir: Path | None, interfaces: list[str]) -> Non
     (state_dir / STATE_FILE).unlink(missing_ok=True)
 
 
+def partition(core: CoreState, count: int) -> list[CoreState]:
+    """`core` dealt out to `count` workers: allocations in the order of their relay ports, the
+    first to worker 0, the next to worker 1, and so on round the workers; reservations the same
+    way. Any worker can carry any UDP allocation on: the one that restores it binds its port
+    and the connected socket that steers the client's datagrams to it. Every part has the one
+    nonce key."""
+    allocations = sorted(core.allocations, key=lambda a: a.relay_port)
+    reservations = sorted(core.reservations, key=lambda r: r.relay_port)
+    return [
+        replace(
+            core,
+            allocations=tuple(allocations[index::count]),
+            reservations=tuple(reservations[index::count]),
+        )
+        for index in range(count)
+    ]
+
+
+def merge(parts: Sequence[CoreState]) -> CoreState:
+    """The workers' states as one (they share the nonce key); raises StateError if they do
+    not."""
+    keys = {part.nonce_key for part in parts}
+    if len(keys) != 1:
+        raise StateError(f"{len(keys)} nonce keys among {len(parts)} workers' states")
+    return CoreState(
+        nonce_key=keys.pop(),
+        allocations=tuple(a for part in parts for a in part.allocations),
+        reservations=tuple(r for part in parts for r in part.reservations),
+    )
+
+
+class Handover(Protocol):
+    """Where a relay's saved state comes from when it starts and goes to when it stops for a
+    restart: the state file (`StateFile`), or a worker's supervisor."""
+
+    def saved(self) -> SavedRelay | None:
+        """The state to carry on with (None: start clean, having said why)."""
+        ...
+
+    def restored(self, allocations: int) -> None:
+        """The saved state has been carried on with (`allocations` of it): it is spent."""
+        ...
+
+    def elsewhere(self) -> frozenset[ClientFlow]:
+        """Saved allocations that another process carries on (a sibling worker's share)."""
+        ...
+
+    def keep(self, core: CoreState, fastpath: dict[str, Any] | None, wall_now: float) -> str:
+        """Hand the state over; returns where it went. Raises when it cannot."""
+        ...
+
+    def abandon(self) -> None:
+        """Keeping failed after the fast path was pinned: undo that."""
+        ...
+
+
+class StateFile:
+    """The Handover of one relay process: DIR/state.json and the pins."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        assert config.state_dir is not None
+        self._config = config
+        self._state_dir = config.state_dir
+
+    def saved(self) -> SavedRelay | None:
+        return load_saved(self._config)
+
+    def restored(self, allocations: int) -> None:
+        (self._state_dir / STATE_FILE).unlink(missing_ok=True)
+
+    def elsewhere(self) -> frozenset[ClientFlow]:
+        return frozenset()
+
+    def keep(self, core: CoreState, fastpath: dict[str, Any] | None, wall_now: float) -> str:
+        return str(save(self._state_dir, core, fastpath, wall_now))
+
+    def abandon(self) -> None:
+        discard_pins(self._config)
+
+
+def load_saved(config: ServeConfig) -> SavedRelay | None:
+    """The state of --state-dir, or None having started clean (see start_clean)."""
+    assert config.state_dir is not None
+    try:
+        return load(config.state_dir)
+    except StateError as e:
+        start_clean(config, str(e))
+        return None
+
+
+def start_clean(config: ServeConfig, why: str) -> None:
+    """One line saying why, then nothing of the previous process is left to adopt."""
+    state_dir = config.state_dir
+    assert state_dir is not None
+    first = not (state_dir / STATE_FILE).exists()
+    (log.info if first else log.warning)("starting clean", extra={"reason": why})
+    discard_pins(config)
+    (state_dir / STATE_FILE).unlink(missing_ok=True)
+
+
+def discard_pins(config: ServeConfig) -> None:
+    """Detach the pinned program (from the interfaces configured or saved), unpin."""
+    assert config.state_dir is not None
+    pin_dir = config.fastpath_settings.pin_dir
+    saved = saved_interfaces(config.state_dir)
+    if pin_dir is not None:
+        pinning.discard(pin_dir, sorted(set(config.interfaces) | set(saved)))
+
+
+def keep(
+    handover: Handover,
+    export: Callable[[], tuple[CoreState, dict[str, Any] | None]],
+    wall_now: float,
+) -> bool:
+    """Stop for a restart: `export()` gives the core's state and pins the fast path (its
+    section); the state is handed over. False, having logged why and undone the pins, when
+    that fails: the relay then stops for good."""
+    try:
+        core, fastpath = export()
+    except Exception:
+        log.exception("cannot keep the kernel path for a restart; stopping for good")
+        return False
+    try:
+        where = handover.keep(core, fastpath, wall_now)
+    except Exception:
+        log.exception("cannot save the state for a restart; stopping for good")
+        handover.abandon()
+        return False
+    log.info(
+        "state saved for a restart",
+        extra={"path": where, "allocations": len(core.allocations)},
+    )
+    return True
+
+
 def saved_interfaces(state_dir: Path) -> list[str]:
     """The interfaces a saved fast path section names, read leniently (for clean-up only)."""
     try:
@@ -168,10 +311,18 @@ def _detach(args: argparse.Namespace) -> int:
 
 __all__ = [
     "STATE_FILE",
+    "Handover",
     "SavedRelay",
+    "StateFile",
     "add_detach_command",
     "discard",
+    "discard_pins",
+    "keep",
     "load",
+    "load_saved",
+    "merge",
+    "partition",
     "save",
     "saved_interfaces",
+    "start_clean",
 ]
