@@ -646,11 +646,6 @@ class ServeConfig:
                 "--workers",
                 f"at most {MAX_WORKERS}: a reservation token names its worker in two bytes",
             )
-        if self.state_dir is not None and self.workers > 1:
-            raise ConfigError(
-                "--state-dir",
-                "needs --workers 1 for now: the workers' states are not handed over yet",
-            )
         fixed = [a for a in self.listen if a.port != 0]  # port 0: the kernel picks, never equal
         if len(set(fixed)) != len(fixed):
             raise ConfigError("--listen", "the same address is given twice")

@@ -5,9 +5,10 @@ peers at a steady rate, both ways, through bound channels. In the middle, the re
 (stop for a restart: its XDP program stays attached, its maps pinned, its state saved) and a new
 `xdpturn serve` with the same configuration takes over. Every datagram arrives, including those
 sent while no relay process ran; every old allocation is refreshed on the new process. The same
-with a changed BPF object (another build of the program) for the new process. And a state that
-cannot be taken over (another format, truncated, corrupt, a pinned map gone) makes the new
-process start clean, saying why, with nothing of the old one left.
+with a changed BPF object (another build of the program) for the new process; and with several
+worker processes, the new relay running as many workers as the old one or another number. And a
+state that cannot be taken over (another format, truncated, corrupt, a pinned map gone) makes the
+new process start clean, saying why, with nothing of the old one left.
 """
 
 from __future__ import annotations
@@ -181,29 +182,45 @@ class Restart:
     new: RelayProcess
 
 
+def whole_relay(record: dict[str, Any]) -> bool:
+    """A record of the relay as a whole: the one process's, or the workers' supervisor's (a
+    worker's records name it)."""
+    return "worker" not in record
+
+
 def restart(
-    world: Testbed, old: RelayProcess, args: list[str], expect_restored: int | None
+    world: Testbed,
+    old: RelayProcess,
+    args: list[str],
+    expect_restored: int | None,
+    workers: int = 1,
 ) -> Restart:
-    """SIGINT the old relay, start a new one with `args`; waits for its "restored" record."""
+    """SIGINT the old relay, start a new one with `args` and `workers`; waits for its "restored"
+    record (with workers, the supervisor's: every worker has restored its share)."""
     node = old.relay
     assert old.interrupt() == 0, old.tail()
     gap_start = time.monotonic()
     assert xdp_attached(world, node, node.interface), "the program left with the process"
-    new = RelayProcess(world, node, fastpath=True, extra_args=args)
+    new = RelayProcess(world, node, fastpath=True, extra_args=args, workers=workers)
     new.start()
     gap_end = time.monotonic()
     if expect_restored is not None:
-        restored = new.wait_for("restored")
+        restored = new.wait_for("restored", where=whole_relay)
         assert restored["allocations"] == expect_restored, new.tail()
     return Restart((gap_start, gap_end), new)
 
 
 def run_restart(
-    world: Testbed, state_dir: Path, bpffs: Path, new_object: Path | None = None
+    world: Testbed,
+    state_dir: Path,
+    bpffs: Path,
+    new_object: Path | None = None,
+    workers: tuple[int, int] = (1, 1),
 ) -> None:
-    """The whole scenario: traffic on 4 routes, a restart in the middle, then checks."""
+    """The whole scenario: traffic on 4 routes, a restart in the middle, then checks.
+    `workers`: the old relay's and the new one's."""
     args = state_args(state_dir, bpffs)
-    old = RelayProcess(world, "relay", fastpath=True, extra_args=args)
+    old = RelayProcess(world, "relay", fastpath=True, extra_args=args, workers=workers[0])
     old.start()
     new_args = [*args, *(["--bpf-object", str(new_object)] if new_object else [])]
     done: list[Restart] = []
@@ -223,7 +240,9 @@ def run_restart(
                 ]
             try:
                 await asyncio.sleep(BEFORE)
-                done.append(await asyncio.to_thread(restart, world, old, new_args, len(routes)))
+                done.append(
+                    await asyncio.to_thread(restart, world, old, new_args, len(routes), workers[1])
+                )
                 for r in routes:
                     # Each old allocation goes on, on the new process.
                     assert await r.client.client.refresh() > 0
@@ -266,6 +285,14 @@ def run_restart(
     assert "fast path adopted: 4 routes kept, 0 stale entries removed" in [
         rec.get("message") for rec in new.records
     ]
+    if workers[1] > 1:
+        # Every worker took its share, round the workers in the order of the relay ports.
+        shares = {
+            rec["worker"]: rec["allocations"]
+            for rec in new.records
+            if rec.get("message") == "restored" and "worker" in rec
+        }
+        assert shares == {w: len(range(w, len(ROUTES), workers[1])) for w in range(workers[1])}
     assert not (state_dir / "state.json").exists()  # spent
     assert not any((bpffs / "xdpturn").glob("*/*"))  # pins removed once adopted
 
@@ -278,6 +305,16 @@ def test_upgrade_to_a_changed_program_keeps_bound_channels_flowing(
     world: Testbed, tmp_path: Path, bpffs: Path, variant_object: Path
 ) -> None:
     run_restart(world, tmp_path / "state", bpffs, new_object=variant_object)
+
+
+@pytest.mark.parametrize(
+    "workers", [(2, 2), (1, 2), (2, 1)], ids=["2-to-2-workers", "1-to-2-workers", "2-to-1-worker"]
+)
+def test_restart_with_workers_keeps_bound_channels_flowing(
+    world: Testbed, tmp_path: Path, bpffs: Path, workers: tuple[int, int]
+) -> None:
+    """Every worker's allocations are handed over, to as many workers or to another number."""
+    run_restart(world, tmp_path / "state", bpffs, workers=workers)
 
 
 def _another_version(state_dir: Path, pins: Path) -> None:
@@ -306,14 +343,23 @@ def _remove_a_pinned_map(state_dir: Path, pins: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("damage", "reason"),
+    ("damage", "reason", "workers"),
     [
-        (_another_version, "format 99"),
-        (_truncate, "not whole JSON"),
-        (_flip_a_byte, "does not match its digest"),
-        (_remove_a_pinned_map, "pinned map udp_to_chan missing"),
+        (_another_version, "format 99", 1),
+        (_truncate, "not whole JSON", 1),
+        (_flip_a_byte, "does not match its digest", 1),
+        (_remove_a_pinned_map, "pinned map udp_to_chan missing", 1),
+        (_flip_a_byte, "does not match its digest", 2),
+        (_remove_a_pinned_map, "pinned map udp_to_chan missing", 2),
     ],
-    ids=["other-format", "truncated", "corrupt", "pinned-map-missing"],
+    ids=[
+        "other-format",
+        "truncated",
+        "corrupt",
+        "pinned-map-missing",
+        "corrupt-workers",
+        "pinned-map-missing-workers",
+    ],
 )
 def test_a_state_that_cannot_be_taken_over_starts_clean(
     world: Testbed,
@@ -321,10 +367,11 @@ def test_a_state_that_cannot_be_taken_over_starts_clean(
     bpffs: Path,
     damage: Callable[[Path, Path], None],
     reason: str,
+    workers: int,
 ) -> None:
     state_dir = tmp_path / "state"
     args = state_args(state_dir, bpffs)
-    old = RelayProcess(world, "relay", fastpath=True, extra_args=args)
+    old = RelayProcess(world, "relay", fastpath=True, extra_args=args, workers=workers)
     old.start()
     pins = pinning.pin_dir_for(state_dir, bpffs)
     old_prog = attached_prog_id(world, old.relay)
@@ -334,7 +381,9 @@ def test_a_state_that_cannot_be_taken_over_starts_clean(
         assert old.interrupt() == 0
         assert (state_dir / "state.json").exists() and (pins / "program").exists()
         damage(state_dir, pins)
-        started.append(RelayProcess(world, "relay", fastpath=True, extra_args=args))
+        started.append(
+            RelayProcess(world, "relay", fastpath=True, extra_args=args, workers=workers)
+        )
         started[-1].start()
         return started[-1]
 

@@ -8,18 +8,46 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
+import queue
+import signal
 import socket
+import time
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from tests.support import BOUNDED, Serve
 from xdpturn.client.turn import TurnClient, TurnClientError
-from xdpturn.config import ConfigError, ServeConfig
-from xdpturn.proto.addr import TransportAddr
+from xdpturn.config import ServeConfig
+from xdpturn.fastpath import NullFastPath
+from xdpturn.proto import stun
+from xdpturn.proto.addr import ClientAddr, ClientFlow, Family, Transport, TransportAddr
+from xdpturn.proto.handover import CoreState, SavedAllocation, StateError
+from xdpturn.proto.stun import MessageClass, Method
 from xdpturn.server import RelayServer
-from xdpturn.server.restart import STATE_FILE
+from xdpturn.server.relay import bind_udp_listeners
+from xdpturn.server.restart import STATE_FILE, SavedRelay, merge, partition
+from xdpturn.server.sockets import bound_address
 
-from .helpers import TIMEOUT, behind_nat_config, local, recv, rest_credentials, run, udp
+from .helpers import (
+    PUBLIC_V4,
+    SECRET,
+    TEST_PORTS,
+    TIMEOUT,
+    behind_nat_config,
+    local,
+    recv,
+    rest_credentials,
+    run,
+    sockaddr,
+    udp,
+)
+
+CLIENTS = 4  # allocations handed over in the workers' test
 
 
 def fixed_port_config(state_dir: Path) -> ServeConfig:
@@ -165,8 +193,232 @@ def test_the_state_file_is_the_relay_users_only(tmp_path: Path) -> None:
     assert json.loads(path.read_text())["format"] == 1
 
 
-def test_a_state_dir_with_several_workers_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError) as caught:
-        behind_nat_config(state_dir=tmp_path / "state", workers=2)
-    assert caught.value.option == "--state-dir"
-    assert "--workers 1" in str(caught.value)
+class WorkersRelay(Serve):
+    """`xdpturn serve --workers N --state-dir DIR` on a fixed loopback port, Python path only;
+    every log record is kept."""
+
+    def __init__(self, state_dir: Path, port: int, workers: int, *extra: str) -> None:
+        args = [
+            "--listen", f"127.0.0.1:{port}",
+            "--public-ipv4", str(PUBLIC_V4),
+            "--auth-secret", SECRET,
+            "--realm", "test.example",
+            "--ports", str(TEST_PORTS),
+            "--allow-peer", "127.0.0.0/8",
+            "--log-format", "json",
+            "--workers", str(workers),
+            "--state-dir", str(state_dir),
+            "--drain-timeout", "2",
+            *extra,
+        ]  # fmt: skip
+        super().__init__(args, env={"XDPTURN_WORKERS": str(workers)})
+        self.records: list[dict[str, Any]] = []
+
+    def record(
+        self, message: str, where: Callable[[dict[str, Any]], bool] = lambda _: True
+    ) -> dict[str, Any]:
+        """The first record so far, or within BOUNDED, with `message` for which `where` holds."""
+        for seen in self.records:
+            if seen["message"] == message and where(seen):
+                return seen
+        deadline = time.monotonic() + BOUNDED
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self.lines.get(timeout=left)
+            except queue.Empty:
+                break
+            if line is None:
+                raise AssertionError(f"serve exited ({self.proc.wait()}) before {message!r}")
+            record: dict[str, Any] = json.loads(line)
+            self.records.append(record)
+            if record["message"] == message and where(record):
+                return record
+        raise AssertionError(f"no {message!r} record within {BOUNDED} s")
+
+    def interrupt(self) -> int:
+        """SIGINT (with --state-dir: stop for a restart); the exit status."""
+        self.proc.send_signal(signal.SIGINT)
+        return self.proc.wait(timeout=BOUNDED)
+
+
+def whole_relay(record: dict[str, Any]) -> bool:
+    return "worker" not in record  # a worker's records name it
+
+
+def of_worker(worker: int) -> Callable[[dict[str, Any]], bool]:
+    return lambda record: record.get("worker") == worker
+
+
+@pytest.mark.parametrize("counts", [(2, 3), (3, 1)], ids=["2-to-3-workers", "3-to-1-worker"])
+def test_every_workers_allocations_carry_on_after_a_restart(
+    tmp_path: Path, counts: tuple[int, int]
+) -> None:
+    """The old relay's workers each hand their allocations over; the new relay, with another
+    number of workers, deals them out round its workers, carries on with every one (refresh,
+    channel, data both ways, the old nonce), and counts them against the quotas again."""
+    state_dir = tmp_path / "state"
+    port = fixed_port_config(state_dir).listen[0].port
+    quota = ["--max-allocations-per-ip", str(CLIENTS)]
+    old, new_count = WorkersRelay(state_dir, port, counts[0], *quota), counts[1]
+    relays = [old]
+
+    async def scenario() -> None:
+        server = TransportAddr.parse(f"127.0.0.1:{port}")
+        peer = udp()
+        clients: list[TurnClient] = []
+        try:
+            old.record("listening", whole_relay)
+            for _ in range(CLIENTS):
+                client = await TurnClient.connect(server, *rest_credentials())
+                clients.append(client)
+                await asyncio.wait_for(client.allocate(), TIMEOUT)
+                await asyncio.wait_for(client.bind_channel(local(peer)), TIMEOUT)
+            assert await asyncio.to_thread(old.interrupt) == 0
+            saved = json.loads((state_dir / STATE_FILE).read_text())["body"]["core"]
+            assert len(saved["allocations"]) == CLIENTS
+
+            new = WorkersRelay(state_dir, port, new_count, *quota)
+            relays.append(new)
+            restored = await asyncio.to_thread(new.record, "restored", whole_relay)
+            assert restored["allocations"] == CLIENTS
+            if new_count > 1:
+                shares = {}
+                for worker in range(new_count):
+                    share = await asyncio.to_thread(new.record, "restored", of_worker(worker))
+                    shares[worker] = share["allocations"]
+                assert shares == {w: len(range(w, CLIENTS, new_count)) for w in range(new_count)}
+            assert not (state_dir / STATE_FILE).exists()  # taken over once
+
+            for index, client in enumerate(clients):
+                assert await asyncio.wait_for(client.refresh(), TIMEOUT) > 0
+                assert await asyncio.wait_for(client.bind_channel(local(peer)), TIMEOUT)
+                client.send(local(peer), b"up %d" % index)
+                data, source = await recv(peer)
+                assert (data, source.port) == (b"up %d" % index, client.relayed[0].port)
+                peer.sendto(b"down %d" % index, ("127.0.0.1", client.relayed[0].port))
+                assert await asyncio.wait_for(client.recv(), TIMEOUT) == (
+                    local(peer),
+                    b"down %d" % index,
+                )
+            # The supervisor counted the restored allocations: the address's quota is full.
+            extra = await TurnClient.connect(server, *rest_credentials())
+            try:
+                with pytest.raises(TurnClientError) as caught:
+                    await asyncio.wait_for(extra.allocate(), TIMEOUT)
+                assert caught.value.code == 486
+            finally:
+                await extra.close()
+        finally:
+            for client in clients:
+                with contextlib.suppress(TurnClientError, TimeoutError):
+                    await asyncio.wait_for(client.close(), TIMEOUT)
+            peer.close()
+
+    try:
+        run(scenario())
+    finally:
+        for relay in relays:
+            relay.stop()
+    assert relays[-1].proc.returncode == 0
+
+
+def test_a_state_is_dealt_out_round_the_workers_in_port_order_and_merged_back() -> None:
+    state = handed_over_state(ports=[20010, 20004, 20002, 20008, 20006])
+    parts = partition(state, 2)
+    assert [[a.relay_port for a in part.allocations] for part in parts] == [
+        [20002, 20006, 20010],
+        [20004, 20008],
+    ]
+    assert all(part.nonce_key == state.nonce_key for part in parts)
+    merged = merge(partition(state, 3))
+    assert sorted(a.relay_port for a in merged.allocations) == [20002, 20004, 20006, 20008, 20010]
+    assert merged.nonce_key == state.nonce_key
+    assert [len(part.allocations) for part in partition(state, 7)] == [1, 1, 1, 1, 1, 0, 0]
+
+
+def test_workers_states_with_different_nonce_keys_are_not_merged() -> None:
+    one, other = handed_over_state([20002]), handed_over_state([20004])
+    with pytest.raises(StateError):
+        merge([one, replace(other, nonce_key=bytes(16))])
+
+
+def handed_over_state(ports: list[int]) -> CoreState:
+    """A core's state with one allocation on each of `ports`."""
+    allocation = SavedAllocation(
+        flow=ClientFlow(ClientAddr(TransportAddr.parse("192.0.2.1:5000")), 0, Transport.UDP),
+        username="user",
+        key=bytes(16),
+        relay_port=0,
+        families=frozenset({Family.IPV4}),
+        expires=1_900_000_600.0,
+        allocate_transaction=bytes(12),
+        allocate_response=b"",
+        dont_fragment=False,
+        permissions={},
+        channels=(),
+    )
+    return CoreState(
+        nonce_key=b"k" * 16,
+        allocations=tuple(replace(allocation, relay_port=port) for port in ports),
+    )
+
+
+class SiblingShare:
+    """A worker's Handover, as the supervisor gives it: an empty share of its own, and the flow
+    of an allocation another worker restores."""
+
+    def __init__(self, elsewhere: ClientFlow) -> None:
+        self._elsewhere = frozenset({elsewhere})
+
+    def saved(self) -> SavedRelay | None:
+        return SavedRelay(CoreState(nonce_key=bytes(16), allocations=()), None, time.time())
+
+    def restored(self, allocations: int) -> None:
+        pass
+
+    def elsewhere(self) -> frozenset[ClientFlow]:
+        return self._elsewhere
+
+    def keep(self, core: CoreState, fastpath: dict[str, Any] | None, wall_now: float) -> str:
+        raise AssertionError("not stopped for a restart here")
+
+    def abandon(self) -> None:
+        pass
+
+
+def test_what_queued_for_another_workers_allocation_is_dropped_not_answered() -> None:
+    """Datagrams that queued on a worker's listener before every worker had restored its share:
+    those of a client another worker restores are dropped (its retransmission will reach that
+    worker), the others answered."""
+    config = behind_nat_config(listen=[TransportAddr.parse("127.0.0.1:0")])
+    [listener] = bind_udp_listeners(config.listen, 1 << 16)
+    other_workers, newcomer = udp(), udp()
+    flow = ClientFlow(ClientAddr(local(other_workers)))
+
+    async def scenario() -> None:
+        server = sockaddr(bound_address(listener))
+        for sock in (other_workers, newcomer):
+            request = stun.Message(Method.BINDING, MessageClass.REQUEST, os.urandom(12))
+            sock.sendto(stun.encode(request), server)
+        relay = RelayServer(
+            config,
+            fastpath=NullFastPath(),
+            listeners=[listener],
+            handover=SiblingShare(flow),
+        )
+        await relay.start()
+        try:
+            answer, _ = await recv(newcomer)
+            assert stun.decode(answer).cls is MessageClass.SUCCESS
+            assert relay.stats["listener_restored_elsewhere"] == 1
+            # Sorted out in start(): an answer would be queued on the socket by now.
+            with pytest.raises(BlockingIOError):
+                other_workers.recvfrom(2048)
+        finally:
+            await relay.stop()
+
+    try:
+        run(scenario())
+    finally:
+        other_workers.close()
+        newcomer.close()

@@ -26,6 +26,15 @@ shared:
   routes are kept by the supervisor's one netlink watcher, told over the same socket pair
   (`NextHopsProxy`); the supervisor detaches the program after the last worker has gone.
 
+With --state-dir, a restart keeps the workers' allocations (xdpturn.server.restart): the
+supervisor reads the state file, adopts the pinned program and maps, and deals the allocations out
+to its workers (`restart.partition`; their number may differ from the last run's), each of which
+restores its share; once all have, the supervisor removes what the adopted maps hold beyond their
+routes (`Restarts.settle`; the workers wait for that before they read a datagram, so nothing new
+is installed meanwhile). SIGINT makes every worker export its state to the supervisor, which pins
+the program and maps and writes one state file (`Restarts.keep`); if any worker's state is
+missing, nothing is kept and the relay stops for good.
+
 The supervisor forwards SIGTERM (drain), SIGINT (stop) and SIGHUP (reload the TLS certificate) to
 every worker, serves --metrics and /status as one view summed over the workers' snapshots
 (`WorkerPool`), and exits once every worker has exited: 0 if they all did cleanly. A worker that
@@ -56,13 +65,15 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from xdpturn.config import ServeConfig
-from xdpturn.fastpath import FastPath, FastPathCounters, FastPathMode, NullFastPath, open_fastpath
+from xdpturn.fastpath import FastPath, FastPathCounters, NullFastPath
 from xdpturn.proto.addr import ClientFlow, Family, IPAddress, PeerAddr, Transport, TransportAddr
 from xdpturn.proto.commands import ChannelRoute
+from xdpturn.proto.handover import CoreState, from_plain, to_plain
 from xdpturn.proto.meter import AllocationTraffic
 from xdpturn.proto.quotas import LocalQuotas, QuotaRefusal, Quotas
 from xdpturn.proto.server import AllocationInfo, RelayPorts, ServerConfig, TurnServer
 from xdpturn.proto.stats import CoreStats
+from xdpturn.server import restart
 from xdpturn.server.drain import Drainer
 from xdpturn.server.lifecycle import event_loop_factory, serve
 from xdpturn.server.metering import MeteredAllocation, Metering
@@ -73,6 +84,7 @@ from xdpturn.server.relay import (
     RelayServer,
     StartError,
     bind_udp_listeners,
+    open_kept_fastpath,
 )
 from xdpturn.server.reservations import ReservationChannel, ReservationRouter, channel_pair
 from xdpturn.server.sockets import bound_address, receive_buffer_for
@@ -80,7 +92,7 @@ from xdpturn.server.streams import StreamBindError, open_tcp_listener
 from xdpturn.server.traffic import ReceiveQueueDrops, error_counts, request_counts
 
 if TYPE_CHECKING:
-    from xdpturn.fastpath.xdp import NextHopKeeper, XdpFastPath
+    from xdpturn.fastpath.xdp import KeptEntries, NextHopKeeper, XdpFastPath
 
 log = logging.getLogger("xdpturn.server")
 
@@ -93,6 +105,8 @@ START_POLL = 0.05
 SNAPSHOT_REQUEST = b"?"
 LENGTH = struct.Struct("!I")
 PR_SET_PDEATHSIG = 1
+# The longest line on a worker's channel: a worker's whole state at a stop for a restart.
+MESSAGE_LIMIT = 1 << 28
 
 
 # Shared state
@@ -201,20 +215,15 @@ class SupervisorQuotas:
     def acquire(self, username: str, ip: IPAddress) -> QuotaRefusal | None:
         if self._broken:
             return QuotaRefusal.TOTAL
+        question = {"op": "acquire", "user": username, "ip": str(ip)}
         try:
-            self._send({"op": "acquire", "user": username, "ip": str(ip)})
-            reply = b""
-            while not reply.endswith(b"\n"):
-                chunk = self._sock.recv(256)
-                if not chunk:
-                    raise ConnectionError("supervisor closed the quota channel")
-                reply += chunk
+            reply = ask_supervisor(self._sock, question, QUOTA_TIMEOUT)
         except OSError as e:
             # A late answer would be taken for the next question's: stop asking.
             self._broken = True
             log.error("quota service failed; refusing allocations", extra={"error": str(e)})
             return QuotaRefusal.TOTAL
-        refusal = json.loads(reply)["refusal"]
+        refusal = reply["refusal"]
         return None if refusal is None else QuotaRefusal(refusal)
 
     def release(self, username: str, ip: IPAddress) -> None:
@@ -249,17 +258,54 @@ class NextHopsProxy:
             log.warning("next hop not passed on", extra={"ip": str(ip), "error": str(e)})
 
 
+def ask_supervisor(sock: socket.socket, message: dict[str, Any], timeout: float) -> Any:
+    """Send `message` on a worker's channel and wait for its one-line answer (blocking: only
+    while the worker's loop has nothing else to do, e.g. while it starts)."""
+    previous = sock.gettimeout()
+    sock.settimeout(timeout)
+    try:
+        sock.sendall(json.dumps(message).encode() + b"\n")
+        reply = b""
+        while not reply.endswith(b"\n"):
+            chunk = sock.recv(256)
+            if not chunk:
+                raise ConnectionError("the supervisor closed the channel")
+            reply += chunk
+    finally:
+        sock.settimeout(previous)
+    return json.loads(reply)
+
+
+def tell_supervisor(sock: socket.socket, message: dict[str, Any], timeout: float) -> None:
+    """Send `message` on a worker's channel; no answer comes."""
+    previous = sock.gettimeout()
+    sock.settimeout(timeout)
+    try:
+        sock.sendall(json.dumps(message).encode() + b"\n")
+    finally:
+        sock.settimeout(previous)
+
+
 async def serve_worker(
+    index: int,
     quotas: LocalQuotas,
     next_hops: NextHopKeeper | None,
+    restarts: Restarts,
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
 ) -> None:
-    """The supervisor's side of one worker's channel: quota questions (answered) and next
-    hops to keep (not answered)."""
+    """The supervisor's side of worker `index`'s channel: quota questions (answered), next
+    hops to keep (not answered), and its part in a restart (see Restarts)."""
     while line := await reader.readline():
         message = json.loads(line)
-        op, ip = message["op"], TransportAddr.parse(f"[{message['ip']}]:0").ip
+        op = message["op"]
+        if op == "restored":
+            restarts.report_restored(index, message, writer)
+            continue
+        if op == "state":
+            restarts.receive_state(index, message)
+            continue
+        ip = TransportAddr.parse(f"[{message['ip']}]:0").ip
         if op == "acquire":
             refusal = quotas.acquire(message["user"], ip)
             reply = {"refusal": None if refusal is None else refusal.value}
@@ -272,10 +318,12 @@ async def serve_worker(
 
 class SharedFastPath:
     """A worker's handle on the fast path the supervisor loaded: routes go into the shared maps;
-    closing is the supervisor's (a worker's routes are removed as its allocations close)."""
+    closing, pinning and settling are the supervisor's (a worker's routes are removed as its
+    allocations close). `channel`: the worker's channel to the supervisor."""
 
-    def __init__(self, fastpath: FastPath) -> None:
+    def __init__(self, fastpath: FastPath, channel: socket.socket) -> None:
         self._fastpath = fastpath
+        self._channel = channel
 
     @property
     def mode(self) -> str:
@@ -321,13 +369,188 @@ class SharedFastPath:
         return self._fastpath.problem()
 
     def settle(self) -> None:
-        pass  # --state-dir needs --workers 1 (ServeConfig): a worker never adopts
+        pass  # the supervisor settles the maps for every worker (WorkerHandover.restored)
 
     def keep_for_restart(self) -> dict[str, Any] | None:
-        return None
+        """The ports this worker's routes and allocations use: the supervisor pins the maps."""
+        xdp = _xdp(self._fastpath)
+        return None if xdp is None else {"ports_in_use": sorted(xdp.ports_in_use)}
 
     def close(self) -> None:
         pass
+
+
+# Restarts (--state-dir)
+
+
+class WorkerHandover:
+    """A worker's `restart.Handover`: its share of the saved state comes from the supervisor
+    (dealt out before the fork), and its state goes back to the supervisor, which writes the
+    one state file for all workers. `elsewhere`: the other workers' shares' flows."""
+
+    def __init__(
+        self,
+        share: restart.SavedRelay | None,
+        elsewhere: frozenset[ClientFlow],
+        fastpath: FastPath,
+        channel: socket.socket,
+    ) -> None:
+        self._share = share
+        self._elsewhere = elsewhere
+        self._fastpath = fastpath
+        self._channel = channel
+
+    def saved(self) -> restart.SavedRelay | None:
+        return self._share
+
+    def restored(self, allocations: int) -> None:
+        """Tell the supervisor (with the map entries this worker needs, when the maps were
+        adopted), and wait until every worker has: the supervisor then settles the maps for
+        all and removes the state file. Nothing is read meanwhile, so no route is installed
+        that the supervisor does not know of, and by the time any worker reads its listeners
+        every restored client's connected socket is open."""
+        self._share = None
+        xdp = _xdp(self._fastpath)
+        kept = xdp.kept_entries().to_plain() if xdp is not None and xdp.adopted else None
+        message = {"op": "restored", "allocations": allocations, "kept": kept}
+        try:
+            ask_supervisor(self._channel, message, START_TIMEOUT)
+        except (OSError, ValueError) as e:
+            log.error("the supervisor did not confirm the restore", extra={"error": str(e)})
+
+    def elsewhere(self) -> frozenset[ClientFlow]:
+        return self._elsewhere
+
+    def keep(self, core: CoreState, fastpath: dict[str, Any] | None, wall_now: float) -> str:
+        ports = fastpath.get("ports_in_use", []) if fastpath is not None else []
+        message = {"op": "state", "core": to_plain(core), "ports_in_use": ports}
+        tell_supervisor(self._channel, message, START_TIMEOUT)
+        return "the supervisor"
+
+    def abandon(self) -> None:
+        pass  # the supervisor pins, and decides
+
+
+class Restarts:
+    """The supervisor's side of --state-dir with workers: the settling of adopted maps at the
+    start, the workers' states at a stop for a restart."""
+
+    def __init__(
+        self, config: ServeConfig, fastpath: FastPath, saved: restart.SavedRelay | None
+    ) -> None:
+        self.config = config
+        self.saved = saved
+        self.kept = False  # the kernel path and the state were kept: do not close the fast path
+        self._fastpath = fastpath
+        self._restored: dict[int, tuple[int, KeptEntries | None]] = {}
+        self._waiting: list[asyncio.StreamWriter] = []
+        self._reported = asyncio.Event()
+        self._states: dict[int, tuple[CoreState, list[int]]] = {}
+
+    def report_restored(
+        self, index: int, message: dict[str, Any], writer: asyncio.StreamWriter
+    ) -> None:
+        """Worker `index` has restored its share: how many allocations it carries on with and,
+        when the maps were adopted, the map entries it needs. Answered once every worker has
+        (`settle`)."""
+        from xdpturn.fastpath.xdp import KeptEntries
+
+        entries = None
+        try:
+            kept = message["kept"]
+            entries = None if kept is None else KeptEntries.from_plain(kept)
+        except (KeyError, TypeError, ValueError) as e:
+            log.error("malformed map entries from a worker", extra={"worker": index, "error": e})
+        self._restored[index] = (int(message.get("allocations", 0)), entries)
+        self._waiting.append(writer)
+        self._reported.set()
+
+    async def settle(self, workers: Sequence[Worker]) -> None:
+        """Once every worker has restored its share (and reported the map entries it needs):
+        remove what none of them needs from adopted maps, then let them all run. Not settled
+        if a worker exits or does not report in time (the relay is then stopping)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + START_TIMEOUT
+        while not all(w.index in self._restored for w in workers):
+            if any(w.exit_code is not None for w in workers) or loop.time() >= deadline:
+                log.error(
+                    "not every worker restored its share",
+                    extra={"restored": sorted(self._restored), "workers": len(workers)},
+                )
+                break
+            self._reported.clear()
+            waits = [loop.create_task(self._reported.wait())]
+            waits += [loop.create_task(w.exited.wait()) for w in workers]
+            await asyncio.wait(
+                waits, timeout=deadline - loop.time(), return_when=asyncio.FIRST_COMPLETED
+            )
+            for task in waits:
+                task.cancel()
+        else:
+            self._settle_maps()
+            self._restored_all()
+        for writer in self._waiting:
+            writer.write(b'{"restored": true}\n')
+        self._waiting.clear()
+
+    def _settle_maps(self) -> None:
+        xdp = _xdp(self._fastpath)
+        kept = [k for _, k in self._restored.values() if k is not None]
+        if xdp is None or not xdp.adopted:
+            return
+        if len(kept) != len(self._restored):
+            log.error("a worker's map entries are missing; the adopted maps are not settled")
+            return
+        try:
+            xdp.settle_with(kept)
+        except OSError as e:
+            log.error("settling the adopted maps failed", extra={"error": str(e)})
+
+    def _restored_all(self) -> None:
+        """Every worker carries on with its share: the state file is spent."""
+        assert self.saved is not None and self.config.state_dir is not None
+        (self.config.state_dir / restart.STATE_FILE).unlink(missing_ok=True)
+        log.info(
+            "restored",
+            extra={
+                "allocations": sum(count for count, _ in self._restored.values()),
+                "workers": len(self._restored),
+                "stopped_for": round(time.time() - self.saved.saved_at, 3),
+            },
+        )
+
+    def receive_state(self, index: int, message: dict[str, Any]) -> None:
+        try:
+            core = from_plain(message["core"])
+            ports = [int(p) for p in message["ports_in_use"]]
+        except (KeyError, TypeError, ValueError) as e:  # StateError is a ValueError
+            log.error("malformed state from a worker", extra={"worker": index, "error": str(e)})
+            return
+        self._states[index] = (core, ports)
+
+    async def keep(self, workers: Sequence[Worker]) -> None:
+        """After a stop for a restart (every worker has exited): pin the program and maps and
+        write one state file of every worker's allocations. Nothing is kept (the relay stops
+        for good, the fast path is closed) unless every worker handed its state over."""
+        # A worker's state may still be on its way through the channel when its exit is seen.
+        channels = [task for w in workers for task in w.channel_tasks]
+        if channels:
+            await asyncio.wait(channels, timeout=SNAPSHOT_TIMEOUT)
+        missing = [w.index for w in workers if w.index not in self._states]
+        if missing:
+            log.error("workers' states missing; stopping for good", extra={"workers": missing})
+            return
+        wall_now = time.time()
+
+        def export() -> tuple[CoreState, dict[str, Any] | None]:
+            states = [self._states[w.index] for w in workers]
+            core = restart.merge([state for state, _ in states])
+            xdp = _xdp(self._fastpath)
+            if xdp is None:
+                return core, self._fastpath.keep_for_restart()
+            return core, xdp.keep_for_restart(p for _, ports in states for p in ports)
+
+        self.kept = restart.keep(restart.StateFile(self.config), export, wall_now)
 
 
 # Snapshots: what a worker tells the supervisor for --metrics and /status
@@ -605,15 +828,26 @@ class Worker:
         self._lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
 
-    async def attach(self, quotas: LocalQuotas, next_hops: NextHopKeeper | None) -> None:
-        """Watch the process, open the control channel, serve its quota and next-hop
+    async def attach(
+        self, quotas: LocalQuotas, next_hops: NextHopKeeper | None, restarts: Restarts
+    ) -> None:
+        """Watch the process, open the control channel, serve its quota, next-hop and restart
         messages."""
         loop = asyncio.get_running_loop()
         pidfd = os.pidfd_open(self.pid)
         loop.add_reader(pidfd, self._reap, pidfd)
         self._control = await asyncio.open_unix_connection(sock=self._control_sock)
-        self._quotas = await asyncio.open_unix_connection(sock=self._quota_sock)
-        self._tasks.append(loop.create_task(serve_worker(quotas, next_hops, *self._quotas)))
+        self._quotas = await asyncio.open_unix_connection(
+            sock=self._quota_sock, limit=MESSAGE_LIMIT
+        )
+        self._tasks.append(
+            loop.create_task(serve_worker(self.index, quotas, next_hops, restarts, *self._quotas))
+        )
+
+    @property
+    def channel_tasks(self) -> list[asyncio.Task[None]]:
+        """What serves the worker's channel; done once the worker's end has closed."""
+        return list(self._tasks)
 
     def _reap(self, pidfd: int) -> None:
         asyncio.get_running_loop().remove_reader(pidfd)
@@ -759,6 +993,7 @@ def _worker_main(
     nonce_key: bytes,
     live: LivePorts,
     quotas_limited: bool,
+    shares: list[restart.SavedRelay | None],
 ) -> int:
     _die_with_parent(supervisor)
     _tag_logs(index)
@@ -767,13 +1002,24 @@ def _worker_main(
         xdp.keep_next_hops_with(NextHopsProxy(sockets.quotas))
     quotas = SupervisorQuotas(sockets.quotas) if quotas_limited else None
     reservations = ReservationChannel(sockets.reservations)
+    handover = None
+    if config.state_dir is not None:
+        share = shares[index]
+        elsewhere = frozenset(
+            allocation.flow
+            for other, part in enumerate(shares)
+            if other != index and part is not None
+            for allocation in part.core.allocations
+        )
+        handover = WorkerHandover(share, elsewhere, fastpath, sockets.quotas)
     server = RelayServer(
         config,
         core_factory=make_core_factory(config, index, nonce_key, live, quotas),
-        fastpath=SharedFastPath(fastpath),
+        fastpath=SharedFastPath(fastpath, sockets.quotas),
         listeners=sockets.udp,
         stream_listeners=sockets.streams,
         reservations=reservations,
+        handover=handover,
     )
 
     async def main() -> None:
@@ -801,13 +1047,21 @@ def run_workers(config: ServeConfig) -> int:
     StartError/ConfigError when the relay cannot start."""
     groups = bind_worker_listeners(config, config.workers)
     listen = [bound_address(s) for s in groups[0][0]]
-    fastpath: FastPath = NullFastPath()
-    if config.fastpath is not FastPathMode.OFF:
-        try:
-            fastpath = open_fastpath(replace(config.fastpath_settings, turn_port=listen[0].port))
-        except Exception:
-            log.exception("fast path failed to open; relaying in Python only")
-    nonce_key = os.urandom(16)
+    try:
+        saved = restart.load_saved(config) if config.state_dir is not None else None
+        fastpath, saved = open_kept_fastpath(config, listen[0].port, saved)
+    except BaseException:
+        for udp, streams in groups:
+            for sock in [*udp, *streams]:
+                sock.close()
+        raise
+    restarts = Restarts(config, fastpath, saved)
+    shares: list[restart.SavedRelay | None] = [None] * config.workers
+    if saved is not None:
+        parts = restart.partition(saved.core, config.workers)
+        shares = [restart.SavedRelay(part, None, saved.saved_at) for part in parts]
+    # One key for every worker, the saved one after a restart: old nonces stay valid.
+    nonce_key = saved.core.nonce_key if saved is not None else os.urandom(16)
     live = LivePorts()
     quotas = LocalQuotas(
         config.max_allocations, config.max_allocations_per_user, config.max_allocations_per_ip
@@ -846,6 +1100,7 @@ def run_workers(config: ServeConfig) -> int:
                     nonce_key,
                     live,
                     quotas.limited,
+                    shares,
                 )
             except BaseException:
                 log.exception("worker failed")
@@ -860,9 +1115,12 @@ def run_workers(config: ServeConfig) -> int:
     try:
         with asyncio.Runner() as runner:
             router = ReservationRouter(channels)
-            return runner.run(_supervise(config, handles, fastpath, listen, quotas, router))
+            return runner.run(
+                _supervise(config, handles, fastpath, listen, quotas, router, restarts)
+            )
     finally:
-        fastpath.close()
+        if not restarts.kept:  # kept: the program stays attached, its maps pinned
+            fastpath.close()
 
 
 async def _supervise(
@@ -872,6 +1130,7 @@ async def _supervise(
     listen: list[TransportAddr],
     quotas: LocalQuotas,
     reservations: ReservationRouter,
+    restarts: Restarts,
 ) -> int:
     loop = asyncio.get_running_loop()
     reservations.start()
@@ -905,7 +1164,9 @@ async def _supervise(
         if xdp is not None:  # judged by the workers' routes, as of the last snapshots
             xdp.count_routes_with(lambda: pool.fastpath_routes)
         for worker in workers:
-            await worker.attach(quotas, next_hops)
+            await worker.attach(quotas, next_hops, restarts)
+        if restarts.saved is not None:
+            await restarts.settle(workers)
         await _wait_running(pool, all_exited)
         if pool.running:
             log.info(
@@ -947,6 +1208,9 @@ async def _supervise(
         if not all_exited.done():
             stop("supervisor stopping")
             await asyncio.wait([all_exited], timeout=START_TIMEOUT)
+        # SIGINT with --state-dir: a stop for a restart (the workers have exported their states).
+        if stopping[:1] == ["SIGINT"] and config.state_dir is not None and all_exited.done():
+            await restarts.keep(workers)
         for worker in workers:
             worker.close()
         reservations.close()
@@ -954,7 +1218,11 @@ async def _supervise(
     clean = all(code == 0 for code in codes.values()) and stopping[:1] != ["worker exited"]
     log.info(
         "stopped",
-        extra={"workers": codes, "reason": stopping[0] if stopping else drainer.reason},
+        extra={
+            "workers": codes,
+            "reason": stopping[0] if stopping else drainer.reason,
+            "for_restart": restarts.kept,
+        },
     )
     return 0 if clean else 1
 
