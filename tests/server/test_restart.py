@@ -422,3 +422,26 @@ def test_what_queued_for_another_workers_allocation_is_dropped_not_answered() ->
     finally:
         other_workers.close()
         newcomer.close()
+
+
+def test_a_restart_missing_a_workers_state_keeps_nothing(tmp_path: Path) -> None:
+    """SIGINT while one worker cannot answer (stopped, then killed): the other worker's state
+    alone is not saved; the relay stops for good, saying which worker's state is missing."""
+    state_dir = tmp_path / "state"
+    port = fixed_port_config(state_dir).listen[0].port
+    relay = WorkersRelay(state_dir, port, 2)
+    try:
+        listening = relay.record("listening", whole_relay)
+        hung = listening["pids"][1]
+        os.kill(hung, signal.SIGSTOP)
+        relay.proc.send_signal(signal.SIGINT)
+        relay.record("state saved for a restart", of_worker(0))
+        os.kill(hung, signal.SIGKILL)
+        missing = relay.record("workers' states missing; stopping for good")
+        assert missing["workers"] == [1]
+        assert relay.proc.wait(timeout=BOUNDED) == 1
+        stopped = relay.record("stopped", whole_relay)
+        assert stopped["for_restart"] is False
+        assert not (state_dir / STATE_FILE).exists()
+    finally:
+        relay.stop()
