@@ -494,10 +494,11 @@ class Restarts:
         self._waiting.clear()
 
     def _settle_maps(self) -> None:
+        """Adopted maps: remove what no worker's restored allocations need."""
         xdp = _xdp(self._fastpath)
-        kept = [k for _, k in self._restored.values() if k is not None]
         if xdp is None or not xdp.adopted:
             return
+        kept = [k for _, k in self._restored.values() if k is not None]
         if len(kept) != len(self._restored):
             log.error("a worker's map entries are missing; the adopted maps are not settled")
             return
