@@ -445,3 +445,19 @@ def test_a_restart_missing_a_workers_state_keeps_nothing(tmp_path: Path) -> None
         assert not (state_dir / STATE_FILE).exists()
     finally:
         relay.stop()
+
+
+def test_sigint_while_the_workers_start_is_still_a_stop_for_a_restart(tmp_path: Path) -> None:
+    """SIGINT as soon as the first worker listens (the others may still be starting): every
+    worker hands its state over and the relay exits cleanly, not with a worker's
+    KeyboardInterrupt."""
+    state_dir = tmp_path / "state"
+    port = fixed_port_config(state_dir).listen[0].port
+    relay = WorkersRelay(state_dir, port, 3)
+    try:
+        relay.record("listening", lambda record: "worker" in record)
+        assert relay.interrupt() == 0
+        assert relay.record("stopped", whole_relay)["for_restart"] is True
+        assert (state_dir / STATE_FILE).exists()
+    finally:
+        relay.stop()

@@ -21,6 +21,8 @@ from xdpturn.server.relay import RelayServer, StartError
 
 log = logging.getLogger("xdpturn.server")
 
+HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
 
 async def serve(config: ServeConfig, server: RelayServer | None = None) -> None:
     """Start `server` (by default a RelayServer of `config`) and the --metrics listener when
@@ -43,6 +45,8 @@ async def serve(config: ServeConfig, server: RelayServer | None = None) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
     loop.add_signal_handler(signal.SIGHUP, server.reload_tls)  # new TLS certificate
+    # A worker starts with them blocked (server.workers): one that came meanwhile is handled now.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
     ops: OpsServer | None = None
     try:
         await server.start()
@@ -64,7 +68,7 @@ async def serve(config: ServeConfig, server: RelayServer | None = None) -> None:
             },
         )
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        for sig in HANDLED_SIGNALS:
             loop.remove_signal_handler(sig)
         drainer.cancel()
         if ops is not None:
@@ -92,4 +96,4 @@ def run(config: ServeConfig) -> int:
     return 0
 
 
-__all__ = ["StartError", "event_loop_factory", "run", "serve"]
+__all__ = ["HANDLED_SIGNALS", "StartError", "event_loop_factory", "run", "serve"]

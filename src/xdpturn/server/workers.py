@@ -75,7 +75,7 @@ from xdpturn.proto.server import AllocationInfo, RelayPorts, ServerConfig, TurnS
 from xdpturn.proto.stats import CoreStats
 from xdpturn.server import restart
 from xdpturn.server.drain import Drainer
-from xdpturn.server.lifecycle import event_loop_factory, serve
+from xdpturn.server.lifecycle import HANDLED_SIGNALS, event_loop_factory, serve
 from xdpturn.server.metering import MeteredAllocation, Metering
 from xdpturn.server.metrics import OpsServer, Response
 from xdpturn.server.relay import (
@@ -1046,6 +1046,18 @@ def run_workers(config: ServeConfig) -> int:
     """`xdpturn serve` with config.workers > 1: bind, fork the workers, supervise them until
     they have all exited; the exit status (0 when every worker exited cleanly). Raises
     StartError/ConfigError when the relay cannot start."""
+    # Blocked until the supervisor's loop and each worker's handle them: SIGINT before then
+    # would raise KeyboardInterrupt in whichever process is starting (and a worker dying so
+    # loses its state at a stop for a restart); a signal sent meanwhile waits. Threads started
+    # meanwhile (the next-hop watcher) keep them blocked, so they reach the main thread.
+    signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+    try:
+        return _start_and_supervise(config)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+
+
+def _start_and_supervise(config: ServeConfig) -> int:
     groups = bind_worker_listeners(config, config.workers)
     listen = [bound_address(s) for s in groups[0][0]]
     try:
@@ -1155,8 +1167,9 @@ async def _supervise(
         else:  # SIGINT, or SIGTERM before the workers run: stop now
             stop(sig.name)
 
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    for sig in HANDLED_SIGNALS:
         loop.add_signal_handler(sig, on_signal, sig)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)  # blocked since the forks
     ops: PoolOpsServer | None = None
     all_exited = loop.create_task(_all_exited(workers))
     try:
@@ -1202,7 +1215,7 @@ async def _supervise(
         await all_exited
         raise
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        for sig in HANDLED_SIGNALS:
             loop.remove_signal_handler(sig)
         if ops is not None:
             await ops.stop()
