@@ -1,8 +1,10 @@
 """Several worker processes for one relay (--workers N, default: the CPUs it may run on).
 
 The supervisor (the process `xdpturn serve` started) binds every listening address once per
-worker with SO_REUSEPORT, so the kernel spreads clients over the workers by 4-tuple (a client's
-5-tuple always lands on the same one) and hands each TCP/TLS connection to one; it loads and
+worker with SO_REUSEPORT, so the kernel spreads clients over the workers by 4-tuple (once a
+UDP client has an allocation, its own connected socket keeps its 5-tuple with that worker;
+before, the pick can shift as the group's connected sockets come and go, which the shared nonce
+key and quotas make harmless) and hands each TCP/TLS connection to one; it loads and
 attaches the fast path once; then it forks the workers. Each worker runs the single-process relay
 (`RelayServer` under `lifecycle.serve`) on its own sockets, with what the workers must agree on
 shared:
