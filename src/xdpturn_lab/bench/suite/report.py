@@ -583,6 +583,12 @@ def readme_table(result: dict[str, Any], source: str) -> str:
         '"Accounting"). **load-limited**: the generator\'s core, not the relay, set the rate; '
         "the projection divides one core by the measured cost and is not a measurement.",
     ]
+    # A cell without a rate says why, with the search's own numbers.
+    for n in names:
+        for w in relays[n].get("throughput", []):
+            reason = (w.get("ndr") or {}).get("reason")
+            if reason:
+                out += ["", f"{n}, {w['name']}: no NDR: {reason}."]
     return "\n".join(out)
 
 
