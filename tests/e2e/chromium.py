@@ -23,6 +23,9 @@ from xdpturn_lab.testbed import Testbed
 
 EXECUTABLE = "chromium"
 CALL_TIMEOUT = 10.0  # seconds for a DevTools command that does not wait on the network
+# The first command waits for the browser's start-up too: on a loaded 2-core machine that alone
+# took over 10 s (seen twice while other test suites ran).
+START_TIMEOUT = 30.0
 CLOSE_TIMEOUT = 5.0  # seconds from Browser.close to exit, before SIGKILL
 FLAGS = [
     "--headless=new",
@@ -128,7 +131,7 @@ class Chromium:
         self._replies.put(None)
 
     def _attach_to_page(self) -> str:
-        targets = self.call("Target.getTargets")["targetInfos"]
+        targets = self.call("Target.getTargets", timeout=START_TIMEOUT)["targetInfos"]
         page = next(t for t in targets if t["type"] == "page")
         attached = self.call("Target.attachToTarget", targetId=page["targetId"], flatten=True)
         session: str = attached["sessionId"]
