@@ -12,15 +12,11 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from typing import TYPE_CHECKING
 
 from xdpturn.fastpath import libbpf as bpf
 from xdpturn.fastpath import maps
 from xdpturn.fastpath.api import GuardConfig
 from xdpturn.proto.addr import ClientAddr, ClientFlow, IPAddress, Transport
-
-if TYPE_CHECKING:
-    from xdpturn.fastpath.xdp import KeptEntries
 
 log = logging.getLogger("xdpturn.fastpath")
 
@@ -118,19 +114,25 @@ class Guard:
         """The guard_permissions keys this process wrote."""
         return self._permitted
 
-    def settle(self, old_ports: list[int], wanted: KeptEntries) -> int:
+    def settle(
+        self,
+        old_ports: list[int],
+        clients: frozenset[bytes],
+        permissions: frozenset[bytes],
+        allocation_ports: frozenset[int],
+    ) -> int:
         """After adopting a previous process's maps, once the restored cores have announced
-        their allocations and permissions again (`wanted`, those of every process sharing the
-        maps): remove the rest (those that lapsed while no process ran). `old_ports` are the
-        ports the previous process used. Returns how many went."""
+        their allocations and permissions again (the client keys, permission keys and ports of
+        every process sharing the maps): remove the rest (those that lapsed while no process
+        ran). `old_ports` are the ports the previous process used. Returns how many went."""
         stale = 0
-        for m, keys in ((self.clients, wanted.clients), (self.permissions, wanted.permissions)):
+        for m, keys in ((self.clients, clients), (self.permissions, permissions)):
             present = list(m.keys())
             for key in present:
                 if key not in keys:
                     stale += m.delete(key)
         for port in old_ports:
-            if port not in wanted.allocation_ports:
+            if port not in allocation_ports:
                 self.ports.update(port.to_bytes(4, "little"), _ZERO)
                 stale += 1
         return stale

@@ -465,7 +465,9 @@ class XdpFastPath:
             if port not in wanted.routed_ports:
                 self.relay_ports.update(port.to_bytes(4, "little"), (0).to_bytes(4, "little"))
                 stale += 1
-        stale += self.guard.settle(self._adopted_ports, wanted)
+        stale += self.guard.settle(
+            self._adopted_ports, wanted.clients, wanted.permissions, wanted.allocation_ports
+        )
         log.info(
             "fast path adopted: %d routes kept, %d stale entries removed",
             len(wanted.chan_to_udp),
