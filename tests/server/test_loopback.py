@@ -5,21 +5,28 @@ Each test is one client socket and plain UDP peer sockets; nothing but the relay
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import os
 import socket
+import time
+from collections.abc import Callable
 
 import pytest
 
 from xdpturn.proto import stun
 from xdpturn.proto.addr import Family, TransportAddr
 from xdpturn.proto.channel_data import decode_channel_data, encode_channel_data
+from xdpturn.proto.meter import DirectionTraffic
+from xdpturn.proto.server import PERMISSION_LIFETIME
+from xdpturn.proto.stats import Drop, Route
 from xdpturn.proto.stun import AttrType, Message, MessageClass, Method
 from xdpturn.server import RelayServer
 
 from .helpers import (
     PUBLIC_V4,
     PUBLIC_V6,
+    TIMEOUT,
     behind_nat_config,
     local,
     loopback_config,
@@ -93,6 +100,11 @@ class StunClient:
         msg = self.message(Method.CHANNEL_BIND)
         msg.add(AttrType.CHANNEL_NUMBER, stun.encode_channel_number(channel))
         msg.add(AttrType.XOR_PEER_ADDRESS, stun.encode_xor_address(peer, msg.transaction_id))
+        assert (await self.exchange(msg)).cls is MessageClass.SUCCESS
+
+    async def refresh(self, lifetime: int) -> None:
+        msg = self.message(Method.REFRESH)
+        msg.add(AttrType.LIFETIME, stun.encode_u32(lifetime))
         assert (await self.exchange(msg)).cls is MessageClass.SUCCESS
 
     def send_indication(self, peer: TransportAddr, data: bytes) -> None:
@@ -207,3 +219,147 @@ def test_allocate_with_a_wrong_password_is_refused_and_binds_no_port() -> None:
             assert server.relay_port_count == 0 and server.allocations() == []
 
     run(main())
+
+
+# Bound channels relayed on the core's paths (xdpturn.proto.paths), without the core per datagram
+
+
+class SteppedClock:
+    """The relay's clock, stepped by the test. The event loop's timers keep real time, so the
+    core's sweeps do not run meanwhile: only the clock can stop a channel."""
+
+    def __init__(self) -> None:
+        self.now = time.monotonic()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def bound_channel(
+    server: RelayServer, sock: socket.socket, peer_sock: socket.socket
+) -> tuple[StunClient, TransportAddr]:
+    """A client of `server` on `sock` with channel 0x4001 to `peer_sock`, relayed once each way
+    (so both paths are in the runtime's hands); the client and the relay socket's address."""
+    listen = server.listen_addresses[0]
+    client = StunClient(sock, listen)
+    relayed = await client.allocate()
+    peer = local(peer_sock)
+    await client.bind(0x4001, peer)
+    relay = TransportAddr(peer.ip, relayed.port)
+    await exchange_on_channel(client, peer_sock, relay, b"warm")
+    return client, relay
+
+
+async def exchange_on_channel(
+    client: StunClient, peer_sock: socket.socket, relay: TransportAddr, data: bytes
+) -> None:
+    client.sock.sendto(encode_channel_data(0x4001, data), sockaddr(client.server))
+    assert await recv(peer_sock) == (data, relay)
+    peer_sock.sendto(data, sockaddr(relay))
+    raw, _ = await recv(client.sock)
+    assert tuple(decode_channel_data(raw)) == (0x4001, data)
+
+
+async def wait_until(condition: Callable[[], bool]) -> None:
+    async with asyncio.timeout(TIMEOUT):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+def assert_nothing_queued(*socks: socket.socket) -> None:
+    for sock in socks:
+        with pytest.raises(BlockingIOError):
+            sock.recvfrom(65535)
+
+
+def test_a_channel_stops_both_ways_the_moment_its_permission_expires() -> None:
+    clock = SteppedClock()
+
+    async def main() -> None:
+        async with RelayServer(behind_nat_config(), clock=clock) as server:
+            with udp() as sock, udp() as peer_sock:
+                client, relay = await bound_channel(server, sock, peer_sock)
+                clock.now += PERMISSION_LIFETIME  # no timer ran: no RemoveChannel either
+                sock.sendto(encode_channel_data(0x4001, b"late"), sockaddr(client.server))
+                peer_sock.sendto(b"late", sockaddr(relay))
+                drops = server.core.stats.drops
+                await wait_until(lambda: drops[Drop.NO_PERMISSION] == 2)
+                assert_nothing_queued(sock, peer_sock)
+                # A new permission: relayed again.
+                await client.permit(local(peer_sock))
+                await exchange_on_channel(client, peer_sock, relay, b"again")
+
+    run(main(), "uvloop")
+
+
+def test_a_channel_stops_the_moment_its_allocation_is_deleted() -> None:
+    async def main() -> None:
+        async with RelayServer(behind_nat_config()) as server:
+            with udp() as sock, udp() as peer_sock:
+                client, _ = await bound_channel(server, sock, peer_sock)
+                await client.refresh(0)
+                sock.sendto(encode_channel_data(0x4001, b"late"), sockaddr(client.server))
+                drops = server.core.stats.drops
+                await wait_until(lambda: drops[Drop.NO_ALLOCATION] == 1)
+                assert_nothing_queued(peer_sock)
+
+    run(main(), "uvloop")
+
+
+def test_metering_counts_what_the_channel_relayed_both_ways() -> None:
+    async def main() -> None:
+        async with RelayServer(behind_nat_config()) as server:
+            with udp() as sock, udp() as peer_sock:
+                client, relay = await bound_channel(server, sock, peer_sock)
+                for size in range(1, 21):
+                    await exchange_on_channel(client, peer_sock, relay, b"m" * size)
+                sent = len(b"warm") + sum(range(1, 21))
+                (metered,) = server.metered_allocations()
+                for direction in (metered.traffic.client_to_peer, metered.traffic.peer_to_client):
+                    assert (direction.packets, direction.bytes) == (21, sent)
+                relayed = server.core.stats.relayed
+                assert relayed[Route.CLIENT_TO_PEER].bytes == sent
+                assert relayed[Route.PEER_TO_CLIENT].bytes == sent
+                await client.refresh(0)
+                (user,) = server.metering.by_user([]).values()
+                assert user.client_to_peer.bytes == user.peer_to_client.bytes == sent
+
+    run(main(), "uvloop")
+
+
+def test_a_channel_is_held_to_the_allocation_rate_limit() -> None:
+    size = 100
+    clock = SteppedClock()  # stands still: no more than the burst passes
+    # A quarter second's worth at once: 2,500 bytes.
+    config = behind_nat_config(max_bps_per_allocation=80_000)
+
+    async def main() -> None:
+        async with RelayServer(config, clock=clock) as server:
+            with udp() as sock, udp() as peer_sock:
+                client, _ = await bound_channel(server, sock, peer_sock)
+                for _ in range(40):
+                    sock.sendto(encode_channel_data(0x4001, b"r" * size), sockaddr(client.server))
+
+                def client_to_peer() -> DirectionTraffic:
+                    (metered,) = server.metered_allocations()
+                    return metered.traffic.client_to_peer
+
+                def offered() -> int:
+                    out = client_to_peer()
+                    return out.packets + out.dropped_packets
+
+                await wait_until(lambda: offered() == 41)
+                out = client_to_peer()
+                received = 0
+                while True:
+                    try:
+                        peer_sock.recvfrom(65535)
+                    except BlockingIOError:
+                        break
+                    received += 1
+                # The 4-byte warm-up and 24 of 100 bytes fit in the burst.
+                assert received == out.packets - 1 == 24
+                assert out.dropped_packets == 16 and out.dropped_bytes == 16 * size
+                assert server.core.stats.drops[Drop.ALLOCATION_RATE] == 16
+
+    run(main(), "uvloop")

@@ -33,6 +33,7 @@ from xdpturn.proto.commands import (
     SendToPeer,
 )
 from xdpturn.proto.handover import CoreState, SavedAllocation, SavedReservation
+from xdpturn.proto.paths import ChannelPath
 from xdpturn.proto.ports import PortRange
 from xdpturn.proto.server import AllocationInfo, RelayPorts, ServerConfig
 from xdpturn.proto.stats import CoreStats
@@ -116,6 +117,12 @@ class FakeCore:
         self, data: bytes, relay_port: int, peer: PeerAddr, now: float
     ) -> None:
         self.commands.append(SendToClient(self.owner[relay_port], b"peer:" + data))
+
+    def channel_path(self, flow: ClientFlow, number: int, now: float) -> ChannelPath | None:
+        return None  # no channels: every datagram goes through the toy protocol
+
+    def peer_path(self, relay_port: int, peer: PeerAddr, now: float) -> ChannelPath | None:
+        return None
 
     def get_timer(self) -> float | None:
         return self.deadline

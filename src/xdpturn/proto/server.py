@@ -73,6 +73,7 @@ from xdpturn.proto.commands import (
 )
 from xdpturn.proto.handover import CoreState, SavedAllocation, SavedChannel, SavedReservation
 from xdpturn.proto.meter import DEFAULT_BURST_SECONDS, AllocationTraffic, RateSchedule
+from xdpturn.proto.paths import ChannelPath
 from xdpturn.proto.policy import PeerPolicy
 from xdpturn.proto.quotas import LocalQuotas, QuotaRefusal, Quotas
 from xdpturn.proto.ratelimit import SourceBuckets
@@ -198,6 +199,9 @@ class _Channel:
     # `peer` is one of the relay's own addresses (packets to itself). A channel's peer never
     # changes and neither do the public addresses, so this is decided once, at ChannelBind.
     to_self: bool = False
+    # The paths handed out for it (channel_path, peer_path), until revoked (_revoke_paths).
+    to_peer: ChannelPath | None = None
+    to_client: ChannelPath | None = None
 
 
 @dataclass
@@ -349,6 +353,67 @@ class TurnServer:
             self._drop(Drop.NO_ALLOCATION)
             return
         self._deliver_to_client(alloc, peer, data, now)
+
+    def channel_path(self, flow: ClientFlow, number: int, now: float) -> ChannelPath | None:
+        """The path of `flow`'s ChannelData on channel `number` to its peer, for a runtime to
+        relay it without the core until `until` or revoked (see xdpturn.proto.paths); None when
+        the core would not relay such a datagram now, or relays it itself (a client on TCP/TLS,
+        a channel to the relay's own address). Changes nothing the protocol sees."""
+        alloc = self._by_flow.get(flow)
+        if alloc is None or alloc.expires <= now or flow.transport is not Transport.UDP:
+            return None
+        channel = alloc.channels.get(number)
+        if channel is None or channel.expires <= now or channel.to_self:
+            return None
+        path = channel.to_peer
+        if path is not None and path.until > now:
+            return path
+        permission = alloc.permissions.get(channel.peer.ip)
+        if permission is None or permission <= now:
+            return None
+        path = channel.to_peer = ChannelPath(
+            alloc.flow,
+            number,
+            alloc.relay_port,
+            channel.peer,
+            min(alloc.expires, channel.expires, permission),
+            alloc.traffic.client_to_peer,
+            self.stats.relayed[Route.CLIENT_TO_PEER],
+            alloc.limits[0] if alloc.limits is not None else None,
+            self.stats.drops,
+        )
+        return path
+
+    def peer_path(self, relay_port: int, peer: PeerAddr, now: float) -> ChannelPath | None:
+        """The path of `peer`'s datagrams to allocation port `relay_port` as ChannelData to the
+        client, as `channel_path` (None also when the peer has no channel: a Data indication)."""
+        alloc = self._by_port.get(relay_port)
+        if alloc is None or alloc.expires <= now or alloc.flow.transport is not Transport.UDP:
+            return None
+        number = alloc.channel_by_peer.get(peer)
+        if number is None:
+            return None
+        channel = alloc.channels[number]
+        if channel.expires <= now:
+            return None
+        path = channel.to_client
+        if path is not None and path.until > now:
+            return path
+        permission = alloc.permissions.get(peer.ip)
+        if permission is None or permission <= now or peer.family not in alloc.families:
+            return None
+        path = channel.to_client = ChannelPath(
+            alloc.flow,
+            number,
+            relay_port,
+            channel.peer,
+            min(alloc.expires, channel.expires, permission),
+            alloc.traffic.peer_to_client,
+            self.stats.relayed[Route.PEER_TO_CLIENT],
+            alloc.limits[1] if alloc.limits is not None else None,
+            self.stats.drops,
+        )
+        return path
 
     def handle_relay_port(self, port: int, result: PortResult, now: float) -> None:
         """The runtime's answer to `OpenRelayPort(port)`: the sockets are open; or they could not
@@ -1228,6 +1293,7 @@ class TurnServer:
         else:
             lifetime = _granted_lifetime(message, default=DEFAULT_ALLOCATION_LIFETIME)
             alloc.expires = now + lifetime
+            self._revoke_paths(alloc)  # it may expire sooner than before
             self._schedule(alloc, alloc.expires)
         response = stun.response(message)
         response.add(AttrType.LIFETIME, stun.encode_u32(lifetime))
@@ -1355,6 +1421,7 @@ class TurnServer:
         if alloc.expires <= now:
             self._delete_allocation(alloc, "expired")
             return
+        self._revoke_paths(alloc)  # before a channel is forgotten with its paths
         for ip in [ip for ip, expires in alloc.permissions.items() if expires <= now]:
             del alloc.permissions[ip]
         for channel in list(alloc.channels.values()):
@@ -1372,7 +1439,8 @@ class TurnServer:
     def _sync_routes(self, alloc: _Allocation, now: float) -> None:
         """A channel is in the fast path iff it is bound, its peer has a permission and the
         client uses UDP. Every change of those goes through here, and so does every change of
-        the permissions the runtime is told of."""
+        the permissions the runtime is told of; the paths handed out are revoked with it."""
+        self._revoke_paths(alloc)
         live = {ip for ip, expires in alloc.permissions.items() if expires > now}
         for ip in live - alloc.announced:
             self._push(AddPermission(alloc.relay_port, ip))
@@ -1392,9 +1460,19 @@ class TurnServer:
                 )
                 self._push(InstallChannel(route) if wanted else RemoveChannel(route))
 
+    def _revoke_paths(self, alloc: _Allocation) -> None:
+        for channel in alloc.channels.values():
+            if channel.to_peer is not None:
+                channel.to_peer.revoke()
+                channel.to_peer = None
+            if channel.to_client is not None:
+                channel.to_client.revoke()
+                channel.to_client = None
+
     def _delete_allocation(
         self, alloc: _Allocation, reason: str, *, port_open: bool = True
     ) -> None:
+        self._revoke_paths(alloc)
         for channel in alloc.channels.values():
             if channel.routed:
                 channel.routed = False

@@ -14,6 +14,7 @@ import errno
 import logging
 import random
 import socket
+import struct
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -39,6 +40,7 @@ from xdpturn.proto.commands import (
     SendToPeer,
 )
 from xdpturn.proto.handover import CoreState, SavedAllocation, SavedReservation
+from xdpturn.proto.paths import ChannelPath
 from xdpturn.proto.ports import PortChooser
 from xdpturn.proto.server import AllocationInfo, RelayPorts, ServerConfig, TurnServer
 from xdpturn.proto.stats import CoreStats
@@ -76,6 +78,14 @@ LISTENER_BATCH = 16
 # spoofed sources (which then costs what it would without the cache).
 ADDRESS_CACHE = 65536
 
+# A ChannelData header: channel number, payload length.
+_CHANNEL_HEADER = struct.Struct("!HH").pack
+# What the runtime keeps per cached path (see RelayServer.__init__): the path, then for
+# ChannelData to the peer the relay socket and the peer's sockaddr, for a peer's datagrams to
+# the client the listener's index and the client's sockaddr.
+_ToPeer = tuple[ChannelPath, socket.socket, SockAddr]
+_ToClient = tuple[ChannelPath, int, SockAddr]
+
 # Datagrams read at most from each listener right after restoring (see _sort_queued): far
 # more than a listener's receive buffer holds.
 QUEUED_AT_RESTORE = 65536
@@ -93,6 +103,8 @@ class Core(Protocol):
     def handle_peer_datagram(
         self, data: bytes, relay_port: int, peer: PeerAddr, now: float
     ) -> None: ...
+    def channel_path(self, flow: ClientFlow, number: int, now: float) -> ChannelPath | None: ...
+    def peer_path(self, relay_port: int, peer: PeerAddr, now: float) -> ChannelPath | None: ...
     def get_timer(self) -> float | None: ...
     def handle_timer(self, now: float) -> None: ...
     def next_command(self) -> Command | None: ...
@@ -260,6 +272,12 @@ class RelayServer:
         self._client_flows: list[dict[Any, ClientFlow]] = []
         self._peer_addrs: dict[Any, PeerAddr] = {}
         self._sockaddrs: dict[TransportAddr, SockAddr] = {}
+        # Bound channels relayed without the core (see xdpturn.proto.paths): per listener, the
+        # address recvfrom() returned and the channel number -> (path, relay socket, peer's
+        # sockaddr); and (relay port, peer's address from recvfrom()) -> (path, listener, client's
+        # sockaddr). A path the core revoked or that expired is asked for again.
+        self._client_paths: list[dict[tuple[Any, int], _ToPeer]] = []
+        self._peer_paths: dict[tuple[int, Any], _ToClient] = {}
         self._throughput_timer: asyncio.TimerHandle | None = None
         self._throughput_sample: tuple[float, int] | None = None  # (when, total bytes)
         # With --max-bps: the relayed payload rate (bits/s) last measured; else None.
@@ -277,6 +295,7 @@ class RelayServer:
                 self.config.listen, self._receive_buffer
             )
             self._client_flows = [{} for _ in self._listeners]
+            self._client_paths = [{} for _ in self._listeners]
             self._client_sockets = ClientSockets(
                 loop,
                 self._listeners,
@@ -516,6 +535,7 @@ class RelayServer:
     def _on_listener_readable(self, sock: socket.socket, listener: int) -> None:
         """A listener: newcomers and junk, read within the budget (see budget)."""
         budget, deliver, recvfrom = self._budget, self._client_datagram, sock.recvfrom
+        relay = self._relay_channel_data
         now = time.monotonic()
         for _ in range(LISTENER_BATCH):
             if not budget.total.take(now):
@@ -531,15 +551,56 @@ class RelayServer:
             if addr not in budget.allocated and not budget.source_allows(source_key(addr[0]), now):
                 self.stats["listener_source_limited"] += 1
                 continue
-            deliver(data, addr, listener)
+            if not relay(data, addr, listener):
+                deliver(data, addr, listener)
         self._arm_timer()
 
     def _on_client_socket_datagram(self, data: bytes, addr: Any, listener: int) -> None:
         """A datagram from a client with an allocation, on its own socket (clientsockets)."""
-        self._client_datagram(data, addr, listener)
-        self._arm_timer()
+        if not self._relay_channel_data(data, addr, listener):
+            self._client_datagram(data, addr, listener)
+            self._arm_timer()
 
-    def _client_datagram(self, data: bytes, addr: Any, listener: int) -> None:
+    def _relay_channel_data(self, data: bytes, addr: Any, listener: int) -> bool:
+        """ChannelData on a bound channel, relayed on its path without the core; False (nothing
+        done) for anything else, which the core is to handle."""
+        if len(data) < 4 or data[0] & 0xC0 != 0x40:  # is_channel_data, inlined
+            return False
+        now = self._clock()
+        key = (addr, data[0] << 8 | data[1])
+        route = self._client_paths[listener].get(key)
+        if route is None or route[0].until <= now:
+            route = self._find_peer_route(key, listener, now)
+            if route is None:
+                return False
+        length = data[2] << 8 | data[3]
+        if 4 + length > len(data):  # malformed: the core drops and counts it
+            return False
+        path, sock, sockaddr = route
+        if path.relay(length, now):
+            self._sendto(sock, data[4 : 4 + length], sockaddr, "peer", path.peer)
+        return True
+
+    def _find_peer_route(self, key: tuple[Any, int], listener: int, now: float) -> _ToPeer | None:
+        addr, number = key
+        try:
+            path = self.core.channel_path(self._client_flow(addr, listener), number, now)
+        except Exception:
+            self._core_failed("channel path", channel=number)
+            return None
+        paths = self._client_paths[listener]
+        assert self._relay_sockets is not None
+        if path is not None:
+            sock = self._relay_sockets.socket(path.relay_port, path.peer.family)
+            if sock is not None:
+                if len(paths) >= ADDRESS_CACHE:
+                    paths.clear()
+                route = paths[key] = (path, sock, self._sockaddr(path.peer))
+                return route
+        paths.pop(key, None)  # the core handles it (a port not open: it counts the failure)
+        return None
+
+    def _client_flow(self, addr: Any, listener: int) -> ClientFlow:
         flows = self._client_flows[listener]
         flow = flows.get(addr)
         if flow is None:
@@ -547,6 +608,10 @@ class RelayServer:
                 flows.clear()
             client = ClientAddr(from_sockaddr(addr[0], addr[1]))
             flow = flows[addr] = ClientFlow(client, listener)
+        return flow
+
+    def _client_datagram(self, data: bytes, addr: Any, listener: int) -> None:
+        flow = self._client_flow(addr, listener)
         try:
             self.core.handle_client_datagram(data, flow, self._clock())
         except Exception:
@@ -570,7 +635,8 @@ class RelayServer:
     def _on_peer_readable(self, sock: socket.socket, relay_port: int, family: Family) -> None:
         handle, clock, drain = self.core.handle_peer_datagram, self._clock, self._drain
         recvfrom = sock.recvfrom
-        peers = self._peer_addrs
+        routes, listeners, sendto = self._peer_paths, self._listeners, self._sendto
+        handled = False  # by the core: its timer may have changed
         for _ in range(BATCH):
             try:
                 data, addr = recvfrom(MAX_DATAGRAM)
@@ -579,19 +645,53 @@ class RelayServer:
             except OSError as e:
                 self._count_error("peer_receive_errors", e)
                 break
-            peer = peers.get(addr)
-            if peer is None:
-                if len(peers) >= ADDRESS_CACHE:
-                    peers.clear()
-                peer = peers[addr] = PeerAddr(from_sockaddr(addr[0], addr[1]))
+            now = clock()
+            key = (relay_port, addr)
+            route = routes.get(key)
+            if route is None or route[0].until <= now:
+                route = self._find_client_route(key, now)
+            if route is not None:  # a bound channel: relayed on its path
+                path, listener, sockaddr = route
+                if path.relay(len(data), now):
+                    frame = _CHANNEL_HEADER(path.channel, len(data)) + data
+                    sendto(listeners[listener], frame, sockaddr, "client", path.flow.client)
+                continue
+            peer = self._peer_addr(addr)
             try:
-                handle(data, relay_port, peer, clock())
+                handle(data, relay_port, peer, now)
             except Exception:
                 self._core_failed("peer datagram", peer=str(peer), relay_port=relay_port)
             drain()
+            handled = True
             if sock.fileno() < 0:  # the core released this port while handling the datagram
                 break
-        self._arm_timer()
+        if handled:
+            self._arm_timer()
+
+    def _peer_addr(self, addr: Any) -> PeerAddr:
+        peers = self._peer_addrs
+        peer = peers.get(addr)
+        if peer is None:
+            if len(peers) >= ADDRESS_CACHE:
+                peers.clear()
+            peer = peers[addr] = PeerAddr(from_sockaddr(addr[0], addr[1]))
+        return peer
+
+    def _find_client_route(self, key: tuple[int, Any], now: float) -> _ToClient | None:
+        relay_port, addr = key
+        try:
+            path = self.core.peer_path(relay_port, self._peer_addr(addr), now)
+        except Exception:
+            self._core_failed("peer path", relay_port=relay_port)
+            return None
+        routes = self._peer_paths
+        if path is None or path.flow.listener >= len(self._listeners):
+            routes.pop(key, None)
+            return None
+        if len(routes) >= ADDRESS_CACHE:
+            routes.clear()
+        route = routes[key] = (path, path.flow.listener, self._sockaddr(path.flow.client))
+        return route
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -834,12 +934,20 @@ class RelayServer:
             log.exception("fast path: %s failed", what, extra=fields)
 
     def _send(self, sock: socket.socket, data: bytes, to: TransportAddr, side: str) -> None:
+        self._sendto(sock, data, self._sockaddr(to), side, to)
+
+    def _sockaddr(self, addr: TransportAddr) -> SockAddr:
         sockaddrs = self._sockaddrs
-        sockaddr = sockaddrs.get(to)
+        sockaddr = sockaddrs.get(addr)
         if sockaddr is None:
             if len(sockaddrs) >= ADDRESS_CACHE:
                 sockaddrs.clear()
-            sockaddr = sockaddrs[to] = to_sockaddr(to)  # str(ip) costs a microsecond
+            sockaddr = sockaddrs[addr] = to_sockaddr(addr)  # str(ip) costs a microsecond
+        return sockaddr
+
+    def _sendto(
+        self, sock: socket.socket, data: bytes, sockaddr: SockAddr, side: str, to: TransportAddr
+    ) -> None:
         try:
             sock.sendto(data, sockaddr)
         except (BlockingIOError, InterruptedError):

@@ -72,6 +72,7 @@ from xdpturn.proto.addr import ClientFlow, Family, IPAddress, PeerAddr, Transpor
 from xdpturn.proto.commands import ChannelRoute
 from xdpturn.proto.handover import CoreState, from_plain, to_plain
 from xdpturn.proto.meter import AllocationTraffic
+from xdpturn.proto.paths import ChannelPath
 from xdpturn.proto.quotas import LocalQuotas, QuotaRefusal, Quotas
 from xdpturn.proto.server import AllocationInfo, RelayPorts, ServerConfig, TurnServer
 from xdpturn.proto.stats import CoreStats
@@ -195,12 +196,18 @@ class WorkerCore(TurnServer):
     def handle_peer_datagram(
         self, data: bytes, relay_port: int, peer: PeerAddr, now: float
     ) -> None:
+        super().handle_peer_datagram(data, relay_port, self._as_public(peer), now)
+
+    def peer_path(self, relay_port: int, peer: PeerAddr, now: float) -> ChannelPath | None:
+        return super().peer_path(relay_port, self._as_public(peer), now)
+
+    def _as_public(self, peer: PeerAddr) -> PeerAddr:
         # The port first: one byte read, and most peers' ports are no allocation of ours.
         if self._live.has(peer.port, peer.family):
             public = self._public_of.get(peer.ip)
             if public is not None:
-                peer = PeerAddr(TransportAddr(public, peer.port))
-        super().handle_peer_datagram(data, relay_port, peer, now)
+                return PeerAddr(TransportAddr(public, peer.port))
+        return peer
 
 
 class SupervisorQuotas:
