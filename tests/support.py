@@ -10,8 +10,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
-from typing import NoReturn
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
 
 import pytest
 
@@ -46,6 +46,7 @@ class Serve:
             env={**os.environ, "XDPTURN_WORKERS": "1", **(env or {})},
         )
         self.lines: queue.Queue[str | None] = queue.Queue()
+        self.records: list[dict[str, Any]] = []  # the log records `record` has read
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
@@ -69,6 +70,27 @@ class Serve:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
         return self.proc.wait()
+
+    def record(
+        self, message: str, where: Callable[[dict[str, Any]], bool] = lambda _: True
+    ) -> dict[str, Any]:
+        """The first record so far, or within BOUNDED, with `message` for which `where` holds."""
+        for seen in self.records:
+            if seen["message"] == message and where(seen):
+                return seen
+        deadline = time.monotonic() + BOUNDED
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self.lines.get(timeout=left)
+            except queue.Empty:
+                break
+            if line is None:
+                raise AssertionError(f"serve exited ({self.proc.wait()}) before {message!r}")
+            record: dict[str, Any] = json.loads(line)
+            self.records.append(record)
+            if record["message"] == message and where(record):
+                return record
+        raise AssertionError(f"no {message!r} record within {BOUNDED} s")
 
     def wait_for(self, message: str) -> dict[str, object]:
         deadline = time.monotonic() + BOUNDED

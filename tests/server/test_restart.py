@@ -9,7 +9,6 @@ import contextlib
 import json
 import logging
 import os
-import queue
 import signal
 import socket
 import time
@@ -212,28 +211,6 @@ class WorkersRelay(Serve):
             *extra,
         ]  # fmt: skip
         super().__init__(args, env={"XDPTURN_WORKERS": str(workers)})
-        self.records: list[dict[str, Any]] = []
-
-    def record(
-        self, message: str, where: Callable[[dict[str, Any]], bool] = lambda _: True
-    ) -> dict[str, Any]:
-        """The first record so far, or within BOUNDED, with `message` for which `where` holds."""
-        for seen in self.records:
-            if seen["message"] == message and where(seen):
-                return seen
-        deadline = time.monotonic() + BOUNDED
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                line = self.lines.get(timeout=left)
-            except queue.Empty:
-                break
-            if line is None:
-                raise AssertionError(f"serve exited ({self.proc.wait()}) before {message!r}")
-            record: dict[str, Any] = json.loads(line)
-            self.records.append(record)
-            if record["message"] == message and where(record):
-                return record
-        raise AssertionError(f"no {message!r} record within {BOUNDED} s")
 
     def interrupt(self) -> int:
         """SIGINT (with --state-dir: stop for a restart); the exit status."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import queue
 import signal
 import subprocess
 import sys
@@ -62,28 +61,6 @@ class Workers(Serve):
         if public is not None:
             args += ["--public-ipv4", public]
         super().__init__([*args, *extra], env={"XDPTURN_WORKERS": str(WORKERS)})
-        self.records: list[dict[str, Any]] = []
-
-    def record(
-        self, message: str, where: Callable[[dict[str, Any]], bool] = lambda _: True
-    ) -> dict[str, Any]:
-        """The first record so far, or within BOUNDED, with `message` for which `where` holds."""
-        for seen in self.records:
-            if seen["message"] == message and where(seen):
-                return seen
-        deadline = time.monotonic() + BOUNDED
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                line = self.lines.get(timeout=left)
-            except queue.Empty:
-                break
-            if line is None:
-                raise AssertionError(f"serve exited ({self.proc.wait()}) before {message!r}")
-            record: dict[str, Any] = json.loads(line)
-            self.records.append(record)
-            if record["message"] == message and where(record):
-                return record
-        raise AssertionError(f"no {message!r} record within {BOUNDED} s")
 
     def started(self) -> tuple[TransportAddr, TransportAddr]:
         """The UDP listening address and the metrics address, once every worker runs."""
